@@ -1,0 +1,1 @@
+"""hnet: one hypernetwork generating vision->text connectors for many frozen encoders."""

