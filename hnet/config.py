@@ -104,7 +104,7 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.out_root) / self.name
+        return Path(self.out_root) / f"{self.name}_{self.method}"
 
     @property
     def cache_path(self) -> Path:

@@ -1,19 +1,55 @@
-"""The embedding phase of a run: data -> shards -> cache, with its FLOPs recorded in the ledger."""
+"""The embedding phase of a run: data -> shards -> cache, and what that one-time pass costs in FLOPs."""
 from __future__ import annotations
 
-from hnet.cache import build_cache
+import itertools
+
+from torch.utils.flop_counter import FlopCounterMode
+
+from hnet import io
+from hnet.cache import MANIFEST, TEXT, Unit, build_cache
 from hnet.config import Config
 from hnet.data.sources import prepare_shards, shard_units
-from hnet.zoo import read_encoder_list
+from hnet.flops import encoder_flops
+from hnet.zoo import TextEncoder, read_encoder_list
+
+FLOPS_SAMPLE = 256  # captions used to measure the text encoder's FLOPs per caption
 
 
 def embed_training_data(cfg: Config, accelerator=None, extra_specs=()) -> dict:
     """Make sure cfg's cache holds features of every configured encoder (plus `extra_specs`) and the text."""
     specs = read_encoder_list(cfg.encoders, cfg.image_weights) + list(extra_specs)
-    pattern = prepare_shards(cfg) if accelerator is None or accelerator.is_main_process else None
+    main = accelerator is None or accelerator.is_main_process
+    pattern = prepare_shards(cfg) if main else None
     if accelerator is not None:
         accelerator.wait_for_everyone()
         pattern = pattern or prepare_shards(cfg)
-    return build_cache(cfg.cache_path, shard_units(pattern), specs, cfg.text_encoder,
-                       batch_size=cfg.data.embed_batch_size, num_workers=cfg.data.num_workers,
-                       accelerator=accelerator)
+    units = shard_units(pattern)
+    stats = build_cache(cfg.cache_path, units, specs, cfg.text_encoder, batch_size=cfg.data.embed_batch_size,
+                        num_workers=cfg.data.num_workers, accelerator=accelerator)
+    if main:
+        stats["manifest"] = record_flops(cfg, stats["manifest"], units, [s.name for s in specs])
+    return stats
+
+
+def record_flops(cfg: Config, manifest: dict, units: list[Unit], names: list[str]) -> dict:
+    """Store per-sample forward FLOPs of each cached encoder (fvcore) and of the text encoder in the manifest."""
+    per_sample = manifest.setdefault("flops_per_sample", {})
+    for name in names:
+        if name not in per_sample:
+            per_sample[name] = encoder_flops(name)["gflops"] * 1e9
+    if TEXT not in per_sample and TEXT in manifest["encoders"]:
+        captions = [s["caption"] for s in itertools.islice(units[0].samples(), FLOPS_SAMPLE)]
+        text = TextEncoder(cfg.text_encoder)
+        with FlopCounterMode(display=False) as counter:
+            text.encode(captions)
+        per_sample[TEXT] = counter.get_total_flops() / len(captions)
+    io.write_json(cfg.cache_path / MANIFEST, manifest)
+    return manifest
+
+
+def embedding_flops(manifest: dict, cfg: Config) -> tuple[float, int, dict]:
+    """One-time embedding cost of this run's encoders + text over the cached samples: (flops, samples, parts)."""
+    names = [s.name for s in read_encoder_list(cfg.encoders, cfg.image_weights)] + [TEXT]
+    count = manifest["count"]
+    parts = {name: manifest["flops_per_sample"][name] * count for name in names}
+    return sum(parts.values()), count, parts

@@ -1,0 +1,60 @@
+"""Training batches from the memory-mapped embedding cache: shuffled indices, padded to the widest encoder.
+
+Memory stays flat with the data set size: only the rows of the current batch are read from the memmaps.
+The batch order is a pure function of (seed, micro-step), so a resumed run sees exactly the same batches.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hnet.cache import TEXT, CachedFeatures
+from hnet.config import ConfigError
+
+
+class FeatureBatches:
+    def __init__(self, cache: CachedFeatures, names: list[str], batch_size: int, seed: int = 0,
+                 shuffle_pairs: bool = False, overfit_batches: int = 0, rank: int = 0, world: int = 1):
+        self.images = [cache[n] for n in names]
+        self.widths = [cache.width(n) for n in names]
+        self.text = cache[TEXT]
+        self.count = cache.count
+        if batch_size > self.count:
+            raise ConfigError(f"train.batch_size: {batch_size} is larger than the data ({self.count} samples)")
+        if batch_size % world:
+            raise ConfigError(f"train.batch_size: {batch_size} does not split over {world} processes")
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.overfit_batches = overfit_batches
+        # control run: every image keeps one fixed, wrong caption (a derangement-like permutation)
+        self.text_rows = np.random.default_rng(seed + 7).permutation(self.count) if shuffle_pairs else None
+        self._perm_epoch, self._perm = -1, None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.count // self.batch_size
+
+    def indices(self, micro_step: int) -> np.ndarray:
+        """Global sample indices of a micro-step (all ranks), in a per-epoch shuffled order."""
+        if self.overfit_batches:
+            micro_step %= self.overfit_batches
+        epoch, pos = divmod(micro_step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.count)
+            self._perm_epoch = epoch
+        return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
+
+    def batch(self, micro_step: int, encoders: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share: image features [n_enc, B_local, D_max] (zero-padded), text [B_local, T]."""
+        local = self.batch_size // self.world
+        rows = self.indices(micro_step)[self.rank * local:(self.rank + 1) * local]
+        order = np.argsort(rows)  # read memmaps in file order, then restore the batch order
+        sorted_rows = rows[order]
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        d_max = max(self.widths)
+        image = np.zeros((len(encoders), local, d_max), np.float32)
+        for slot, e in enumerate(encoders):
+            image[slot, :, : self.widths[e]] = self.images[e][sorted_rows][inverse]
+        text_rows = sorted_rows if self.text_rows is None else self.text_rows[sorted_rows]
+        text = np.asarray(self.text[text_rows], np.float32)[inverse]
+        return torch.from_numpy(image), torch.from_numpy(text)

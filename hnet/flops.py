@@ -1,0 +1,155 @@
+"""FLOPs: fvcore counting for encoders (plus the op handles it lacks), exact per-op formulas for training steps,
+and the per-run ledger (RUN_DIR/flops.json).
+
+Convention (DESIGN.md): 1 multiply-add = 2 FLOPs; `gmacs` is reported too, since timm and fvcore publish MACs.
+Backward is counted per op for what actually needs gradients: a weight gradient always, an input gradient only
+when the input itself requires grad (frozen encoder features and frozen text embeddings never do).
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from fvcore.nn import FlopCountAnalysis
+from fvcore.nn.jit_handles import get_shape
+
+from hnet import io
+
+PHASES = ("embed", "train", "autodecode", "eval")
+
+
+# ---------------------------------------------------------------- fvcore, with the handles it lacks
+
+def _sdpa_handle(inputs: list[Any], outputs: list[Any]) -> int:
+    """scaled_dot_product_attention: q k^T and attn v, [.., L, d] x [.., S, d] -> L*S*d MACs each."""
+    q, k, v = (get_shape(x) for x in inputs[:3])
+    batch = 1
+    for dim in q[:-2]:
+        batch *= dim
+    length, depth = q[-2], q[-1]
+    return batch * length * k[-2] * depth + batch * length * k[-2] * v[-1]
+
+
+def _baddbmm_handle(inputs: list[Any], outputs: list[Any]) -> int:
+    """baddbmm(bias, x [n,b,i], w [n,i,o]): n*b*i*o MACs (the bias add is not a multiply-add)."""
+    n, b, i = get_shape(inputs[1])
+    o = get_shape(inputs[2])[-1]
+    return n * b * i * o
+
+
+EXTRA_HANDLES = {"aten::scaled_dot_product_attention": _sdpa_handle, "aten::baddbmm": _baddbmm_handle}
+# Ops fvcore does not count, with why they may stay at zero: elementwise work, a negligible share of a forward.
+NEGLIGIBLE_OPS = {"aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::div", "aten::gelu", "aten::softmax",
+                  "aten::sub", "aten::rsub", "aten::sigmoid", "aten::silu", "aten::hardswish", "aten::hardsigmoid",
+                  "aten::relu", "aten::relu_", "aten::mean", "aten::sum", "aten::pow", "aten::sqrt", "aten::exp",
+                  "aten::max_pool2d", "aten::avg_pool2d", "aten::tanh", "aten::clamp", "aten::neg", "aten::erf",
+                  "aten::log", "aten::rsqrt", "aten::abs", "aten::reciprocal", "aten::fill_", "aten::sin",
+                  "aten::cos", "aten::gelu_", "aten::scatter_add", "aten::upsample_bicubic2d", "aten::sign"}
+
+
+def fvcore_count(model: torch.nn.Module, inputs: tuple) -> tuple[int, dict[str, int]]:
+    """(MACs, unsupported ops -> call count) of one forward, with our extra handles."""
+    analysis = FlopCountAnalysis(model, inputs)
+    for op, handle in EXTRA_HANDLES.items():
+        analysis.set_op_handle(op, handle)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    return int(analysis.total()), dict(analysis.unsupported_ops())
+
+
+@functools.lru_cache(maxsize=None)
+def encoder_flops(name: str, img_size: int | None = None) -> dict:
+    """Forward FLOPs of one image through a zoo encoder (random init; weights do not change the count)."""
+    from hnet.zoo import ImageEncoder, parse_spec
+
+    spec = parse_spec(name, "random")
+    if img_size:
+        spec = parse_spec(f"{name}{',' if '@' in name else '@'}img_size={img_size}", "random")
+    encoder = ImageEncoder(spec)
+    size = encoder.input_size
+    macs, unsupported = fvcore_count(encoder, (torch.zeros(1, *size),))
+    params = sum(p.numel() for p in encoder.parameters())
+    return {"encoder": name, "img_size": size[-1], "gmacs": macs / 1e9, "gflops": 2 * macs / 1e9,
+            "params_m": params / 1e6, "unsupported_ops": sorted(set(unsupported) - NEGLIGIBLE_OPS)}
+
+
+# ---------------------------------------------------------------- training steps, per-op formulas
+
+def connector_macs(layers: list[tuple[int, int]], n: int, batch: int) -> dict:
+    """Forward and backward MACs of n batched connectors on `batch` rows (input to layer 0 is frozen)."""
+    forward = sum(n * batch * i * o for i, o in layers)
+    weight_grads = forward
+    input_grads = sum(n * batch * i * o for i, o in layers[1:])
+    return {"forward": forward, "backward": weight_grads + input_grads}
+
+
+def logits_macs(n: int, batch: int, width: int) -> dict:
+    """[n,B,E] x [B,E]^T logits: one side (the mapped one) needs a gradient, the frozen side does not."""
+    forward = n * batch * batch * width
+    return {"forward": forward, "backward": forward}
+
+
+def hypernet_macs(model, n: int) -> dict:
+    """Generating n connectors: every chunk row goes through trunk + head; all inputs require grad."""
+    rows = n * model.chunk_emb.shape[0]
+    linears = [m for m in list(model.trunk) + [model.head] if isinstance(m, torch.nn.Linear)]
+    forward = sum(rows * m.in_features * m.out_features for m in linears)
+    return {"forward": forward, "backward": 2 * forward}
+
+
+def train_step_flops(model, n: int, batch: int, world: int = 1) -> dict:
+    """FLOPs of one optimizer step (forward + backward) split by part. Every rank computes the global logits."""
+    shape = model.shape
+    parts = {"connectors": connector_macs(shape.layers, n, batch),
+             "logits_loss": logits_macs(n, batch, shape.dims[-1] if shape.direction == "image_to_text"
+                                        else shape.image_width)}
+    parts["logits_loss"] = {k: v * world for k, v in parts["logits_loss"].items()}
+    if model.method == "hypernet":
+        parts["hypernet"] = hypernet_macs(model.source, n)
+    out = {name: 2 * (p["forward"] + p["backward"]) for name, p in parts.items()}
+    out["total"] = sum(out.values())
+    out["forward"] = 2 * sum(p["forward"] for p in parts.values())
+    return out
+
+
+# ---------------------------------------------------------------- the ledger
+
+class FlopsLedger:
+    """Per-phase FLOPs of a run, saved atomically to RUN_DIR/flops.json (loaded back when it exists)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / "flops.json"
+        saved = io.read_json(self.path) if self.path.exists() else {}
+        self.phases = {p: {"flops": 0, "steps": 0, "samples": 0, "parts": {}} for p in PHASES}
+        self.phases.update(saved.get("phases", {}))
+
+    def add(self, phase: str, flops: float, steps: int = 0, samples: int = 0, parts: dict | None = None) -> None:
+        entry = self.phases[phase]
+        entry["flops"] += int(flops)
+        entry["steps"] += steps
+        entry["samples"] += samples
+        if parts:
+            entry["parts"] = parts
+
+    def set(self, phase: str, flops: float, samples: int = 0, parts: dict | None = None) -> None:
+        self.phases[phase] = {"flops": int(flops), "steps": 0, "samples": samples, "parts": parts or {}}
+
+    def total(self, with_embed: bool = True) -> int:
+        return sum(v["flops"] for k, v in self.phases.items() if with_embed or k != "embed")
+
+    def as_dict(self) -> dict:
+        return {"convention": "1 multiply-add = 2 FLOPs; forward + backward where gradients are needed",
+                "phases": self.phases, "total_flops": self.total(),
+                "total_flops_without_embed": self.total(with_embed=False)}
+
+    def save(self, main_process: bool = True) -> None:
+        if main_process:
+            io.write_json(self.path, self.as_dict())
+
+    @staticmethod
+    def rewind(run_dir: Path, checkpoint: Path) -> None:
+        """On resume, the ledger goes back to what it was at the checkpoint."""
+        saved = checkpoint / "flops.json"
+        if saved.exists():
+            io.write_bytes(Path(run_dir) / "flops.json", saved.read_bytes())

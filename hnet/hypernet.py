@@ -1,0 +1,70 @@
+"""Hypernetwork: a cond embedding per encoder -> that encoder's connector parameters.
+
+Generation is layer-wise and chunked: every connector layer's flat parameter vector (weights then bias) is cut
+into chunks of `chunk_size`; one small MLP maps [cond embedding, layer embedding, chunk embedding] to a chunk.
+The MLP's output head is shared by all chunks, so its size is set by the chunk size, not the connector size:
+a 0.8M-parameter connector needs about 1M hypernetwork parameters, not 400M.
+
+Initialisation (the hyperfan-in idea of Chang et al. 2020, done explicitly): the trunk ends in a LayerNorm
+without affine, so each hidden unit has unit variance; the head is N(0, 1/hidden), so raw outputs have unit
+variance; each generated layer is then multiplied by a fixed per-encoder, per-layer scale equal to the std of
+PyTorch's default nn.Linear init for that layer's TRUE fan-in (an encoder's own width, not the padded width).
+Generated connectors therefore start where a standard init would, whatever the encoder's width.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from hnet.config import HypernetConfig
+from hnet.connectors import ConnectorShape, Params, init_std
+
+
+class HyperNetwork(nn.Module):
+    def __init__(self, shape: ConnectorShape, widths: list[int], cfg: HypernetConfig):
+        super().__init__()
+        self.shape, self.chunk_size = shape, cfg.chunk_size
+        self.cond = nn.Parameter(torch.randn(len(widths), cfg.cond_dim))
+        sizes = [i * o + o for i, o in shape.layers]
+        self.chunks_per_layer = [math.ceil(s / cfg.chunk_size) for s in sizes]
+        total_chunks = sum(self.chunks_per_layer)
+        self.layer_emb = nn.Parameter(torch.randn(len(sizes), cfg.layer_emb_dim))
+        self.chunk_emb = nn.Parameter(torch.randn(total_chunks, cfg.chunk_emb_dim))
+        chunk_layer = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(self.chunks_per_layer))
+        self.register_buffer("chunk_layer", chunk_layer, persistent=False)
+        in_dim = cfg.cond_dim + cfg.layer_emb_dim + cfg.chunk_emb_dim
+        self.trunk = nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.hidden),
+                                   nn.GELU(), nn.LayerNorm(cfg.hidden, elementwise_affine=False))
+        self.head = nn.Linear(cfg.hidden, cfg.chunk_size)
+        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(cfg.hidden))
+        nn.init.zeros_(self.head.bias)
+        scales = torch.tensor([[init_std(shape.true_layers(w)[l][0]) for l in range(len(sizes))] for w in widths])
+        self.register_buffer("scales", scales, persistent=False)  # [N_encoders, n_layers]
+
+    def generate(self, cond: torch.Tensor, scales: torch.Tensor) -> Params:
+        """cond [n, c], scales [n, n_layers] -> per-layer (W [n, in, out], b [n, out])."""
+        n, chunks = cond.shape[0], self.chunk_emb.shape[0]
+        inputs = torch.cat([cond.unsqueeze(1).expand(n, chunks, -1),
+                            self.layer_emb[self.chunk_layer].unsqueeze(0).expand(n, -1, -1),
+                            self.chunk_emb.unsqueeze(0).expand(n, -1, -1)], dim=-1)
+        flat = self.head(self.trunk(inputs))  # [n, chunks, chunk_size]
+        params, start = [], 0
+        for layer, ((fan_in, fan_out), count) in enumerate(zip(self.shape.layers, self.chunks_per_layer)):
+            vec = flat[:, start:start + count].reshape(n, -1)[:, : fan_in * fan_out + fan_out]
+            vec = vec * scales[:, layer: layer + 1]
+            params.append((vec[:, : fan_in * fan_out].view(n, fan_in, fan_out), vec[:, fan_in * fan_out:]))
+            start += count
+        return params
+
+    def forward(self, index: torch.Tensor) -> Params:
+        return self.generate(self.cond[index], self.scales[index])
+
+    def scales_for(self, width: int) -> torch.Tensor:
+        """Per-layer init scales of a (possibly new) encoder of this width: [1, n_layers]."""
+        layers = self.shape.true_layers(width)
+        return torch.tensor([[init_std(i) for i, _ in layers]], device=self.cond.device)
+
+    def hypernet_params(self) -> int:
+        return sum(p.numel() for name, p in self.named_parameters() if name != "cond")

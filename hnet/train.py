@@ -1,0 +1,252 @@
+"""One training loop for the hypernetwork and the separate (APE) baseline, on cached embeddings.
+
+accelerate provides devices, DDP, AMP, gradient accumulation, checkpoint state and trackers. A step draws one
+global batch and a set of encoders (all, or k of N), runs every selected encoder's connector in one batched call,
+and applies a symmetric InfoNCE over [N, B, B] logits. Batch order and encoder choice are pure functions of
+(seed, step), so `resume=latest` continues exactly where a killed run stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+
+from hnet import io
+from hnet.cache import TEXT, CacheError, CachedFeatures
+from hnet.config import Config, ConfigError, dump_yaml, to_dict
+from hnet.data.features import FeatureBatches
+from hnet.flops import FlopsLedger, train_step_flops
+from hnet.losses import clip_loss
+from hnet.model import StitchModel, build_model, save_model
+from hnet.zoo import read_encoder_list
+
+CKPT_PREFIX = "step_"
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def encoder_subset(step: int, n: int, k: int, seed: int) -> np.ndarray:
+    """Encoders trained at this step: all, or k of n drawn from (seed, step) so every rank agrees."""
+    if k <= 0 or k >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, step, 17]).choice(n, size=k, replace=False))
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    per_epoch = max(1, steps_per_epoch // cfg.train.grad_accum)
+    steps = max(1, int(round(cfg.train.epochs * per_epoch)))
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else steps
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    folder = run_dir / "checkpoints"
+    if not folder.exists():
+        return []
+    done = [p for p in folder.glob(f"{CKPT_PREFIX}*") if (p / "trainer_state.json").exists()]
+    return sorted(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int = 2) -> None:
+    """accelerate save_state into a temp folder, then rename: a kill mid-write leaves the last one intact."""
+    final = run_dir / "checkpoints" / f"{CKPT_PREFIX}{step:08d}"
+    tmp = final.with_name(final.name + io.TMP_SUFFIX)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if (run_dir / "flops.json").exists():
+            shutil.copy2(run_dir / "flops.json", tmp / "flops.json")
+        io.write_json(tmp / "trainer_state.json", {"step": step})
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def resolve_resume(cfg: Config) -> Path | None:
+    if not cfg.train.resume:
+        return None
+    if cfg.train.resume == "latest":
+        found = checkpoint_dirs(cfg.run_dir)
+        return found[-1] if found else None
+    path = Path(cfg.train.resume)
+    if not (path / "trainer_state.json").exists():
+        raise ConfigError(f"train.resume: not a finished checkpoint folder: {path}")
+    return path
+
+
+# ---------------------------------------------------------------- setup
+
+def open_cache(cfg: Config, names: list[str]) -> CachedFeatures:
+    cache = CachedFeatures(cfg.cache_path, names + [TEXT])
+    cached_text = cache.manifest.get("text_encoder")
+    if cached_text and cached_text != cfg.text_encoder:
+        raise CacheError(f"{cfg.cache_path}: cached text encoder is '{cached_text}', config has "
+                         f"text_encoder='{cfg.text_encoder}'")
+    return cache
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cfg.device == "cpu",
+                       gradient_accumulation_steps=cfg.train.grad_accum,
+                       log_with=cfg.train.tracker or None, project_dir=str(cfg.run_dir))
+
+
+def layer_grad_norms(model: torch.nn.Module) -> dict[str, float]:
+    return {f"grad_norm/{name}": float(p.grad.norm()) for name, p in model.named_parameters() if p.grad is not None}
+
+
+class StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits cleanly at the next step boundary."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._set)
+
+    def _set(self, *_):
+        self.raised = True
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
+    accelerator = accelerator or make_accelerator(cfg)
+    set_seed(cfg.train.seed)
+    specs = read_encoder_list(cfg.encoders, cfg.image_weights)
+    names = [s.name for s in specs]
+    cache = open_cache(cfg, names)
+    data = FeatureBatches(cache, names, cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle_pairs,
+                          cfg.train.overfit_batches, accelerator.process_index, accelerator.num_processes)
+    model = build_model(cfg, data.widths, cache.width(TEXT))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    steps = total_steps(cfg, data.steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup_steps, steps))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    run_dir = cfg.run_dir
+    start = _start_or_resume(cfg, accelerator, run_dir)
+    ledger = FlopsLedger(run_dir)
+    raw: StitchModel = accelerator.unwrap_model(model)
+    n_enc = len(encoder_subset(0, len(names), cfg.train.encoders_per_step, cfg.train.seed))
+    step_flops = train_step_flops(raw, n_enc, cfg.train.batch_size) | {"grad_accum": cfg.train.grad_accum}
+    stop = StopFlag()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {cfg.method}",
+               disable=not accelerator.is_main_process)
+    last = {}
+    tick, samples = time.perf_counter(), 0
+    for step in bar:
+        loss, grad_norm, skipped = _one_step(cfg, accelerator, model, optimizer, scheduler, data, step, len(names))
+        samples += cfg.train.batch_size * cfg.train.grad_accum
+        ledger.add("train", step_flops["total"] * cfg.train.grad_accum, steps=1,
+                   samples=cfg.train.batch_size * cfg.train.grad_accum, parts=step_flops)
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == steps or skipped:
+            elapsed = time.perf_counter() - tick
+            last = {"step": done, "epoch": done * cfg.train.grad_accum / data.steps_per_epoch, "loss": loss,
+                    "lr": scheduler.get_last_lr()[0], "logit_scale": float(raw.logit_scale()),
+                    "grad_norm": grad_norm, "samples_per_s": samples / max(elapsed, 1e-9),
+                    "skipped_steps": skipped, "flops_cum": ledger.total(), **layer_grad_norms(raw)}
+            if accelerator.is_main_process:
+                io.append_jsonl(run_dir / "metrics.jsonl", last)
+                accelerator.log({k: v for k, v in last.items() if k != "step"}, step=done)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            tick, samples = time.perf_counter(), 0
+        if done % cfg.train.ckpt_every == 0 or done == steps or stop.raised:
+            ledger.save(accelerator.is_main_process)
+            save_checkpoint(accelerator, run_dir, done)
+        if stop.raised:
+            accelerator.print(f"stopped by signal after step {done}; resume with train.resume=latest")
+            break
+    if accelerator.is_main_process and not stop.raised:
+        save_model(run_dir, raw, names, cfg.hypernet)
+    accelerator.end_training()
+    return {"steps": steps, "last": last, "run_dir": str(run_dir), "stopped": stop.raised}
+
+
+def _start_or_resume(cfg: Config, accelerator: Accelerator, run_dir: Path) -> int:
+    resume = resolve_resume(cfg)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        io.remove_stale_temps(run_dir)
+        io.write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    if cfg.train.tracker:
+        accelerator.init_trackers(cfg.name, config=_flat(to_dict(cfg)))
+    if resume is None:
+        if accelerator.is_main_process:
+            for stale in ("metrics.jsonl", "flops.json"):
+                (run_dir / stale).unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return 0
+    accelerator.load_state(str(resume))
+    step = io.read_json(resume / "trainer_state.json")["step"]
+    if accelerator.is_main_process:  # drop metrics logged after the checkpoint: they will be logged again
+        rows = [r for r in io.read_jsonl(run_dir / "metrics.jsonl") if r.get("step", 0) <= step]
+        io.write_text(run_dir / "metrics.jsonl", "".join(f"{json.dumps(r)}\n" for r in rows))
+        FlopsLedger.rewind(run_dir, resume)
+    accelerator.wait_for_everyone()
+    accelerator.print(f"resumed from {resume} at step {step}")
+    return step
+
+
+def _one_step(cfg, accelerator, model, optimizer, scheduler, data, step, n_encoders) -> tuple[float, float, int]:
+    encoders = encoder_subset(step, n_encoders, cfg.train.encoders_per_step, cfg.train.seed)
+    index = torch.as_tensor(encoders, device=accelerator.device)
+    total_loss, grad_norm = 0.0, 0.0
+    for micro in range(cfg.train.grad_accum):
+        image, text = data.batch(step * cfg.train.grad_accum + micro, encoders)
+        image, text = image.to(accelerator.device), text.to(accelerator.device)
+        with accelerator.accumulate(model):
+            a, b, scale = model(index, image, text)
+            loss = clip_loss(a.float(), b.float(), scale)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.train.grad_clip > 0:
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
+            finite = math.isfinite(float(loss)) and math.isfinite(grad_norm)
+            if accelerator.sync_gradients and not finite:
+                if cfg.train.nonfinite == "stop":
+                    raise NonFiniteError(f"non-finite loss/gradient at step {step + 1}; the last good checkpoint "
+                                         f"is kept in {cfg.run_dir / 'checkpoints'} (or set train.nonfinite=skip)")
+                optimizer.zero_grad()
+                scheduler.step()
+                return float("nan"), grad_norm, 1
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        total_loss += float(loss.detach()) / cfg.train.grad_accum
+    return total_loss, grad_norm, 0
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out

@@ -1,0 +1,18 @@
+"""Train ONE hypernetwork that generates the connectors of all configured encoders (on cached embeddings).
+
+    accelerate launch scripts/learn_multi_mapper.py --config configs/cc595k_ie12.yaml [key=value ...]
+"""
+import json
+
+from hnet.cli import config_parser, main_guard, parse_config
+from hnet.run import train_run
+
+
+@main_guard
+def main(argv=None):
+    _, cfg = parse_config(config_parser(__doc__), argv, method="hypernet")
+    print(json.dumps(train_run(cfg)))
+
+
+if __name__ == "__main__":
+    main()
