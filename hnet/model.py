@@ -65,7 +65,9 @@ def build_model(cfg: Config, widths: list[int], text_width: int) -> StitchModel:
 
 # ---------------------------------------------------------------- files
 
-def save_model(run_dir: str | Path, model: StitchModel, names: list[str], hypernet: HypernetConfig) -> None:
+def save_model(run_dir: str | Path, model: StitchModel, names: list[str], hypernet: HypernetConfig,
+               weights: dict[str, str]) -> None:
+    """Write the trained state; `weights` maps encoder name -> how to load it (pretrained | random | file)."""
     run_dir = Path(run_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "source.cond"}
     state["log_scale"] = model.log_scale.detach().cpu().reshape(())
@@ -78,7 +80,7 @@ def save_model(run_dir: str | Path, model: StitchModel, names: list[str], hypern
     io.write_json(run_dir / "model.json", {"method": model.method, "names": names,
                                            "widths": model.widths.tolist(),
                                            "shape": dataclasses.asdict(model.shape),
-                                           "hypernet": dataclasses.asdict(hypernet),
+                                           "hypernet": dataclasses.asdict(hypernet), "weights": weights,
                                            "learnable_scale": isinstance(model.log_scale, nn.Parameter)})
 
 

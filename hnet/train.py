@@ -183,7 +183,7 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
             accelerator.print(f"stopped by signal after step {done}; resume with train.resume=latest")
             break
     if accelerator.is_main_process and not stop.raised:
-        save_model(run_dir, raw, names, cfg.hypernet)
+        save_model(run_dir, raw, names, cfg.hypernet, {s.name: s.weights for s in specs})
     accelerator.end_training()
     return {"steps": steps, "last": last, "run_dir": str(run_dir), "stopped": stop.raised}
 

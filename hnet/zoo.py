@@ -7,6 +7,7 @@ features after block `depth`, cls-token vs mean pooling). Widths always come fro
 from __future__ import annotations
 
 import difflib
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,13 +94,17 @@ def _create_timm(spec: EncoderSpec, device: str | torch.device = "cpu") -> nn.Mo
         if not path.is_file():
             raise ConfigError(f"encoder '{spec.name}': weights file not found: {path}")
         pretrained, overlay = True, {"file": str(path), "num_classes": 1000}
-    try:
-        model = timm.create_model(spec.model_name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **kwargs)
-    except TypeError:
-        if "img_size" not in kwargs:  # models without an img_size argument (CNNs) take any input size
-            raise
-        kwargs.pop("img_size")
-        model = timm.create_model(spec.model_name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **kwargs)
+    # random init must be the same encoder every time it is built (training cache, eval cache, FLOPs count)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(spec.name.encode()))
+        try:
+            model = timm.create_model(spec.model_name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **kwargs)
+        except TypeError:
+            if "img_size" not in kwargs:  # models without an img_size argument (CNNs) take any input size
+                raise
+            kwargs.pop("img_size")
+            model = timm.create_model(spec.model_name, pretrained=pretrained, pretrained_cfg_overlay=overlay,
+                                      **kwargs)
     if "depth" in spec.options:
         blocks = getattr(model, "blocks", None)
         if blocks is None or not 0 < spec.options["depth"] <= len(blocks):
