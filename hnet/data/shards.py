@@ -120,7 +120,7 @@ def _write_one_shard(chunk: list[dict], index: int, images: Path, out: Path, see
     name = f"{index:06d}.tar"
     keys: list[str] = []
     with io.atomic_path(out / name) as tmp:
-        with wds.TarWriter(str(tmp)) as sink:
+        with wds.TarWriter(str(tmp), mtime=0) as sink:  # reproducible bytes
             for rec in chunk:
                 key = sample_key(rec["id"])
                 data, reason = _read_image_bytes(images / rec["image"])

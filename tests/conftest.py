@@ -1,0 +1,34 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from hnet.config import load_config  # noqa: E402
+
+TINY_ENCODERS = ["resnet10t@img_size=32", "vit_tiny_patch16_224@img_size=32", "convnext_atto@img_size=32"]
+
+
+def tiny_overrides(root) -> list[str]:
+    return [f"out_root={root}", f"encoders={TINY_ENCODERS}", "image_weights=random", "data.demo_samples=240",
+            "data.demo_eval_samples=96", "data.demo_image_size=32", "data.shard_size=100",
+            "data.embed_batch_size=60", "train.batch_size=64", "train.epochs=2", "train.warmup_steps=2",
+            "train.log_every=1", "train.ckpt_every=4", "eval.datasets=[demo]", "name=tiny"]
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    """A tiny built-in data set embedded once per test session (3 random-init encoders + MiniLM)."""
+    from hnet.embedding import embed_training_data
+
+    root = tmp_path_factory.mktemp("tiny")
+    embed_training_data(load_config(None, tiny_overrides(root)))
+    return root
+
+
+@pytest.fixture
+def tiny_cfg(tiny_root, tmp_path):
+    """Config over the shared tiny cache, with its own run dir."""
+    return load_config(None, tiny_overrides(tiny_root) + [f"data.cache_dir={tiny_root}/cache/demo",
+                                                          f"name=run_{tmp_path.name}"])

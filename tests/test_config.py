@@ -1,0 +1,36 @@
+import pytest
+
+from hnet.config import ConfigError, load_config
+
+
+def test_override_types_and_nesting():
+    cfg = load_config(None, ["train.lr=3e-4", "train.batch_size=128", "connector.kind=mlp", "eval.datasets=a,b"])
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.train.batch_size == 128 and cfg.connector.kind == "mlp"
+    assert cfg.eval.datasets == ["a", "b"]
+
+
+def test_unknown_key_suggests_nearest():
+    with pytest.raises(ConfigError, match=r"train\.lrr.*did you mean 'lr'"):
+        load_config(None, ["train.lrr=1"])
+
+
+def test_wrong_type_names_field():
+    with pytest.raises(ConfigError, match=r"train\.batch_size: expected an integer"):
+        load_config(None, ["train.batch_size=big"])
+
+
+def test_bad_choice_names_field():
+    with pytest.raises(ConfigError, match=r"connector\.kind.*'mpl'.*did you mean 'mlp'"):
+        load_config(None, ["connector.kind=mpl"])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="--config: file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_configs_load():
+    for name in ("demo", "cc595k_ie12", "cc595k_ie30"):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert cfg.train.batch_size > 0

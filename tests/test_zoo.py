@@ -1,0 +1,70 @@
+import pytest
+import timm
+import torch
+import yaml
+
+from hnet.config import ConfigError
+from hnet.zoo import ImageEncoder, image_encoder_width, parse_spec, read_encoder_list
+
+IE30 = yaml.safe_load(open("configs/encoders/ie30.yaml"))["encoders"]
+
+
+def test_ie30_names_tags_and_widths_match_timm():
+    assert len(IE30) == 30
+    widths = []
+    for name in IE30:
+        base, tag = name.split(".")
+        assert name in timm.list_pretrained(f"{base}*"), f"timm has no pretrained tag {name}"
+        widths.append(image_encoder_width(parse_spec(name, "random")))
+    assert widths == [384] * 10 + [768] * 10 + [1024] * 10
+
+
+def test_ie12_is_first_four_of_each_width():
+    ie12 = yaml.safe_load(open("configs/encoders/ie12.yaml"))["encoders"]
+    assert ie12 == IE30[0:4] + IE30[10:14] + IE30[20:24]
+
+
+def test_features_are_normalised_and_width_from_model():
+    enc = ImageEncoder(parse_spec("vit_tiny_patch16_224@img_size=32", "random"))
+    assert enc.width == 192 == image_encoder_width(enc.spec)
+    feats = enc(torch.randn(3, *enc.input_size))
+    assert feats.shape == (3, 192)
+    torch.testing.assert_close(feats.norm(dim=-1), torch.ones(3))
+
+
+def test_random_init_is_the_same_every_build():
+    spec = parse_spec("resnet10t@img_size=32", "random")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ImageEncoder(spec)(x), ImageEncoder(spec)(x))
+
+
+def test_variant_options_change_the_model():
+    enc = ImageEncoder(parse_spec("deit_tiny_patch16_224@img_size=64,depth=5,pool=avg", "random"))
+    assert len(enc.model.blocks) == 5
+    assert enc.input_size == (3, 64, 64)
+    assert enc.model.global_pool == "avg"
+    assert enc(torch.randn(1, 3, 64, 64)).shape == (1, 192)
+
+
+def test_unknown_encoder_suggests_close_names():
+    with pytest.raises(ConfigError, match="close timm names: .*vit_small_patch16_224"):
+        parse_spec("vit_smal_patch16_224")
+
+
+def test_bad_variant_option():
+    with pytest.raises(ConfigError, match="unknown option 'imgsize'"):
+        parse_spec("vit_tiny_patch16_224@imgsize=3")
+
+
+def test_duplicate_encoders_refused():
+    with pytest.raises(ConfigError, match="listed twice"):
+        read_encoder_list(["resnet10t", "resnet10t"])
+
+
+def test_text_encoder_offline_minilm():
+    from hnet.zoo import TextEncoder
+
+    text = TextEncoder("all-MiniLM-L6-v2")
+    emb = text.encode(["a red circle", "a blue square"])
+    assert emb.shape == (2, 384) and text.width == 384
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
