@@ -230,6 +230,26 @@ def build_cache(root: str | Path, units: list[Unit], specs: list[EncoderSpec], t
     return {"manifest": _read_manifest(root), **stats}
 
 
+def write_cache(root: str | Path, keys: list[str], arrays: dict[str, np.ndarray],
+                text_encoder: str | None = None) -> dict:
+    """Write ready-made feature arrays as a cache (synthetic data for tests and benchmarks)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = {"count": len(keys), "keys_sha256": keys_digest(keys), "encoders": {}, "text_encoder": text_encoder}
+    for name, array in arrays.items():
+        if len(array) != len(keys):
+            raise CacheError(f"{root}: '{name}' has {len(array)} rows for {len(keys)} keys")
+        file = root / f"{slug(name)}.f16.npy"
+        with io.atomic_path(file) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.asarray(array, np.float16))
+        manifest["encoders"][name] = {"file": file.name, "width": int(array.shape[1]), "dtype": "float16",
+                                      "count": len(keys), "sha256": io.sha256_file(file)}
+    io.write_json(root / "keys.json", keys)
+    io.write_json(root / MANIFEST, manifest)
+    return manifest
+
+
 class CachedFeatures:
     """Read side: memory-mapped float16 features per encoder, checked against the manifest."""
 

@@ -46,7 +46,9 @@ NEGLIGIBLE_OPS = {"aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::d
                   "aten::relu", "aten::relu_", "aten::mean", "aten::sum", "aten::pow", "aten::sqrt", "aten::exp",
                   "aten::max_pool2d", "aten::avg_pool2d", "aten::tanh", "aten::clamp", "aten::neg", "aten::erf",
                   "aten::log", "aten::rsqrt", "aten::abs", "aten::reciprocal", "aten::fill_", "aten::sin",
-                  "aten::cos", "aten::gelu_", "aten::scatter_add", "aten::upsample_bicubic2d", "aten::sign"}
+                  "aten::cos", "aten::gelu_", "aten::scatter_add", "aten::upsample_bicubic2d", "aten::sign",
+                  # F.normalize of the pooled feature: O(width) work
+                  "aten::clamp_min", "aten::expand_as", "aten::linalg_vector_norm"}
 
 
 def fvcore_count(model: torch.nn.Module, inputs: tuple) -> tuple[int, dict[str, int]]:

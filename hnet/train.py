@@ -158,9 +158,11 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {cfg.method}",
                disable=not accelerator.is_main_process)
     last = {}
-    tick, samples = time.perf_counter(), 0
+    tick, samples, skipped_total = time.perf_counter(), 0, 0
     for step in bar:
-        loss, grad_norm, skipped = _one_step(cfg, accelerator, model, optimizer, scheduler, data, step, len(names))
+        loss, grad_norm, layer_norms, skipped = _one_step(cfg, accelerator, model, optimizer, scheduler, data, step,
+                                                          len(names))
+        skipped_total += skipped
         samples += cfg.train.batch_size * cfg.train.grad_accum
         ledger.add("train", step_flops["total"] * cfg.train.grad_accum, steps=1,
                    samples=cfg.train.batch_size * cfg.train.grad_accum, parts=step_flops)
@@ -170,7 +172,7 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
             last = {"step": done, "epoch": done * cfg.train.grad_accum / data.steps_per_epoch, "loss": loss,
                     "lr": scheduler.get_last_lr()[0], "logit_scale": float(raw.logit_scale()),
                     "grad_norm": grad_norm, "samples_per_s": samples / max(elapsed, 1e-9),
-                    "skipped_steps": skipped, "flops_cum": ledger.total(), **layer_grad_norms(raw)}
+                    "skipped_steps": skipped_total, "flops_cum": ledger.total(), **layer_norms}
             if accelerator.is_main_process:
                 io.append_jsonl(run_dir / "metrics.jsonl", last)
                 accelerator.log({k: v for k, v in last.items() if k != "step"}, step=done)
@@ -214,10 +216,11 @@ def _start_or_resume(cfg: Config, accelerator: Accelerator, run_dir: Path) -> in
     return step
 
 
-def _one_step(cfg, accelerator, model, optimizer, scheduler, data, step, n_encoders) -> tuple[float, float, int]:
+def _one_step(cfg, accelerator, model, optimizer, scheduler, data, step, n_encoders):
+    """One optimizer step (grad_accum micro-batches): (loss, grad norm, per-parameter grad norms, skipped 0/1)."""
     encoders = encoder_subset(step, n_encoders, cfg.train.encoders_per_step, cfg.train.seed)
     index = torch.as_tensor(encoders, device=accelerator.device)
-    total_loss, grad_norm = 0.0, 0.0
+    total_loss, grad_norm, layer_norms = 0.0, 0.0, {}
     for micro in range(cfg.train.grad_accum):
         image, text = data.batch(step * cfg.train.grad_accum + micro, encoders)
         image, text = image.to(accelerator.device), text.to(accelerator.device)
@@ -225,21 +228,23 @@ def _one_step(cfg, accelerator, model, optimizer, scheduler, data, step, n_encod
             a, b, scale = model(index, image, text)
             loss = clip_loss(a.float(), b.float(), scale)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.train.grad_clip > 0:
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
-            finite = math.isfinite(float(loss)) and math.isfinite(grad_norm)
+            if accelerator.sync_gradients:
+                layer_norms = layer_grad_norms(accelerator.unwrap_model(model))
+                if cfg.train.grad_clip > 0:
+                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
+            finite = math.isfinite(float(loss.detach())) and math.isfinite(grad_norm)
             if accelerator.sync_gradients and not finite:
                 if cfg.train.nonfinite == "stop":
                     raise NonFiniteError(f"non-finite loss/gradient at step {step + 1}; the last good checkpoint "
                                          f"is kept in {cfg.run_dir / 'checkpoints'} (or set train.nonfinite=skip)")
                 optimizer.zero_grad()
                 scheduler.step()
-                return float("nan"), grad_norm, 1
+                return float("nan"), grad_norm, layer_norms, 1
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
         total_loss += float(loss.detach()) / cfg.train.grad_accum
-    return total_loss, grad_norm, 0
+    return total_loss, grad_norm, layer_norms, 0
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

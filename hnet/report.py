@@ -1,0 +1,136 @@
+"""FLOPs report: one row per run dir (from config.yaml, flops.json, metrics.jsonl, eval.json), rendered as
+markdown, csv, json or LaTeX, plus an accuracy-vs-FLOPs plot."""
+from __future__ import annotations
+
+import csv
+import io as pyio
+import json
+from pathlib import Path
+
+import yaml
+
+from hnet import io
+
+def _sci(x: float | None) -> str:
+    return "" if x is None else f"{x:.3g}"
+
+
+def run_row(run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    if not (run_dir / "flops.json").exists():
+        raise FileNotFoundError(f"{run_dir}: no flops.json (is this a run dir?)")
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    ledger = io.read_json(run_dir / "flops.json")
+    phases = ledger["phases"]
+    meta = io.read_json(run_dir / "model.json") if (run_dir / "model.json").exists() else {"names": []}
+    n_enc = len(meta["names"]) or 1
+    metrics = io.read_jsonl(run_dir / "metrics.jsonl")
+    train_flops = phases["train"]["flops"] + phases["autodecode"]["flops"]
+    row = {"run": run_dir.name, "method": cfg["method"], "encoders": len(meta["names"]),
+           "text_encoder": cfg["text_encoder"],
+           "connector": f"{cfg['connector']['kind']} {cfg['connector']['direction']}",
+           "batch": cfg["train"]["batch_size"], "steps": phases["train"]["steps"],
+           "epochs": round(metrics[-1]["epoch"], 2) if metrics else 0,
+           "flops_per_step": phases["train"]["parts"].get("total"), "flops_per_encoder": train_flops / n_enc,
+           "train_flops": train_flops, "total_flops": ledger["total_flops_without_embed"],
+           "total_flops_with_embed": ledger["total_flops"], "zeroshot_top1": None, "vs_separate": ""}
+    if (run_dir / "eval.json").exists():
+        evals = io.read_json(run_dir / "eval.json")["datasets"]
+        row["zeroshot_top1"] = {name: sum(m["top1"] for m in d["encoders"].values()) / len(d["encoders"])
+                                for name, d in evals.items()}
+    return row
+
+
+def build_table(run_dirs: list[str | Path]) -> list[dict]:
+    rows = [run_row(r) for r in run_dirs]
+    separate = [r for r in rows if r["method"] == "separate"]
+    for row in rows:
+        base = next((s for s in separate if s["encoders"] == row["encoders"]), None)
+        if base and row is not base and row["train_flops"]:
+            ratio = base["train_flops"] / row["train_flops"]
+            row["vs_separate"] = f"x{ratio:.1f} cheaper" if ratio >= 1 else f"x{1 / ratio:.1f} costlier"
+    return rows
+
+
+def _cell(row: dict, col: str) -> str:
+    value = row[col]
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v:.1f}" for k, v in value.items())
+    if isinstance(value, float) or (isinstance(value, int) and "flops" in col):
+        return _sci(value)
+    return "" if value is None else str(value)
+
+
+def render(rows: list[dict], fmt: str = "md") -> str:
+    """Rows (dicts with the same keys, in column order) as md, csv, json or LaTeX."""
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    columns = list(rows[0]) if rows else []
+    if fmt == "csv":
+        buf = pyio.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(columns)
+        writer.writerows([[_cell(r, c) for c in columns] for r in rows])
+        return buf.getvalue()
+    if fmt == "latex":
+        lines = [r"\begin{tabular}{" + "l" * len(columns) + "}", " & ".join(c.replace("_", r"\_") for c in columns)
+                 + r" \\ \hline"]
+        lines += [" & ".join(_cell(r, c).replace("_", r"\_").replace("%", r"\%") for c in columns) + r" \\"
+                  for r in rows]
+        return "\n".join(lines + [r"\end{tabular}"])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r, c) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_flops(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """Zero-shot top-1 (mean over encoders, first dataset) against cumulative training FLOPs, one curve per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in map(Path, run_dirs):
+        points = [(r["flops_cum"], r["zeroshot_top1"]) for r in io.read_jsonl(run / "metrics.jsonl")
+                  if "zeroshot_top1" in r]
+        row = run_row(run)
+        if not points and row["zeroshot_top1"]:
+            points = [(row["train_flops"], next(iter(row["zeroshot_top1"].values())))]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", label=f"{row['method']} ({run.name})")
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (forward + backward)")
+    ax.set_ylabel("zero-shot top-1 (%)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    with io.atomic_path(out) as tmp:
+        fig.savefig(tmp, format=out.suffix.lstrip(".") or "png", dpi=120)
+    plt.close(fig)
+    return out
+
+
+def seed_setting_table(batch: int = 2 ** 14, samples: int = 595_375) -> list[dict]:
+    """Per-step and per-epoch FLOPs of single linear connectors in the research setting, computed by the tool."""
+    import torch
+
+    from hnet.config import HypernetConfig
+    from hnet.connectors import ConnectorShape
+    from hnet.flops import train_step_flops
+    from hnet.model import StitchModel
+
+    rows = []
+    for d_in, d_out in ((768, 384), (768, 768), (1024, 1024)):
+        shape = ConnectorShape("linear", "image_to_text", d_in, d_out)
+        with torch.device("meta"):
+            model = StitchModel("separate", shape, [d_in], HypernetConfig())
+        step = train_step_flops(model, 1, batch)
+        rows.append({"connector": f"linear {d_in}->{d_out}", "batch": batch, "flops_per_step": step["total"],
+                     "connector_flops": step["connectors"], "logits_loss_flops": step["logits_loss"],
+                     "steps_per_epoch": samples // batch,
+                     "flops_per_epoch": step["total"] * (samples // batch)})
+    return rows
+

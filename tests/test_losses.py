@@ -1,0 +1,79 @@
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from hnet.losses import clip_loss, contrastive_logits
+
+
+def test_hand_computed_two_by_two():
+    a = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    b = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    scale = torch.tensor(2.0)
+    # logits = 2 * a b^T = [[2, 1.2], [0, 1.6]]
+    row = (-math.log(math.exp(2) / (math.exp(2) + math.exp(1.2))) - math.log(math.exp(1.6) / (1 + math.exp(1.6)))) / 2
+    col = (-math.log(math.exp(2) / (math.exp(2) + 1)) - math.log(math.exp(1.6) / (math.exp(1.2) + math.exp(1.6)))) / 2
+    assert float(clip_loss(a, b, scale)) == pytest.approx((row + col) / 2, rel=1e-6)
+
+
+def test_symmetric_in_its_arguments_and_mean_over_encoders():
+    torch.manual_seed(0)
+    a = F.normalize(torch.randn(3, 8, 5), dim=-1)
+    b = F.normalize(torch.randn(3, 8, 5), dim=-1)
+    s = torch.tensor(10.0)
+    torch.testing.assert_close(clip_loss(a, b, s), clip_loss(b, a, s))
+    per = torch.stack([clip_loss(a[i:i + 1], b[i:i + 1], s) for i in range(3)])
+    torch.testing.assert_close(clip_loss(a, b, s), per.mean())
+
+
+def test_shared_text_equals_broadcast():
+    a = F.normalize(torch.randn(2, 6, 4), dim=-1)
+    b = F.normalize(torch.randn(6, 4), dim=-1)
+    torch.testing.assert_close(contrastive_logits(a, b, torch.tensor(3.0)),
+                               contrastive_logits(a, b.expand(2, -1, -1), torch.tensor(3.0)))
+
+
+def _setup():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6)  # [n_encoders, global batch, width]
+    text = F.normalize(torch.randn(8, 5), dim=-1)
+    weight = torch.randn(2, 6, 5)
+    return x, text, weight
+
+
+def _loss_and_grad(x, text, weight):
+    weight = weight.clone().requires_grad_(True)
+    a = F.normalize(torch.bmm(x, weight), dim=-1)
+    loss = clip_loss(a, text, torch.tensor(5.0))
+    loss.backward()
+    return loss.detach(), weight.grad
+
+
+def _worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    x, text, weight = _setup()
+    local = slice(rank * 4, (rank + 1) * 4)
+    loss, grad = _loss_and_grad(x[:, local], text[local], weight)
+    dist.all_reduce(grad)  # what DDP does, as a mean
+    grad /= world
+    out[rank] = (loss, grad)
+    dist.destroy_process_group()
+
+
+def test_two_process_gather_matches_one_process():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
+    loss, grad = _loss_and_grad(*_setup())
+    for rank in range(2):
+        torch.testing.assert_close(out[rank][0], loss)
+        torch.testing.assert_close(out[rank][1], grad)
