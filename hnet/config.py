@@ -70,10 +70,22 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 200
+    eval_every: int = 0  # >0: zero-shot top-1 on eval.datasets[0] every N steps, logged against FLOPs spent
     resume: str = ""  # "" | latest | path to a checkpoint folder
     overfit_batches: int = 0  # >0: train on this many fixed batches (diagnostic)
     tracker: str = ""  # "" | tensorboard | wandb
     nonfinite: str = "stop"  # stop | skip
+
+
+@dataclass
+class AutodecodeConfig:
+    steps: int = 100  # budget in optimizer steps (the first of steps/samples/flops to run out ends it)
+    samples: int = 0  # >0: budget in training samples
+    flops: float = 0  # >0: budget in FLOPs (forward + backward, the ledger's convention)
+    lr: float = 1e-2
+    batch_size: int = 256
+    init: str = "mean"  # mean | same_width | random
+    eval_every: int = 10  # zero-shot top-1 every N steps (0 = only at the end)
 
 
 @dataclass
@@ -101,6 +113,7 @@ class Config:
     hypernet: HypernetConfig = field(default_factory=HypernetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    autodecode: AutodecodeConfig = field(default_factory=AutodecodeConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -120,6 +133,7 @@ CHOICES = {
     "train.tracker": ("", "tensorboard", "wandb"),
     "train.nonfinite": ("stop", "skip"),
     "eval.templates": ("one", "cifar", "imagenet"),
+    "autodecode.init": ("mean", "same_width", "random"),
     "image_weights": ("pretrained", "random"),
     "method": ("hypernet", "separate"),
 }

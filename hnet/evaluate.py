@@ -69,7 +69,7 @@ def zero_shot_logits(model: StitchModel, index: int, features: torch.Tensor, cla
                      cond: torch.Tensor | None = None, width: int | None = None) -> torch.Tensor:
     """Scaled logits [M, C] of encoder `index` (or of a given cond embedding, for auto-decoding)."""
     if cond is None:
-        params = model.source(torch.tensor([index]))
+        params = model.source(torch.tensor([index], device=model.widths.device))
         width = int(model.widths[index])
     else:
         params = model.source.generate(cond, model.source.scales_for(width))
@@ -86,27 +86,47 @@ def eval_cache(cfg: Config, dataset: ZeroShotSet, names: list[str], weights: dic
     return CachedFeatures(root, names + ["labels"])
 
 
+class ZeroShotProbe:
+    """One zero-shot dataset, embedded for a set of encoders, ready to score connectors quickly (also mid-run)."""
+
+    def __init__(self, cfg: Config, dataset_name: str, names: list[str], weights: dict[str, str]):
+        self.dataset = load_zeroshot(dataset_name, cfg)
+        cache = eval_cache(cfg, self.dataset, names, weights)
+        self.labels = torch.from_numpy(np.asarray(cache["labels"]))
+        self.features = {n: torch.from_numpy(np.asarray(cache[n], np.float32)) for n in names}
+        self.classifier = class_embeddings(cfg.text_encoder, self.dataset.classnames, TEMPLATES[cfg.eval.templates],
+                                           cfg.cache_path / "eval")
+
+    def metrics(self, model: StitchModel, index: int, name: str) -> dict:
+        logits = zero_shot_logits(model, index, self.features[name], self.classifier)
+        return classification_metrics(logits, self.labels, len(self.dataset.classnames))
+
+    def top1_of_cond(self, model: StitchModel, cond: torch.Tensor, name: str) -> float:
+        feats = self.features[name]
+        logits = zero_shot_logits(model, -1, feats, self.classifier, cond=cond, width=feats.shape[1])
+        return float((logits.argmax(dim=-1) == self.labels).float().mean()) * 100
+
+    def flops(self, model: StitchModel, name: str, with_encoder: bool = True) -> float:
+        per_image = _head_flops(model, self.classifier)
+        if with_encoder:
+            per_image += encoder_flops(name)["gflops"] * 1e9
+        return len(self.labels) * per_image
+
+
 def evaluate_run(cfg: Config, run_dir: Path, datasets: list[str]) -> dict:
     model, names = load_model(run_dir)
     weights = io.read_json(run_dir / "model.json").get("weights", {})
-    templates = TEMPLATES[cfg.eval.templates]
     ledger = FlopsLedger(run_dir)
     results: dict = {"templates": cfg.eval.templates, "text_encoder": cfg.text_encoder, "datasets": {}}
     eval_flops = 0.0
     for name in datasets:
-        dataset = load_zeroshot(name, cfg)
-        cache = eval_cache(cfg, dataset, names, weights)
-        labels = torch.from_numpy(np.asarray(cache["labels"]))
-        classifier = class_embeddings(cfg.text_encoder, dataset.classnames, templates, cfg.cache_path / "eval")
-        per_encoder = {}
-        for i, enc in enumerate(names):
-            feats = torch.from_numpy(np.asarray(cache[enc], np.float32))
-            logits = zero_shot_logits(model, i, feats, classifier)
-            per_encoder[enc] = classification_metrics(logits, labels, len(dataset.classnames))
-            eval_flops += len(labels) * (encoder_flops(enc)["gflops"] * 1e9 + _head_flops(model, classifier))
-        results["datasets"][name] = {"classes": dataset.classnames, "encoders": per_encoder,
-                                     "chance_top1": 100.0 / len(dataset.classnames)}
-    ledger.add("eval", eval_flops, samples=sum(len(r["encoders"]) for r in results["datasets"].values()))
+        probe = ZeroShotProbe(cfg, name, names, weights)
+        per_encoder = {enc: probe.metrics(model, i, enc) for i, enc in enumerate(names)}
+        eval_flops += sum(probe.flops(model, enc) for enc in names)
+        classes = probe.dataset.classnames
+        results["datasets"][name] = {"classes": classes, "encoders": per_encoder, "chance_top1": 100.0 / len(classes)}
+    ledger.add("eval", eval_flops, samples=sum(r["encoders"][names[0]]["n"] * len(names)
+                                               for r in results["datasets"].values()))
     ledger.save()
     io.write_json(run_dir / "eval.json", results)
     io.write_text(run_dir / "eval.md", markdown_table(results))

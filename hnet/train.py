@@ -24,6 +24,7 @@ from hnet import io
 from hnet.cache import TEXT, CacheError, CachedFeatures
 from hnet.config import Config, ConfigError, dump_yaml, to_dict
 from hnet.data.features import FeatureBatches
+from hnet.evaluate import ZeroShotProbe
 from hnet.flops import FlopsLedger, train_step_flops
 from hnet.losses import clip_loss
 from hnet.model import StitchModel, build_model, save_model
@@ -155,6 +156,9 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
     n_enc = len(encoder_subset(0, len(names), cfg.train.encoders_per_step, cfg.train.seed))
     step_flops = train_step_flops(raw, n_enc, cfg.train.batch_size) | {"grad_accum": cfg.train.grad_accum}
     stop = StopFlag()
+    probe = None
+    if cfg.train.eval_every > 0 and accelerator.is_main_process:
+        probe = ZeroShotProbe(cfg, cfg.eval.datasets[0], names, {s.name: s.weights for s in specs})
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {cfg.method}",
                disable=not accelerator.is_main_process)
     last = {}
@@ -167,17 +171,22 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
         ledger.add("train", step_flops["total"] * cfg.train.grad_accum, steps=1,
                    samples=cfg.train.batch_size * cfg.train.grad_accum, parts=step_flops)
         done = step + 1
+        row = {}
         if done % cfg.train.log_every == 0 or done == steps or skipped:
             elapsed = time.perf_counter() - tick
-            last = {"step": done, "epoch": done * cfg.train.grad_accum / data.steps_per_epoch, "loss": loss,
+            row = {"step": done, "epoch": done * cfg.train.grad_accum / data.steps_per_epoch, "loss": loss,
                     "lr": scheduler.get_last_lr()[0], "logit_scale": float(raw.logit_scale()),
                     "grad_norm": grad_norm, "samples_per_s": samples / max(elapsed, 1e-9),
-                    "skipped_steps": skipped_total, "flops_cum": ledger.total(), **layer_norms}
-            if accelerator.is_main_process:
-                io.append_jsonl(run_dir / "metrics.jsonl", last)
-                accelerator.log({k: v for k, v in last.items() if k != "step"}, step=done)
+                   "skipped_steps": skipped_total, "flops_cum": ledger.total(), **layer_norms}
             bar.set_postfix(loss=f"{loss:.4f}")
             tick, samples = time.perf_counter(), 0
+        if probe is not None and (done % cfg.train.eval_every == 0 or done == steps):
+            row = {"step": done, "flops_cum": ledger.total(), **row, **_probe_scores(probe, raw, names, ledger)}
+        if row:
+            last = row
+            if accelerator.is_main_process:
+                io.append_jsonl(run_dir / "metrics.jsonl", row)
+                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=done)
         if done % cfg.train.ckpt_every == 0 or done == steps or stop.raised:
             ledger.save(accelerator.is_main_process)
             save_checkpoint(accelerator, run_dir, done)
@@ -214,6 +223,13 @@ def _start_or_resume(cfg: Config, accelerator: Accelerator, run_dir: Path) -> in
     accelerator.wait_for_everyone()
     accelerator.print(f"resumed from {resume} at step {step}")
     return step
+
+
+def _probe_scores(probe, model: StitchModel, names: list[str], ledger: FlopsLedger) -> dict:
+    """Mid-run zero-shot top-1 per encoder; its (connector + logits) FLOPs go to the eval phase."""
+    scores = {f"zeroshot_top1/{n}": probe.metrics(model, i, n)["top1"] for i, n in enumerate(names)}
+    ledger.add("eval", sum(probe.flops(model, n, with_encoder=False) for n in names))
+    return {"zeroshot_top1": sum(scores.values()) / len(scores), **scores}
 
 
 def _one_step(cfg, accelerator, model, optimizer, scheduler, data, step, n_encoders):

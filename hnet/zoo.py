@@ -94,9 +94,10 @@ def _create_timm(spec: EncoderSpec, device: str | torch.device = "cpu") -> nn.Mo
         if not path.is_file():
             raise ConfigError(f"encoder '{spec.name}': weights file not found: {path}")
         pretrained, overlay = True, {"file": str(path), "num_classes": 1000}
-    # random init must be the same encoder every time it is built (training cache, eval cache, FLOPs count)
+    # Random init must give the same encoder every time it is built (training cache, eval cache, FLOPs count).
+    # The seed ignores depth/pool, so those variants share weights, as variants of a pretrained model do.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(zlib.crc32(spec.name.encode()))
+        torch.manual_seed(zlib.crc32(f"{spec.model_name}@{spec.options.get('img_size')}".encode()))
         try:
             model = timm.create_model(spec.model_name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **kwargs)
         except TypeError:
