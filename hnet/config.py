@@ -106,6 +106,7 @@ class Config:
     encoders: Any = field(default_factory=list)  # list of names/dicts, or a path to configs/encoders/*.yaml
     image_weights: str = "pretrained"  # pretrained | random; per-encoder `weights:` overrides
     text_encoder: str = "all-MiniLM-L6-v2"
+    held_out: str = ""  # pipeline: an encoder of `encoders` left out of the hypernetwork and auto-decoded after
     method: str = "hypernet"  # hypernet | separate (set by the script)
     device: str = ""  # "" = accelerate's choice
     data: DataConfig = field(default_factory=DataConfig)

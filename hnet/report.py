@@ -84,26 +84,27 @@ def render(rows: list[dict], fmt: str = "md") -> str:
 
 
 def plot_accuracy_vs_flops(run_dirs: list[str | Path], out: str | Path) -> Path:
-    """Zero-shot top-1 (mean over encoders, first dataset) against cumulative training FLOPs, one curve per run."""
+    """Zero-shot top-1 against cumulative training FLOPs: per run the mean over encoders at each mid-run
+    evaluation (train.eval_every), plus every auto-decoding curve stored in the run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
     for run in map(Path, run_dirs):
-        points = [(r["flops_cum"], r["zeroshot_top1"]) for r in io.read_jsonl(run / "metrics.jsonl")
+        points = [(r["train_flops_cum"], r["zeroshot_top1"]) for r in io.read_jsonl(run / "metrics.jsonl")
                   if "zeroshot_top1" in r]
-        row = run_row(run)
-        if not points and row["zeroshot_top1"]:
-            points = [(row["train_flops"], next(iter(row["zeroshot_top1"].values())))]
         if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", label=f"{row['method']} ({run.name})")
+            ax.plot(*zip(*points), marker="o", ms=3, label=f"{run_row(run)['method']} ({run.name}), mean")
+        for path in sorted((run / "autodecode").glob("*.json")):
+            curve = io.read_json(path)["curve"]
+            ax.plot([max(p["flops"], 1) for p in curve], [p["top1"] for p in curve], marker="s", ms=3,
+                    label=f"autodecode {io.read_json(path)['encoder']}")
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (forward + backward)")
     ax.set_ylabel("zero-shot top-1 (%)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(out)

@@ -183,6 +183,8 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
         if probe is not None and (done % cfg.train.eval_every == 0 or done == steps):
             row = {"step": done, "flops_cum": ledger.total(), **row, **_probe_scores(probe, raw, names, ledger)}
         if row:
+            row["train_flops_cum"] = ledger.phases["train"]["flops"]
+        if row:
             last = row
             if accelerator.is_main_process:
                 io.append_jsonl(run_dir / "metrics.jsonl", row)

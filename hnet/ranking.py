@@ -1,0 +1,45 @@
+"""Encoder ranking: does the hypernetwork rank encoders like the separate grid search, and at what cost?"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from scipy.stats import kendalltau, spearmanr
+
+from hnet import io
+
+
+def _top1(run_dir: Path, dataset: str, names: list[str] | None = None) -> dict[str, float]:
+    evals = io.read_json(run_dir / "eval.json")["datasets"]
+    if dataset not in evals:
+        raise KeyError(f"{run_dir}/eval.json: no results for '{dataset}' (has: {', '.join(evals)})")
+    return {n: m["top1"] for n, m in evals[dataset]["encoders"].items() if names is None or n in names}
+
+
+def rank_encoders(hypernet_run: str | Path, separate_run: str | Path, dataset: str) -> dict:
+    """Spearman/Kendall between the two rankings over the encoders both trained, top-1 agreement, FLOPs."""
+    hyper_dir, sep_dir = Path(hypernet_run), Path(separate_run)
+    trained = io.read_json(hyper_dir / "model.json").get("trained") or io.read_json(hyper_dir / "model.json")["names"]
+    hyper = _top1(hyper_dir, dataset, trained)
+    sep = _top1(sep_dir, dataset)
+    common = [n for n in hyper if n in sep]
+    if len(common) < 2:
+        raise ValueError(f"ranking needs >= 2 encoders in both runs; shared: {common}")
+    h, s = [hyper[n] for n in common], [sep[n] for n in common]
+    flops = {k: io.read_json(d / "flops.json")["phases"]["train"]["flops"] for k, d in
+             (("hypernet", hyper_dir), ("separate", sep_dir))}
+    best_h, best_s = max(common, key=hyper.get), max(common, key=sep.get)
+    return {"dataset": dataset, "encoders": common, "hypernet_top1": h, "separate_top1": s,
+            "spearman": float(spearmanr(h, s).statistic), "kendall": float(kendalltau(h, s).statistic),
+            "top1_agreement": best_h == best_s, "best_hypernet": best_h, "best_separate": best_s,
+            "hypernet_train_flops": flops["hypernet"], "separate_train_flops": flops["separate"],
+            "flops_ratio": flops["separate"] / flops["hypernet"] if flops["hypernet"] else None}
+
+
+def ranking_markdown(r: dict) -> str:
+    lines = [f"### Encoder ranking on {r['dataset']}", "", "| encoder | hypernet top-1 | separate top-1 |",
+             "|---|---:|---:|"]
+    lines += [f"| {n} | {h:.1f} | {s:.1f} |" for n, h, s in zip(r["encoders"], r["hypernet_top1"], r["separate_top1"])]
+    lines += ["", f"Spearman {r['spearman']:.3f}, Kendall {r['kendall']:.3f}, same best encoder: "
+                  f"{'yes' if r['top1_agreement'] else 'no'} ({r['best_hypernet']} vs {r['best_separate']}); "
+                  f"training FLOPs separate / hypernet = {r['flops_ratio']:.2f}"]
+    return "\n".join(lines)

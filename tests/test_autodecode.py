@@ -1,0 +1,96 @@
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hnet import io
+from hnet.autodecode import autodecode, compare_to_separate
+from hnet.config import ConfigError
+from hnet.evaluate import evaluate_run
+from hnet.model import connector_for
+from hnet.ranking import rank_encoders
+from hnet.train import train
+from tests.conftest import TINY_ENCODERS
+
+NEW = TINY_ENCODERS[2]
+
+
+@pytest.fixture
+def hyper_run(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, encoders=TINY_ENCODERS[:2],
+                              train=dataclasses.replace(tiny_cfg.train, max_steps=4),
+                              autodecode=dataclasses.replace(tiny_cfg.autodecode, steps=3, eval_every=1,
+                                                             batch_size=64))
+    train(cfg)
+    return cfg
+
+
+def test_hypernetwork_weights_bit_identical_after_autodecode(hyper_run):
+    run = hyper_run.run_dir
+    before = load_file(str(run / "model.safetensors"))
+    conds_before = load_file(str(run / "cond_embeddings.safetensors"))
+    result = autodecode(hyper_run, run, NEW, "random")
+    after = load_file(str(run / "model.safetensors"))
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    conds = load_file(str(run / "cond_embeddings.safetensors"))
+    for name, vec in conds_before.items():
+        assert torch.equal(vec, conds[name])
+    assert NEW in conds and not torch.equal(conds[NEW], torch.stack(list(conds_before.values())).mean(0))
+    assert [p["step"] for p in result["curve"]] == [0, 1, 2, 3]
+    assert result["flops"] == 3 * result["curve"][1]["flops"] > 0
+    assert io.read_json(run / "flops.json")["phases"]["autodecode"]["flops"] == result["flops"]
+    # the new encoder is now a first-class member of the run
+    assert connector_for(run, NEW)(torch.randn(2, 320)).shape == (2, 384)
+    evals = evaluate_run(hyper_run, run, ["demo"])
+    assert NEW in evals["datasets"]["demo"]["encoders"]
+
+
+def test_flops_budget_stops_decoding(hyper_run):
+    from hnet.flops import autodecode_step_flops
+    from hnet.model import load_model
+
+    model, _ = load_model(hyper_run.run_dir)
+    budget = 2.5 * autodecode_step_flops(model, 64)
+    cfg = dataclasses.replace(hyper_run, autodecode=dataclasses.replace(hyper_run.autodecode, steps=50,
+                                                                        flops=budget))
+    assert autodecode(cfg, hyper_run.run_dir, NEW, "random")["steps"] == 2
+
+
+def test_refuses_trained_encoder_and_separate_runs(hyper_run):
+    with pytest.raises(ConfigError, match="was trained in this run"):
+        autodecode(hyper_run, hyper_run.run_dir, TINY_ENCODERS[0], "random")
+    sep = dataclasses.replace(hyper_run, method="separate")
+    train(sep)
+    with pytest.raises(ConfigError, match="needs a hypernetwork run"):
+        autodecode(sep, sep.run_dir, NEW, "random")
+
+
+def test_compare_to_separate():
+    decoded = {"top1": 30.0, "flops": 10.0}
+    curve = [{"flops": 5.0, "top1": 10.0}, {"flops": 20.0, "top1": 25.0}, {"flops": 80.0, "top1": 31.0},
+             {"flops": 200.0, "top1": 33.0}]
+    out = compare_to_separate(decoded, curve)
+    assert out["separate_top1_at_equal_flops"] == 10.0
+    assert out["separate_flops_to_equal_top1"] == 80.0 and out["flops_ratio_to_equal_top1"] == 8.0
+    assert out["separate_total_flops_ratio"] == 20.0
+    assert out["fraction_of_separate_top1"] == pytest.approx(30 / 33)
+
+
+def test_ranking_agreement(tmp_path):
+    def run(name, method, scores, flops):
+        d = tmp_path / name
+        io.write_json(d / "eval.json", {"datasets": {"cifar10": {"encoders": {k: {"top1": v}
+                                                                               for k, v in scores.items()}}}})
+        io.write_json(d / "model.json", {"names": list(scores)})
+        io.write_json(d / "flops.json", {"phases": {"train": {"flops": flops}}})
+        return d
+
+    h = run("h", "hypernet", {"a": 30, "b": 20, "c": 10, "d": 5}, 10)
+    s = run("s", "separate", {"a": 40, "b": 35, "c": 12, "d": 14}, 120)
+    r = rank_encoders(h, s, "cifar10")
+    assert r["spearman"] == pytest.approx(0.8)
+    assert r["kendall"] == pytest.approx(2 / 3)
+    assert r["top1_agreement"] and r["flops_ratio"] == 12
