@@ -3,7 +3,9 @@ the 10,000 CIFAR-10 test images.
 
 A zoo of DeiT-tiny variants (input resolution with position-embedding resampling, features after block 8/10,
 mean pooling) is built from the one real encoder. The separate baseline trains one connector per variant; the
-hypernetwork trains on the variants minus one held out. Prints one JSON line last and writes
+hypernetwork trains on the variants minus one held out, which is then auto-decoded and compared with a separate
+connector trained from scratch on it; the rankings of the variants under both are compared. Runs the whole
+pipeline (hnet/pipeline.py) with the real data in place of the built-in one. Prints one JSON line last and writes
 benchmarks/results/real_zeroshot.json. Skips cleanly when the data folder is absent.
 
     python benchmarks/real_zeroshot.py --data ../shared/data
@@ -25,8 +27,7 @@ import torch  # noqa: E402
 
 from hnet import io  # noqa: E402
 from hnet.config import load_config  # noqa: E402
-from hnet.evaluate import evaluate_run  # noqa: E402
-from hnet.run import train_run  # noqa: E402
+from hnet.pipeline import run_pipeline  # noqa: E402
 
 BASE = "deit_tiny_patch16_224"
 VARIANTS = [BASE, f"{BASE}@img_size=160", f"{BASE}@img_size=192", f"{BASE}@depth=10", f"{BASE}@depth=8",
@@ -34,7 +35,7 @@ VARIANTS = [BASE, f"{BASE}@img_size=160", f"{BASE}@img_size=192", f"{BASE}@depth
 RESULTS = Path(__file__).parent / "results" / "real_zeroshot.json"
 
 
-def base_config(data: Path, out_root: Path, encoders: list[str], extra: list[str]):
+def real_config(data: Path, out_root: Path, held_out: str, extra: list[str]):
     weights = data / "weights" / f"{BASE}.safetensors"
     overrides = [
         f"out_root={out_root}", "name=real", "text_encoder=all-MiniLM-L6-v2", "data.source=cc595k",
@@ -43,37 +44,35 @@ def base_config(data: Path, out_root: Path, encoders: list[str], extra: list[str
         "data.embed_batch_size=50", f"eval.cifar10={data / 'cifar10-test'}", "eval.datasets=[cifar10]",
         "eval.templates=cifar", "eval.batch_size=250", "train.batch_size=250", "train.epochs=150",
         "train.lr=1e-3", "train.warmup_steps=20", "train.weight_decay=0.05", "train.log_every=50",
-        "train.ckpt_every=1000",
+        "train.ckpt_every=1000", "train.eval_every=50", f"held_out={held_out}", "autodecode.steps=30",
+        "autodecode.lr=3e-2", "autodecode.batch_size=250", "autodecode.eval_every=5",
     ]
     cfg = load_config(None, overrides + extra)
-    return dataclasses.replace(cfg, encoders=[{"name": e, "weights": str(weights)} for e in encoders])
-
-
-def top1(results: dict) -> dict[str, float]:
-    return {name: m["top1"] for name, m in results["datasets"]["cifar10"]["encoders"].items()}
+    return dataclasses.replace(cfg, encoders=[{"name": e, "weights": str(weights)} for e in VARIANTS])
 
 
 def main(argv=None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data", help="folder described by ../shared/data/README.md")
     parser.add_argument("--out", default="runs/real", help="where runs and caches go")
     parser.add_argument("--held-out", default=f"{BASE}@img_size=192")
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     data = Path(args.data)
     if not (data / "weights" / f"{BASE}.safetensors").exists():
         print(json.dumps({"skipped": f"no real data under {data}"}))
         return None
-    out = Path(args.out)
-    separate = dataclasses.replace(base_config(data, out, VARIANTS, args.overrides), method="separate")
-    train_run(separate)
-    sep = top1(evaluate_run(separate, separate.run_dir, ["cifar10"]))
-    seen = [v for v in VARIANTS if v != args.held_out]
-    hyper = dataclasses.replace(base_config(data, out, seen, args.overrides), method="hypernet")
-    train_run(hyper)
-    hyp = top1(evaluate_run(hyper, hyper.run_dir, ["cifar10"]))
-    result = {"separate_cifar10_top1": sep[BASE], "hypernet_cifar10_top1": hyp[BASE],
-              "separate_by_variant": sep, "hypernet_by_variant": hyp,
+    summary = run_pipeline(real_config(data, Path(args.out), args.held_out, args.overrides), control=True)
+    by = summary["by_encoder"]
+    held = summary["held_out"]
+    result = {"separate_cifar10_top1": by["separate"][BASE], "hypernet_cifar10_top1": by["hypernet"][BASE],
+              "autodecode_cifar10_top1": held["autodecode_top1"],
+              "autodecode_separate_cifar10_top1": held["separate_final_top1"],
+              "autodecode_flops_ratio": held["separate_total_flops_ratio"],
+              "ranking_spearman": summary["ranking"]["spearman"],
+              "ranking_kendall": summary["ranking"]["kendall"],
+              "shuffled_control_cifar10_top1": summary["datasets"]["cifar10"]["shuffled_control"],
+              "held_out": held, "by_encoder": by,
               "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
               "threads": torch.get_num_threads()}
     io.write_json(RESULTS, result)
@@ -82,4 +81,4 @@ def main(argv=None) -> dict | None:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None or True else 1)
+    main()

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from hnet import io
 from hnet.cache import TEXT, CacheError, CachedFeatures
+from hnet.checkpoint import remove_unfinished, resolve_resume, save_checkpoint, verify_checkpoint
 from hnet.config import Config, ConfigError, dump_yaml, to_dict
 from hnet.data.features import FeatureBatches
 from hnet.evaluate import ZeroShotProbe
@@ -29,9 +30,6 @@ from hnet.flops import FlopsLedger, train_step_flops
 from hnet.losses import clip_loss
 from hnet.model import StitchModel, build_model, save_model
 from hnet.zoo import read_encoder_list
-
-CKPT_PREFIX = "step_"
-
 
 class NonFiniteError(RuntimeError):
     pass
@@ -57,48 +55,6 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     per_epoch = max(1, steps_per_epoch // cfg.train.grad_accum)
     steps = max(1, int(round(cfg.train.epochs * per_epoch)))
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else steps
-
-
-# ---------------------------------------------------------------- checkpoints
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    folder = run_dir / "checkpoints"
-    if not folder.exists():
-        return []
-    done = [p for p in folder.glob(f"{CKPT_PREFIX}*") if (p / "trainer_state.json").exists()]
-    return sorted(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
-
-
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int = 2) -> None:
-    """accelerate save_state into a temp folder, then rename: a kill mid-write leaves the last one intact."""
-    final = run_dir / "checkpoints" / f"{CKPT_PREFIX}{step:08d}"
-    tmp = final.with_name(final.name + io.TMP_SUFFIX)
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if (run_dir / "flops.json").exists():
-            shutil.copy2(run_dir / "flops.json", tmp / "flops.json")
-        io.write_json(tmp / "trainer_state.json", {"step": step})
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def resolve_resume(cfg: Config) -> Path | None:
-    if not cfg.train.resume:
-        return None
-    if cfg.train.resume == "latest":
-        found = checkpoint_dirs(cfg.run_dir)
-        return found[-1] if found else None
-    path = Path(cfg.train.resume)
-    if not (path / "trainer_state.json").exists():
-        raise ConfigError(f"train.resume: not a finished checkpoint folder: {path}")
-    return path
 
 
 # ---------------------------------------------------------------- setup
@@ -206,6 +162,7 @@ def _start_or_resume(cfg: Config, accelerator: Accelerator, run_dir: Path) -> in
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         io.remove_stale_temps(run_dir)
+        remove_unfinished(run_dir)
         io.write_text(run_dir / "config.yaml", dump_yaml(cfg))
     if cfg.train.tracker:
         accelerator.init_trackers(cfg.name, config=_flat(to_dict(cfg)))
@@ -216,8 +173,8 @@ def _start_or_resume(cfg: Config, accelerator: Accelerator, run_dir: Path) -> in
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         accelerator.wait_for_everyone()
         return 0
+    step = verify_checkpoint(resume)
     accelerator.load_state(str(resume))
-    step = io.read_json(resume / "trainer_state.json")["step"]
     if accelerator.is_main_process:  # drop metrics logged after the checkpoint: they will be logged again
         rows = [r for r in io.read_jsonl(run_dir / "metrics.jsonl") if r.get("step", 0) <= step]
         io.write_text(run_dir / "metrics.jsonl", "".join(f"{json.dumps(r)}\n" for r in rows))
