@@ -80,6 +80,18 @@ def test_corrupted_checkpoint_detected_with_file_named(synthetic_cfg):
         train(_with(cfg, resume="latest"))
 
 
+def test_unfinished_checkpoint_cleaned_and_previous_one_used(synthetic_cfg):
+    """Killed while writing a checkpoint: the temp folder is removed, the previous checkpoint resumes."""
+    cfg = _with(synthetic_cfg, max_steps=4, ckpt_every=2)
+    train(_with(cfg, max_steps=2))
+    partial = cfg.run_dir / "checkpoints" / "step_00000003.tmp"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half a checkpoint")
+    train(_with(cfg, resume="latest"))
+    assert not partial.exists()
+    assert [p.name for p in checkpoint_dirs(cfg.run_dir)] == ["step_00000002", "step_00000004"]
+
+
 def _nan_cfg(synthetic_cfg, tmp_path):
     rng = np.random.default_rng(1)
     arrays = {n: rng.normal(size=(128, 16)) / 4 for n in synthetic_cfg.encoders}
@@ -110,11 +122,12 @@ def test_nonfinite_skip_counts_and_stays_finite(synthetic_cfg, tmp_path):
     ("train.batch_size=abc", "train.batch_size: expected an integer"),
     ("encoders=[vit_smal_patch16_224]", "unknown timm model 'vit_smal_patch16_224'"),
     ("data.shards=/nowhere/{000000..000009}.tar", "matches no shard files"),
+    ("data.shards= data.metadata=/nowhere/metadata.json data.images=/nowhere", "folder not found: /nowhere"),
 ])
 def test_bad_flags_exit_2_with_one_line_and_write_nothing(tmp_path, flag, message):
     out = tmp_path / "runs"
     proc = subprocess.run(SCRIPT + ["--config", "configs/demo.yaml", f"out_root={out}", "data.source=cc595k",
-                                    "data.shards=/nowhere/x.tar", flag], capture_output=True, text=True,
+                                    "data.shards=/nowhere/x.tar", *flag.split()], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2
     lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]

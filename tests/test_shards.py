@@ -95,3 +95,25 @@ def test_make_shards_resumes_after_last_finished_shard(folder_1000, tmp_path):
     assert again["total"] == full["total"] == 1000
     assert not list(partial.glob("*.tmp"))
     assert (partial / "000002.tar").read_bytes() == (tmp_path / "a" / "000002.tar").read_bytes()
+
+
+def test_duplicate_keys_skipped(folder_1000, tmp_path):
+    records = json.loads((folder_1000 / "metadata.json").read_text())[:10]
+    records[6]["id"] = records[2]["id"]
+    (tmp_path / "metadata.json").write_text(json.dumps(records))
+    with pytest.warns(UserWarning, match="duplicate key"):
+        manifest = make_shards(tmp_path / "metadata.json", folder_1000 / "images", tmp_path / "s", shard_size=4)
+    assert manifest["total"] == 9
+    assert manifest["skipped"] == [{"id": records[2]["id"], "image": records[6]["image"], "reason": "duplicate key"}]
+
+
+def test_non_utf8_caption_skipped_by_reader(folder_1000, tmp_path):
+    import webdataset as wds
+
+    jpg = next((folder_1000 / "images").iterdir()).read_bytes()
+    with wds.TarWriter(str(tmp_path / "000000.tar")) as sink:
+        sink.write({"__key__": "good", "jpg": jpg, "txt": "a red circle"})
+        sink.write({"__key__": "bad", "jpg": jpg, "txt": b"\xff\xfe caption"})
+    with pytest.warns(UserWarning, match="bad sample bad"):
+        samples = list(iter_shard(str(tmp_path / "000000.tar")))
+    assert [s["key"] for s in samples] == ["good"]

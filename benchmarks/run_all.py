@@ -1,0 +1,12 @@
+"""`make bench`: every benchmark, one after the other; each prints its JSON line and writes results/NAME.json."""
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+BENCHMARKS = [["bench_train_step.py"], ["bench_embed.py"], ["flops_zoo.py"], ["fault_matrix.py"],
+              ["real_zeroshot.py", "--data", "../shared/data"]]
+
+if __name__ == "__main__":
+    failed = [b[0] for b in BENCHMARKS if subprocess.run([sys.executable, str(HERE / b[0]), *b[1:]]).returncode]
+    sys.exit(f"failed: {failed}" if failed else 0)
