@@ -95,6 +95,7 @@ class EvalConfig:
     cifar10: str = ""  # ImageFolder root or torchvision's cifar-10-batches-py folder
     cifar100: str = ""
     imagenet: str = ""  # ImageFolder val root with the standard wnid folders
+    retrieval: str = ""  # shard pattern of a captioned set (e.g. COCO val as shards): image<->text R@1/5/10
     max_images: int = 0  # >0: evaluate on the first N images only
     batch_size: int = 256
 

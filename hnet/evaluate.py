@@ -21,6 +21,8 @@ from hnet.data.zeroshot import TEMPLATES, ZeroShotSet, load_zeroshot
 from hnet.flops import FlopsLedger, connector_macs, encoder_flops
 from hnet.losses import contrastive_logits
 from hnet.model import StitchModel, load_model, project
+from hnet.report import plot_reliability
+from hnet.retrieval import evaluate_retrieval
 from hnet.zoo import TextEncoder, parse_spec
 
 ECE_BINS = 15
@@ -125,6 +127,10 @@ def evaluate_run(cfg: Config, run_dir: Path, datasets: list[str]) -> dict:
         eval_flops += sum(probe.flops(model, enc) for enc in names)
         classes = probe.dataset.classnames
         results["datasets"][name] = {"classes": classes, "encoders": per_encoder, "chance_top1": 100.0 / len(classes)}
+        results["datasets"][name]["reliability_png"] = str(plot_reliability(results["datasets"][name], name,
+                                                                            run_dir / f"reliability_{name}.png"))
+    if cfg.eval.retrieval:
+        results["retrieval"] = evaluate_retrieval(cfg, model, names, weights)
     ledger.add("eval", eval_flops, samples=sum(r["encoders"][names[0]]["n"] * len(names)
                                                for r in results["datasets"].values()))
     ledger.save()
@@ -141,6 +147,10 @@ def _head_flops(model: StitchModel, classifier: torch.Tensor) -> float:
 
 def markdown_table(results: dict) -> str:
     lines = []
+    for enc, r in results.get("retrieval", {}).items():
+        i2t, t2i = r["image_to_text"], r["text_to_image"]
+        lines.append(f"retrieval {enc} (n={r['n']}): image->text " + " ".join(f"{k} {v:.1f}" for k, v in i2t.items())
+                     + " | text->image " + " ".join(f"{k} {v:.1f}" for k, v in t2i.items()))
     for name, r in results["datasets"].items():
         lines += [f"### {name} (zero-shot, templates: {results['templates']}, chance {r['chance_top1']:.1f}%)", "",
                   "| encoder | top-1 | top-5 | NLL | ECE |", "|---|---:|---:|---:|---:|"]

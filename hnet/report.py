@@ -135,3 +135,26 @@ def seed_setting_table(batch: int = 2 ** 14, samples: int = 595_375) -> list[dic
                      "flops_per_epoch": step["total"] * (samples // batch)})
     return rows
 
+
+
+def plot_reliability(dataset_result: dict, name: str, out: str | Path) -> Path:
+    """Reliability diagram: accuracy vs confidence per bin, one line per encoder, with the diagonal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+    for enc, m in dataset_result["encoders"].items():
+        bins = m["reliability"]
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker=".",
+                label=f"{enc} (ECE {m['ece']:.1f})")
+    ax.set(xlabel="confidence", ylabel="accuracy", title=f"{name}: reliability", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    out = Path(out)
+    with io.atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return out

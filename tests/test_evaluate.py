@@ -1,0 +1,79 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hnet.cache import CachedFeatures
+from hnet.data.zeroshot import CIFAR_TEMPLATES, TEMPLATES, cifar_pickled
+from hnet.evaluate import classification_metrics, evaluate_run
+from hnet.model import connector_for
+from hnet.retrieval import recall_at_k
+from hnet.train import train
+from hnet.zoo import TextEncoder
+
+
+def test_accuracy_equals_independent_clip_style_computation(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, eval=dataclasses.replace(tiny_cfg.eval, templates="cifar"),
+                              train=dataclasses.replace(tiny_cfg.train, max_steps=6))
+    train(cfg)
+    results = evaluate_run(cfg, cfg.run_dir, ["demo"])
+    cache = CachedFeatures(cfg.cache_path / "eval" / "demo_96", list(results["datasets"]["demo"]["encoders"]))
+    labels = torch.from_numpy(np.asarray(CachedFeatures(cfg.cache_path / "eval" / "demo_96", ["labels"])["labels"]))
+    classes = results["datasets"]["demo"]["classes"]
+    # open_clip's build_zero_shot_classifier, redone here with plain torch and the plain connector module
+    text = TextEncoder(cfg.text_encoder)
+    weights = []
+    for c in classes:
+        emb = text.encode([t.format(c=c) for t in CIFAR_TEMPLATES])
+        weights.append(F.normalize(F.normalize(emb, dim=-1).mean(0), dim=-1))
+    classifier = torch.stack(weights)
+    for name, m in results["datasets"]["demo"]["encoders"].items():
+        feats = torch.from_numpy(np.asarray(cache[name], np.float32))
+        image = F.normalize(connector_for(cfg.run_dir, name)(feats), dim=-1)
+        top1 = float(((image @ classifier.T).argmax(1) == labels).float().mean()) * 100
+        assert m["top1"] == pytest.approx(top1, abs=1e-6)
+    assert (cfg.run_dir / "reliability_demo.png").exists() and (cfg.run_dir / "eval.md").exists()
+
+
+def test_metrics_on_a_hand_made_case():
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 0.5], [0.0, 0.2, 0.1]])
+    labels = torch.tensor([0, 1, 2, 2])
+    m = classification_metrics(logits, labels, 3)
+    assert m["top1"] == 50.0 and m["per_class_top1"] == [100.0, 100.0, 0.0]
+    assert m["nll"] == pytest.approx(float(F.cross_entropy(logits, labels)))
+    conf = logits.softmax(-1).max(-1).values.tolist()
+    correct = [1.0, 1.0, 0.0, 0.0]
+    ece = 0.0
+    for b in range(15):  # independent 15-bin ECE
+        inside = [i for i, c in enumerate(conf) if min(int(c * 15), 14) == b]
+        if inside:
+            acc = sum(correct[i] for i in inside) / len(inside)
+            ece += len(inside) / 4 * abs(acc - sum(conf[i] for i in inside) / len(inside))
+    assert m["ece"] == pytest.approx(ece * 100)
+    assert sum(b["count"] for b in m["reliability"]) == 4
+
+
+def test_recall_at_k():
+    sim = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.5, 0.1], [0.0, 0.7, 0.6]])
+    r = recall_at_k(sim, ks=(1, 2))
+    assert r == {"R@1": pytest.approx(100 / 3), "R@2": 100.0}
+
+
+def test_templates():
+    assert len(CIFAR_TEMPLATES) == 18 and CIFAR_TEMPLATES[0] == "a photo of a {c}."
+    assert "a photo of the big {c}." in CIFAR_TEMPLATES
+    assert len(TEMPLATES["imagenet"]) == 80
+
+
+def test_cifar_pickled_layout(tmp_path):
+    import pickle
+
+    data = {"data": np.random.default_rng(0).integers(0, 255, (5, 3072), dtype=np.uint8), "labels": [0, 1, 2, 1, 0]}
+    (tmp_path / "test_batch").write_bytes(pickle.dumps(data))
+    (tmp_path / "batches.meta").write_bytes(pickle.dumps({"label_names": ["airplane", "automobile", "bird"]}))
+    ds = cifar_pickled("cifar10", tmp_path)
+    samples = list(ds.units[0].samples())
+    assert ds.classnames == ["airplane", "automobile", "bird"] and [s["label"] for s in samples] == [0, 1, 2, 1, 0]
+    assert samples[0]["image"].size == (32, 32)
