@@ -4,8 +4,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-BENCHMARKS = [["bench_train_step.py"], ["bench_embed.py"], ["flops_zoo.py"], ["fault_matrix.py"],
-              ["real_zeroshot.py", "--data", "../shared/data"]]
+# real_zeroshot.py is left out: its first run embeds 66,000 images with 6 DeiT-tiny variants (~35 min on 2 cores)
+BENCHMARKS = [["bench_train_step.py"], ["bench_embed.py"], ["flops_zoo.py"], ["fault_matrix.py"]]
 
 if __name__ == "__main__":
     failed = [b[0] for b in BENCHMARKS if subprocess.run([sys.executable, str(HERE / b[0]), *b[1:]]).returncode]

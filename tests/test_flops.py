@@ -9,7 +9,8 @@ from hnet.losses import clip_loss
 from hnet.model import StitchModel
 
 # timm's published GMACs at 224 px
-PUBLISHED = {"vit_small_patch16_224": 4.61, "deit_small_patch16_224": 4.61}
+PUBLISHED = {"vit_small_patch16_224": 4.61, "deit_small_patch16_224": 4.61, "vit_base_patch16_224": 17.58,
+             "vit_large_patch16_224": 61.6}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

@@ -84,3 +84,14 @@ def test_separate_method_trains_one_connector_per_encoder(tiny_cfg):
 def test_batch_larger_than_data_refused(tiny_cfg):
     with pytest.raises(ConfigError, match="train.batch_size: 4096 is larger than the data"):
         train(_with(tiny_cfg, batch_size=4096))
+
+
+def test_grad_accumulation_and_tensorboard_tracker(synthetic_cfg):
+    cfg = _with(synthetic_cfg, batch_size=32, grad_accum=2, max_steps=3, tracker="tensorboard")
+    result = train(cfg)
+    rows = io.read_jsonl(cfg.run_dir / "metrics.jsonl")
+    assert result["steps"] == 3 and [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["epoch"] == pytest.approx(3 * 2 * 32 / 128)  # 2 micro-batches of 32 per step
+    flops = io.read_json(cfg.run_dir / "flops.json")["phases"]["train"]
+    assert flops["samples"] == 3 * 64 and flops["flops"] == 3 * 2 * flops["parts"]["total"]
+    assert list(cfg.run_dir.rglob("events.out.tfevents*"))

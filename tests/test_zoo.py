@@ -68,3 +68,12 @@ def test_text_encoder_offline_minilm():
     emb = text.encode(["a red circle", "a blue square"])
     assert emb.shape == (2, 384) and text.width == 384
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
+
+
+def test_open_clip_text_tower_random_init():
+    from hnet.zoo import TextEncoder
+
+    text = TextEncoder("open_clip:ViT-B-32")  # no tag: random init, nothing downloaded
+    emb = text.encode(["a red circle", "a blue square", "a dog"], batch_size=2)
+    assert text.width == 512 and emb.shape == (3, 512)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
