@@ -44,8 +44,8 @@ def run_row(run_dir: str | Path) -> dict:
 def build_table(run_dirs: list[str | Path]) -> list[dict]:
     rows = [run_row(r) for r in run_dirs]
     separate = [r for r in rows if r["method"] == "separate"]
-    for row in rows:
-        base = next((s for s in separate if s["encoders"] == row["encoders"]), None)
+    for row in rows:  # the baseline: a separate run over the same number of encoders, else the first one
+        base = next((s for s in separate if s["encoders"] == row["encoders"]), separate[0] if separate else None)
         if base and row is not base and row["train_flops"]:
             ratio = base["train_flops"] / row["train_flops"]
             row["vs_separate"] = f"x{ratio:.1f} cheaper" if ratio >= 1 else f"x{1 / ratio:.1f} costlier"
