@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -11,6 +11,7 @@ import yaml
 
 from hnet import io
 
+
 def _sci(x: float | None) -> str:
     return "" if x is None else f"{x:.3g}"
 

@@ -21,15 +21,16 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from hnet import io
-from hnet.cache import TEXT, CacheError, CachedFeatures
+from hnet.cache import TEXT, CachedFeatures, CacheError
 from hnet.checkpoint import remove_unfinished, resolve_resume, save_checkpoint, verify_checkpoint
-from hnet.config import Config, ConfigError, dump_yaml, to_dict
+from hnet.config import Config, dump_yaml, to_dict
 from hnet.data.features import FeatureBatches
 from hnet.evaluate import ZeroShotProbe
 from hnet.flops import FlopsLedger, train_step_flops
 from hnet.losses import clip_loss
 from hnet.model import StitchModel, build_model, save_model
 from hnet.zoo import read_encoder_list
+
 
 class NonFiniteError(RuntimeError):
     pass

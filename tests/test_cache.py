@@ -2,14 +2,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
-from hnet.cache import TEXT, CacheError, CachedFeatures, build_cache, embed_pass
+from hnet.cache import TEXT, CachedFeatures, CacheError, build_cache, embed_pass
 from hnet.config import load_config
 from hnet.data.sources import prepare_shards, shard_units
-from hnet.zoo import ImageEncoder, parse_spec, read_encoder_list
+from hnet.zoo import ImageEncoder, read_encoder_list
 from tests.conftest import tiny_overrides
-
-import torch
 
 
 def _tiny(root):

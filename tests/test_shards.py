@@ -2,7 +2,6 @@ import json
 import warnings
 
 import pytest
-import torch
 from torch.utils.data import DataLoader
 
 from hnet.data import demo
