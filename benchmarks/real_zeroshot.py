@@ -42,7 +42,7 @@ def real_config(data: Path, out_root: Path, held_out: str, extra: list[str]):
         f"data.images={data / 'imagenet-sample-595k-format' / 'images'}", "data.shard_size=250",
         "data.embed_batch_size=50", f"eval.cifar10={data / 'cifar10-test'}", "eval.datasets=[cifar10]",
         "eval.templates=cifar", "eval.batch_size=250", "train.batch_size=250", "train.epochs=150",
-        "train.lr=1e-3", "train.warmup_steps=20", "train.weight_decay=0.05", "train.log_every=50",
+        "train.lr=2e-3", "train.warmup_steps=20", "train.weight_decay=1.0", "train.log_every=50",
         "train.ckpt_every=1000", "train.eval_every=50", f"held_out={held_out}", "autodecode.steps=30",
         "autodecode.lr=3e-2", "autodecode.batch_size=250", "autodecode.eval_every=5",
     ]

@@ -53,3 +53,16 @@ def test_linear_step_hand_formula():
     model = StitchModel("separate", ConnectorShape("linear", "image_to_text", d, t), [d, d], HypernetConfig())
     expected = 2 * (2 * n * batch * d * t + 2 * n * batch * batch * t)
     assert train_step_flops(model, n, batch)["total"] == expected
+
+
+def test_counting_is_cached_per_shape():
+    import time
+
+    encoder_flops.cache_clear()
+    start = time.perf_counter()
+    first = encoder_flops("resnet10t@img_size=64")
+    cold = time.perf_counter() - start
+    start = time.perf_counter()
+    assert encoder_flops("resnet10t@img_size=64") is first
+    assert time.perf_counter() - start < cold / 100
+    assert encoder_flops.cache_info().hits == 1
