@@ -35,8 +35,34 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, gather: boo
         a = gather_with_grad(a, dim=1)
         b = gather_with_grad(b, dim=b.dim() - 2)
     logits = contrastive_logits(a, b, scale)
-    n, batch, _ = logits.shape
-    labels = torch.arange(batch, device=logits.device).repeat(n)
-    forward = F.cross_entropy(logits.reshape(n * batch, batch), labels)
-    backward = F.cross_entropy(logits.transpose(1, 2).reshape(n * batch, batch), labels)
-    return (forward + backward) / 2
+    # cross-entropy both ways without materialising the transpose: logsumexp over rows and over columns
+    diag = logits.diagonal(dim1=1, dim2=2)
+    return ((logits.logsumexp(dim=2) - diag).mean() + (logits.logsumexp(dim=1) - diag).mean()) / 2
+
+
+def encoder_chunk(batch: int, budget: int = 1 << 24) -> int:
+    """Encoders per loss chunk so that one chunk's logits hold ~`budget` elements (64 MB in fp32)."""
+    return max(1, budget // (batch * batch))
+
+
+def loss_and_surrogate(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, chunk: int):
+    """clip_loss over all encoders, computed and differentiated chunk by chunk of encoders, so the peak memory
+    is chunk x B x B logits instead of N x B x B (the loss is a mean over encoders, so chunking is exact).
+
+    Returns (loss, surrogate): backpropagating the surrogate scalar through the model gives exactly the loss's
+    gradient, in one backward pass (one DDP gradient sync, accelerate's loss scaling and accumulation intact).
+    """
+    a = gather_with_grad(a, dim=1)
+    b = gather_with_grad(b, dim=b.dim() - 2)
+    outputs = (a, b, scale)
+    leaves = [t.detach().requires_grad_(t.requires_grad) for t in outputs]
+    a_leaf, b_leaf, s_leaf = leaves
+    n, total = a.shape[0], torch.zeros((), device=a.device)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        part = clip_loss(a_leaf[start:stop], b_leaf[start:stop] if b_leaf.dim() == 3 else b_leaf, s_leaf,
+                         gather=False) * ((stop - start) / n)
+        part.backward()
+        total = total + part.detach()
+    surrogate = sum((out * leaf.grad).sum() for out, leaf in zip(outputs, leaves) if leaf.grad is not None)
+    return total, surrogate

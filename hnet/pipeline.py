@@ -48,16 +48,25 @@ def held_out_study(cfg: Config, specs, dataset: str) -> dict:
     hyper = dataclasses.replace(cfg, method="hypernet")
     decoded = autodecode(hyper, hyper.run_dir, held.name, held.weights)
     alone = _variant(cfg, "_heldout", "separate", encoders=[{"name": held.name, "weights": held.weights}],
-                     train=dataclasses.replace(cfg.train, eval_every=cfg.train.eval_every or 20))
+                     train=dataclasses.replace(cfg.train, eval_every=max(1, cfg.autodecode.eval_every)))
     train_run(alone)
     comparison = compare_to_separate(decoded, _curve(alone.run_dir, held.name))
     print(f"\n== auto-decoding {held.name} (never seen by the hypernetwork) ==\n"
           f"auto-decoded: {decoded['top1']:.1f}% top-1 for {decoded['flops']:.3g} FLOPs ({decoded['steps']} steps)\n"
           f"separate from scratch: {comparison['separate_final_top1']:.1f}% for "
           f"{comparison['separate_total_flops']:.3g} FLOPs; at equal FLOPs it had "
-          f"{comparison['separate_top1_at_equal_flops'] or 0:.1f}%; "
+          f"{_pct(comparison['separate_top1_at_equal_flops'])}; it first matched the auto-decoded accuracy after "
+          f"{_sci(comparison['separate_flops_to_equal_top1'])} FLOPs; "
           f"FLOPs ratio (full baseline / auto-decoding) x{comparison['separate_total_flops_ratio']:.1f}")
     return {"encoder": held.name, **comparison}
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f}%"
+
+
+def _sci(x: float | None) -> str:
+    return "never" if x is None else f"{x:.3g}"
 
 
 def run_pipeline(cfg: Config, control: bool = True) -> dict:
@@ -90,7 +99,8 @@ def run_pipeline(cfg: Config, control: bool = True) -> dict:
     _print_summary(summary, control)
     run_dirs = [hyper.run_dir, separate.run_dir]
     print("\n== FLOPs ==\n" + render(build_table(run_dirs)))
-    summary["plot"] = str(plot_accuracy_vs_flops(run_dirs, cfg.run_dir.parent / f"{cfg.name}_accuracy_vs_flops.png"))
+    curves = run_dirs + ([_variant(cfg, "_heldout", "separate").run_dir] if cfg.held_out else [])
+    summary["plot"] = str(plot_accuracy_vs_flops(curves, cfg.run_dir.parent / f"{cfg.name}_accuracy_vs_flops.png"))
     print(f"plot: {summary['plot']}")
     summary["runs"] = {"hypernet": str(hyper.run_dir), "separate": str(separate.run_dir)}
     summary["by_encoder"] = {m: {n: r["top1"] for n, r in evals[m]["datasets"][dataset]["encoders"].items()}

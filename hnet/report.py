@@ -99,8 +99,8 @@ def plot_accuracy_vs_flops(run_dirs: list[str | Path], out: str | Path) -> Path:
         if points:
             ax.plot(*zip(*points), marker="o", ms=3, label=f"{run_row(run)['method']} ({run.name}), mean")
         for path in sorted((run / "autodecode").glob("*.json")):
-            curve = io.read_json(path)["curve"]
-            ax.plot([max(p["flops"], 1) for p in curve], [p["top1"] for p in curve], marker="s", ms=3,
+            curve = [p for p in io.read_json(path)["curve"] if p["flops"] > 0]  # log axis: no step-0 point
+            ax.plot([p["flops"] for p in curve], [p["top1"] for p in curve], marker="s", ms=3,
                     label=f"autodecode {io.read_json(path)['encoder']}")
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (forward + backward)")

@@ -27,7 +27,7 @@ from hnet.config import Config, dump_yaml, to_dict
 from hnet.data.features import FeatureBatches
 from hnet.evaluate import ZeroShotProbe
 from hnet.flops import FlopsLedger, train_step_flops
-from hnet.losses import clip_loss
+from hnet.losses import encoder_chunk, loss_and_surrogate
 from hnet.model import StitchModel, build_model, save_model
 from hnet.zoo import read_encoder_list
 
@@ -202,8 +202,8 @@ def _one_step(cfg, accelerator, model, optimizer, scheduler, data, step, n_encod
         image, text = image.to(accelerator.device), text.to(accelerator.device)
         with accelerator.accumulate(model):
             a, b, scale = model(index, image, text)
-            loss = clip_loss(a.float(), b.float(), scale)
-            accelerator.backward(loss)
+            loss, surrogate = loss_and_surrogate(a.float(), b.float(), scale, encoder_chunk(cfg.train.batch_size))
+            accelerator.backward(surrogate)
             if accelerator.sync_gradients:
                 layer_norms = layer_grad_norms(accelerator.unwrap_model(model))
                 if cfg.train.grad_clip > 0:

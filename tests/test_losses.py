@@ -77,3 +77,28 @@ def test_two_process_gather_matches_one_process():
     for rank in range(2):
         torch.testing.assert_close(out[rank][0], loss)
         torch.testing.assert_close(out[rank][1], grad)
+
+
+@pytest.mark.parametrize("shared_text", [True, False])
+def test_chunked_loss_and_surrogate_give_the_full_loss_and_gradient(shared_text):
+    from hnet.losses import loss_and_surrogate
+
+    torch.manual_seed(1)
+    weight = torch.randn(5, 6, 4, requires_grad=True)
+    log_scale = torch.tensor(2.0, requires_grad=True)
+    x = torch.randn(5, 7, 6)
+    text = F.normalize(torch.randn(7, 4), dim=-1)
+    b_full = text if shared_text else F.normalize(torch.randn(5, 7, 4), dim=-1)
+
+    def outputs():
+        return F.normalize(torch.bmm(x, weight), dim=-1), b_full, log_scale.exp()
+
+    full = clip_loss(*outputs())
+    full.backward()
+    grads = weight.grad.clone(), log_scale.grad.clone()
+    weight.grad, log_scale.grad = None, None
+    loss, surrogate = loss_and_surrogate(*outputs(), chunk=2)
+    surrogate.backward()
+    torch.testing.assert_close(loss, full.detach())
+    torch.testing.assert_close(weight.grad, grads[0])
+    torch.testing.assert_close(log_scale.grad, grads[1])
