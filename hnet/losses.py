@@ -22,11 +22,40 @@ def gather_with_grad(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def contrastive_logits(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """a: [N, B, E]; b: [N, B, E] or [B, E] shared -> scale * a b^T: [N, B, B] (row i: sample i of `a`)."""
+    """a: [N, B, E]; b: [N, B, E] or [B, E] shared -> scale * a b^T: [N, B, B] (row i: sample i of `a`).
+    The scale multiplies an input (B x E) rather than the logits (B x B): one less pass over the big tensor. It
+    goes on the side that already needs a gradient, so the frozen side gets no extra input-gradient matmul."""
+    if a.requires_grad or not b.requires_grad:
+        a = a * scale
+    else:
+        b = b * scale
     if b.dim() == 2:
         n, batch, width = a.shape
-        return scale * (a.reshape(n * batch, width) @ b.T).view(n, batch, -1)
-    return scale * torch.bmm(a, b.transpose(1, 2))
+        return (a.reshape(n * batch, width) @ b.T).view(n, batch, -1)
+    return torch.bmm(a, b.transpose(1, 2))
+
+
+class SymmetricInfoNCE(torch.autograd.Function):
+    """Mean over encoders of (CE over rows + CE over columns) / 2 of [N, B, B] logits, labels on the diagonal.
+
+    Same value and gradient as two F.cross_entropy calls, but the backward is one fused expression,
+    (softmax_rows + softmax_cols - 2 I) / (2 N B), instead of autograd's chain of B x B temporaries."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
+        rows, cols = logits.logsumexp(dim=2), logits.logsumexp(dim=1)
+        diag = logits.diagonal(dim1=1, dim2=2)
+        ctx.save_for_backward(logits, rows, cols)
+        return ((rows - diag).mean() + (cols - diag).mean()) / 2
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+        logits, rows, cols = ctx.saved_tensors
+        n, batch, _ = logits.shape
+        grad = torch.exp(logits - rows.unsqueeze(2))
+        grad += torch.exp(logits - cols.unsqueeze(1))
+        grad.diagonal(dim1=1, dim2=2).sub_(2.0)
+        return grad.mul_(grad_out / (2 * n * batch))
 
 
 def clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, gather: bool = True) -> torch.Tensor:
@@ -34,14 +63,11 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, gather: boo
     if gather:
         a = gather_with_grad(a, dim=1)
         b = gather_with_grad(b, dim=b.dim() - 2)
-    logits = contrastive_logits(a, b, scale)
-    # cross-entropy both ways without materialising the transpose: logsumexp over rows and over columns
-    diag = logits.diagonal(dim1=1, dim2=2)
-    return ((logits.logsumexp(dim=2) - diag).mean() + (logits.logsumexp(dim=1) - diag).mean()) / 2
+    return SymmetricInfoNCE.apply(contrastive_logits(a, b, scale))
 
 
-def encoder_chunk(batch: int, budget: int = 1 << 24) -> int:
-    """Encoders per loss chunk so that one chunk's logits hold ~`budget` elements (64 MB in fp32)."""
+def encoder_chunk(batch: int, budget: int = 1 << 20) -> int:
+    """Encoders per loss chunk so that one chunk's logits hold ~`budget` elements (4 MB in fp32: cache-sized)."""
     return max(1, budget // (batch * batch))
 
 

@@ -24,7 +24,7 @@ from hnet import io
 from hnet.cache import TEXT, CachedFeatures, CacheError
 from hnet.checkpoint import remove_unfinished, resolve_resume, save_checkpoint, verify_checkpoint
 from hnet.config import Config, dump_yaml, to_dict
-from hnet.data.features import FeatureBatches
+from hnet.data.features import FeatureBatches, Prefetcher
 from hnet.evaluate import ZeroShotProbe
 from hnet.flops import FlopsLedger, train_step_flops
 from hnet.losses import encoder_chunk, loss_and_surrogate
@@ -113,6 +113,8 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
     n_enc = len(encoder_subset(0, len(names), cfg.train.encoders_per_step, cfg.train.seed))
     step_flops = train_step_flops(raw, n_enc, cfg.train.batch_size) | {"grad_accum": cfg.train.grad_accum}
     stop = StopFlag()
+    accum, k = cfg.train.grad_accum, cfg.train.encoders_per_step
+    feed = Prefetcher(data, lambda micro: encoder_subset(micro // accum, len(names), k, cfg.train.seed))
     probe = None
     if cfg.train.eval_every > 0 and accelerator.is_main_process:
         probe = ZeroShotProbe(cfg, cfg.eval.datasets[0], names, {s.name: s.weights for s in specs})
@@ -121,7 +123,7 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
     last = {}
     tick, samples, skipped_total = time.perf_counter(), 0, 0
     for step in bar:
-        loss, grad_norm, layer_norms, skipped = _one_step(cfg, accelerator, model, optimizer, scheduler, data, step,
+        loss, grad_norm, layer_norms, skipped = _one_step(cfg, accelerator, model, optimizer, scheduler, feed, step,
                                                           len(names))
         skipped_total += skipped
         samples += cfg.train.batch_size * cfg.train.grad_accum
@@ -192,13 +194,13 @@ def _probe_scores(probe, model: StitchModel, names: list[str], ledger: FlopsLedg
     return {"zeroshot_top1": sum(scores.values()) / len(scores), **scores}
 
 
-def _one_step(cfg, accelerator, model, optimizer, scheduler, data, step, n_encoders):
+def _one_step(cfg, accelerator, model, optimizer, scheduler, feed, step, n_encoders):
     """One optimizer step (grad_accum micro-batches): (loss, grad norm, per-parameter grad norms, skipped 0/1)."""
     encoders = encoder_subset(step, n_encoders, cfg.train.encoders_per_step, cfg.train.seed)
     index = torch.as_tensor(encoders, device=accelerator.device)
     total_loss, grad_norm, layer_norms = 0.0, 0.0, {}
     for micro in range(cfg.train.grad_accum):
-        image, text = data.batch(step * cfg.train.grad_accum + micro, encoders)
+        image, text = feed.get(step * cfg.train.grad_accum + micro)
         image, text = image.to(accelerator.device), text.to(accelerator.device)
         with accelerator.accumulate(model):
             a, b, scale = model(index, image, text)

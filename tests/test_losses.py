@@ -102,3 +102,19 @@ def test_chunked_loss_and_surrogate_give_the_full_loss_and_gradient(shared_text)
     torch.testing.assert_close(loss, full.detach())
     torch.testing.assert_close(weight.grad, grads[0])
     torch.testing.assert_close(log_scale.grad, grads[1])
+
+
+def test_fused_backward_matches_cross_entropy_autograd():
+    from hnet.losses import SymmetricInfoNCE
+
+    torch.manual_seed(2)
+    logits = (torch.randn(3, 9, 9) * 4).requires_grad_()
+    SymmetricInfoNCE.apply(logits).backward()
+    fused = logits.grad.clone()
+    logits.grad = None
+    labels = torch.arange(9).repeat(3)
+    ref = (F.cross_entropy(logits.reshape(27, 9), labels) +
+           F.cross_entropy(logits.transpose(1, 2).reshape(27, 9), labels)) / 2
+    ref.backward()
+    torch.testing.assert_close(fused, logits.grad)
+    torch.testing.assert_close(SymmetricInfoNCE.apply(logits.detach()), ref.detach())

@@ -5,6 +5,8 @@ The batch order is a pure function of (seed, micro-step), so a resumed run sees 
 """
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -58,3 +60,22 @@ class FeatureBatches:
         text_rows = sorted_rows if self.text_rows is None else self.text_rows[sorted_rows]
         text = np.asarray(self.text[text_rows], np.float32)[inverse]
         return torch.from_numpy(image), torch.from_numpy(text)
+
+
+class Prefetcher:
+    """Gathers the next micro-step's batch in a background thread while the current step computes
+    (numpy's gather and torch's kernels both release the GIL)."""
+
+    def __init__(self, data: FeatureBatches, encoders_for):
+        self.data, self.encoders_for = data, encoders_for  # encoders_for(micro_step) -> encoder indices
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: tuple[int, Future] | None = None
+
+    def get(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pending and self.pending[0] == micro_step:
+            batch = self.pending[1].result()
+        else:
+            batch = self.data.batch(micro_step, self.encoders_for(micro_step))
+        nxt = micro_step + 1
+        self.pending = (nxt, self.pool.submit(self.data.batch, nxt, self.encoders_for(nxt)))
+        return batch
