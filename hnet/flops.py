@@ -48,7 +48,11 @@ NEGLIGIBLE_OPS = {"aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::d
                   "aten::log", "aten::rsqrt", "aten::abs", "aten::reciprocal", "aten::fill_", "aten::sin",
                   "aten::cos", "aten::gelu_", "aten::scatter_add", "aten::upsample_bicubic2d", "aten::sign",
                   # F.normalize of the pooled feature: O(width) work
-                  "aten::clamp_min", "aten::expand_as", "aten::linalg_vector_norm"}
+                  "aten::clamp_min", "aten::expand_as", "aten::linalg_vector_norm",
+                  # data movement, no multiply-adds (Swin/MaxViT window padding, VOLO unfold/fold, XCiT repeat)
+                  "aten::pad", "aten::im2col", "aten::col2im", "aten::repeat", "aten::ceil",
+                  # elementwise: MaxViT's in-place SiLU, ConvNeXt-V2's GRN
+                  "aten::silu_", "aten::addcmul"}
 
 
 def fvcore_count(model: torch.nn.Module, inputs: tuple) -> tuple[int, dict[str, int]]:

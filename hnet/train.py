@@ -134,20 +134,18 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
         if done % cfg.train.log_every == 0 or done == steps or skipped:
             elapsed = time.perf_counter() - tick
             row = {"step": done, "epoch": done * cfg.train.grad_accum / data.steps_per_epoch, "loss": loss,
-                    "lr": scheduler.get_last_lr()[0], "logit_scale": float(raw.logit_scale()),
-                    "grad_norm": grad_norm, "samples_per_s": samples / max(elapsed, 1e-9),
-                   "skipped_steps": skipped_total, "flops_cum": ledger.total(), **layer_norms}
+                   "lr": scheduler.get_last_lr()[0], "logit_scale": float(raw.logit_scale()),
+                   "grad_norm": grad_norm, "samples_per_s": samples / max(elapsed, 1e-9),
+                   "skipped_steps": skipped_total, **layer_norms}
             bar.set_postfix(loss=f"{loss:.4f}")
             tick, samples = time.perf_counter(), 0
         if probe is not None and (done % cfg.train.eval_every == 0 or done == steps):
-            row = {"step": done, "flops_cum": ledger.total(), **row, **_probe_scores(probe, raw, names, ledger)}
+            row = {"step": done, **row, **_probe_scores(probe, raw, names, ledger)}
         if row:
-            row["train_flops_cum"] = ledger.phases["train"]["flops"]
-        if row:
-            last = row
+            last = row | {"flops_cum": ledger.total(), "train_flops_cum": ledger.phases["train"]["flops"]}
             if accelerator.is_main_process:
-                io.append_jsonl(run_dir / "metrics.jsonl", row)
-                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=done)
+                io.append_jsonl(run_dir / "metrics.jsonl", last)
+                accelerator.log({k: v for k, v in last.items() if k != "step"}, step=done)
         if done % cfg.train.ckpt_every == 0 or done == steps or stop.raised:
             ledger.save(accelerator.is_main_process)
             save_checkpoint(accelerator, run_dir, done)
