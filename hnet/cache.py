@@ -214,7 +214,7 @@ def build_cache(root: str | Path, units: list[Unit], specs: list[EncoderSpec], t
     missing = [s for s in specs if s.name not in manifest["encoders"]]
     want_text = bool(text_encoder) and TEXT not in manifest["encoders"]
     if not missing and not want_text and (not has_labels or "labels" in manifest["encoders"]):
-        return {"manifest": manifest, "samples": 0, "seconds": 0.0}
+        return {"manifest": manifest, "samples": 0, "seconds": 0.0, "embedded": []}
     encoders = {s.name: ImageEncoder(s, device) for s in missing}
     if device.type == "cuda":  # convolutions run faster in NHWC on GPUs
         encoders = {n: e.to(memory_format=torch.channels_last) for n, e in encoders.items()}
@@ -232,7 +232,7 @@ def build_cache(root: str | Path, units: list[Unit], specs: list[EncoderSpec], t
         io.write_json(root / MANIFEST, manifest)
     if accelerator:
         accelerator.wait_for_everyone()
-    return {"manifest": _read_manifest(root), **stats}
+    return {"manifest": _read_manifest(root), **stats, "embedded": [s.name for s in missing]}
 
 
 def write_cache(root: str | Path, keys: list[str], arrays: dict[str, np.ndarray],

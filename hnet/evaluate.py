@@ -80,12 +80,15 @@ def zero_shot_logits(model: StitchModel, index: int, features: torch.Tensor, cla
     return contrastive_logits(a, b, model.logit_scale())[0]
 
 
-def eval_cache(cfg: Config, dataset: ZeroShotSet, names: list[str], weights: dict[str, str]) -> CachedFeatures:
+def eval_cache(cfg: Config, dataset: ZeroShotSet, names: list[str],
+               weights: dict[str, str]) -> tuple[CachedFeatures, list[str]]:
+    """The dataset's features for `names` (embedded once, then reused); also which encoders this call embedded."""
     root = cfg.cache_path / "eval" / f"{dataset.name}_{dataset.size}"
     specs = [parse_spec({"name": n, "weights": weights.get(n, cfg.image_weights)}) for n in names]
-    build_cache(root, dataset.units, specs, None, batch_size=cfg.eval.batch_size,
-                num_workers=cfg.data.num_workers, has_labels=True)
-    return CachedFeatures(root, names + ["labels"])
+    manifest = build_cache(root, dataset.units, specs, None, batch_size=cfg.eval.batch_size,
+                           num_workers=cfg.data.num_workers, has_labels=True)
+    embedded = [n for n in names if manifest["samples"] and n in manifest.get("embedded", [])]
+    return CachedFeatures(root, names + ["labels"]), embedded
 
 
 class ZeroShotProbe:
@@ -93,7 +96,7 @@ class ZeroShotProbe:
 
     def __init__(self, cfg: Config, dataset_name: str, names: list[str], weights: dict[str, str]):
         self.dataset = load_zeroshot(dataset_name, cfg)
-        cache = eval_cache(cfg, self.dataset, names, weights)
+        cache, self.embedded = eval_cache(cfg, self.dataset, names, weights)
         self.labels = torch.from_numpy(np.asarray(cache["labels"]))
         self.features = {n: torch.from_numpy(np.asarray(cache[n], np.float32)) for n in names}
         self.classifier = class_embeddings(cfg.text_encoder, self.dataset.classnames, TEMPLATES[cfg.eval.templates],
@@ -108,11 +111,14 @@ class ZeroShotProbe:
         logits = zero_shot_logits(model, -1, feats, self.classifier, cond=cond, width=feats.shape[1])
         return float((logits.argmax(dim=-1) == self.labels).float().mean()) * 100
 
-    def flops(self, model: StitchModel, name: str, with_encoder: bool = True) -> float:
-        per_image = _head_flops(model, self.classifier)
-        if with_encoder:
-            per_image += encoder_flops(name)["gflops"] * 1e9
-        return len(self.labels) * per_image
+    @property
+    def embed_flops(self) -> float:
+        """Encoder forwards this probe ran to embed the images (features already cached cost nothing again)."""
+        return sum(len(self.labels) * encoder_flops(n)["gflops"] * 1e9 for n in self.embedded)
+
+    def flops(self, model: StitchModel) -> float:
+        """Connector + logits of one encoder over the dataset."""
+        return len(self.labels) * _head_flops(model, self.classifier)
 
 
 def evaluate_run(cfg: Config, run_dir: Path, datasets: list[str]) -> dict:
@@ -124,7 +130,7 @@ def evaluate_run(cfg: Config, run_dir: Path, datasets: list[str]) -> dict:
     for name in datasets:
         probe = ZeroShotProbe(cfg, name, names, weights)
         per_encoder = {enc: probe.metrics(model, i, enc) for i, enc in enumerate(names)}
-        eval_flops += sum(probe.flops(model, enc) for enc in names)
+        eval_flops += probe.embed_flops + len(names) * probe.flops(model)
         classes = probe.dataset.classnames
         results["datasets"][name] = {"classes": classes, "encoders": per_encoder, "chance_top1": 100.0 / len(classes)}
         results["datasets"][name]["reliability_png"] = str(plot_reliability(results["datasets"][name], name,

@@ -118,6 +118,7 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
     probe = None
     if cfg.train.eval_every > 0 and accelerator.is_main_process:
         probe = ZeroShotProbe(cfg, cfg.eval.datasets[0], names, {s.name: s.weights for s in specs})
+        ledger.add("eval", probe.embed_flops)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {cfg.method}",
                disable=not accelerator.is_main_process)
     last = {}
@@ -186,9 +187,9 @@ def _start_or_resume(cfg: Config, accelerator: Accelerator, run_dir: Path) -> in
 
 
 def _probe_scores(probe, model: StitchModel, names: list[str], ledger: FlopsLedger) -> dict:
-    """Mid-run zero-shot top-1 per encoder; its (connector + logits) FLOPs go to the eval phase."""
+    """Mid-run zero-shot top-1 per encoder; its FLOPs go to the eval phase."""
     scores = {f"zeroshot_top1/{n}": probe.metrics(model, i, n)["top1"] for i, n in enumerate(names)}
-    ledger.add("eval", sum(probe.flops(model, n, with_encoder=False) for n in names))
+    ledger.add("eval", len(names) * probe.flops(model))
     return {"zeroshot_top1": sum(scores.values()) / len(scores), **scores}
 
 

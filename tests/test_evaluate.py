@@ -77,3 +77,19 @@ def test_cifar_pickled_layout(tmp_path):
     samples = list(ds.units[0].samples())
     assert ds.classnames == ["airplane", "automobile", "bird"] and [s["label"] for s in samples] == [0, 1, 2, 1, 0]
     assert samples[0]["image"].size == (32, 32)
+
+
+def test_eval_ledger_counts_encoder_forwards_once(tiny_cfg):
+    from hnet import io
+    from hnet.flops import encoder_flops
+
+    fresh = dataclasses.replace(tiny_cfg, data=dataclasses.replace(tiny_cfg.data, demo_eval_samples=48),
+                                train=dataclasses.replace(tiny_cfg.train, max_steps=2))
+    train(fresh)
+    evaluate_run(fresh, fresh.run_dir, ["demo"])  # embeds the 48 images with every encoder
+    first = io.read_json(fresh.run_dir / "flops.json")["phases"]["eval"]["flops"]
+    forwards = sum(48 * encoder_flops(n)["gflops"] * 1e9 for n in fresh.encoders)
+    evaluate_run(fresh, fresh.run_dir, ["demo"])  # cached: only connectors and logits again
+    second = io.read_json(fresh.run_dir / "flops.json")["phases"]["eval"]["flops"] - first
+    assert 0 < second < 0.05 * forwards
+    assert first == pytest.approx(forwards + second, rel=1e-6)
