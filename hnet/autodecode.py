@@ -19,7 +19,8 @@ from hnet.config import Config, ConfigError
 from hnet.data.features import FeatureBatches
 from hnet.embedding import embed_training_data
 from hnet.evaluate import ZeroShotProbe
-from hnet.flops import FlopsLedger, autodecode_step_flops
+from hnet.connectors import Connector
+from hnet.flops import FlopsLedger, autodecode_step_flops, connector_macs, logits_macs
 from hnet.losses import clip_loss
 from hnet.model import StitchModel, load_model, project
 from hnet.zoo import parse_spec
@@ -64,7 +65,10 @@ def autodecode(cfg: Config, run_dir, encoder: str, weights: str | None = None) -
     probe = ZeroShotProbe(cfg, cfg.eval.datasets[0], [encoder], {encoder: spec.weights})
     step_flops = autodecode_step_flops(model, ad.batch_size)
     scales = model.source.scales_for(width)
-    curve = [{"step": 0, "flops": 0, "samples": 0, "top1": probe.top1_of_cond(model, cond[None].detach(), encoder)}]
+    def top1() -> float:
+        return probe.top1_of_params(model, model.source.generate(cond[None].detach(), scales), encoder)
+
+    curve = [{"step": 0, "flops": 0, "samples": 0, "top1": top1()}]
     spent, samples, step = 0, 0, 0
     bar = tqdm(total=ad.steps, desc=f"autodecode {encoder}")
     while step < ad.steps and (not ad.samples or samples + ad.batch_size <= ad.samples) and \
@@ -80,21 +84,48 @@ def autodecode(cfg: Config, run_dir, encoder: str, weights: str | None = None) -
         step, spent, samples = step + 1, spent + step_flops, samples + ad.batch_size
         bar.update(1)
         if (ad.eval_every and step % ad.eval_every == 0) or step == ad.steps:
-            top1 = probe.top1_of_cond(model, cond[None].detach(), encoder)
-            curve.append({"step": step, "flops": spent, "samples": samples, "top1": top1, "loss": float(loss)})
+            curve.append({"step": step, "flops": spent, "samples": samples, "top1": top1(), "loss": float(loss)})
     bar.close()
     if curve[-1]["step"] != step:
-        curve.append({"step": step, "flops": spent, "samples": samples,
-                      "top1": probe.top1_of_cond(model, cond[None].detach(), encoder), "loss": float(loss)})
+        curve.append({"step": step, "flops": spent, "samples": samples, "top1": top1(), "loss": float(loss)})
     _save_into_run(run_dir, meta, encoder, width, spec.weights, cond.detach())
-    ledger = FlopsLedger(run_dir)
-    ledger.add("autodecode", spent, steps=step, samples=samples, parts={"per_step": step_flops})
-    ledger.save()
     result = {"encoder": encoder, "width": width, "init": ad.init, "steps": step, "samples": samples,
               "flops": spent, "top1": curve[-1]["top1"], "curve": curve,
               "dataset": cfg.eval.datasets[0]}
+    ledger = FlopsLedger(run_dir)
+    ledger.add("autodecode", spent, steps=step, samples=samples, parts={"per_step": step_flops})
+    if ad.finetune_steps > 0:
+        params = model.source.generate(cond[None].detach(), scales)
+        result["finetune"] = finetune(cfg, model, params, width, data, probe, encoder, run_dir)
+        ledger.add("autodecode", result["finetune"]["flops"], steps=ad.finetune_steps,
+                   samples=ad.finetune_steps * ad.batch_size)
+    ledger.save()
     io.write_json(run_dir / "autodecode" / f"{io.slug(encoder)}.json", result)
     return result
+
+
+def finetune(cfg: Config, model: StitchModel, params, width: int, data: FeatureBatches, probe: ZeroShotProbe,
+             encoder: str, run_dir) -> dict:
+    """Optionally fine-tune the decoded connector's weights directly (the hypernetwork is not involved);
+    saved as a plain connector at RUN_DIR/autodecode/<encoder>.finetuned.safetensors."""
+    ad = cfg.autodecode
+    params = [(w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()) for w, b in params]
+    optimizer = torch.optim.Adam([t for pair in params for t in pair], lr=ad.finetune_lr)
+    for step in range(ad.finetune_steps):
+        image, text = data.batch(10_000_000 + step, np.array([0]))  # batches after the decoding ones
+        image = F.pad(image, (0, model.shape.image_width - width))
+        a, b = project(model.shape, params, torch.tensor([width]), image, text)
+        loss = clip_loss(a, b, model.logit_scale(), gather=False)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    connector = Connector.from_params(model.shape, [(w.detach(), b.detach()) for w, b in params], width)
+    with io.atomic_path(run_dir / "autodecode" / f"{io.slug(encoder)}.finetuned.safetensors") as tmp:
+        save_file(connector.state_dict(), str(tmp))
+    step_flops = 2 * sum(sum(p.values()) for p in (connector_macs(model.shape.layers, 1, ad.batch_size),
+                                                      logits_macs(1, ad.batch_size, model.shape.dims[-1])))
+    return {"steps": ad.finetune_steps, "flops": step_flops * ad.finetune_steps,
+            "top1": probe.top1_of_params(model, [(w.detach(), b.detach()) for w, b in params], encoder)}
 
 
 def _save_into_run(run_dir, meta: dict, encoder: str, width: int, weights: str, cond: torch.Tensor) -> None:

@@ -86,6 +86,8 @@ class AutodecodeConfig:
     batch_size: int = 256
     init: str = "mean"  # mean | same_width | random
     eval_every: int = 10  # zero-shot top-1 every N steps (0 = only at the end)
+    finetune_steps: int = 0  # >0: then fine-tune the decoded connector's weights directly for N steps
+    finetune_lr: float = 1e-3
 
 
 @dataclass

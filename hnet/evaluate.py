@@ -68,13 +68,12 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n_classes
 
 @torch.no_grad()
 def zero_shot_logits(model: StitchModel, index: int, features: torch.Tensor, classifier: torch.Tensor,
-                     cond: torch.Tensor | None = None, width: int | None = None) -> torch.Tensor:
-    """Scaled logits [M, C] of encoder `index` (or of a given cond embedding, for auto-decoding)."""
-    if cond is None:
+                     params=None) -> torch.Tensor:
+    """Scaled logits [M, C] through encoder `index`'s connector, or through given connector `params`
+    (auto-decoding, fine-tuning) for features of any width."""
+    width = features.shape[1]
+    if params is None:
         params = model.source(torch.tensor([index], device=model.widths.device))
-        width = int(model.widths[index])
-    else:
-        params = model.source.generate(cond, model.source.scales_for(width))
     image = F.pad(features.float(), (0, model.shape.image_width - width)).unsqueeze(0)
     a, b = project(model.shape, params, torch.tensor([width]), image, classifier)
     return contrastive_logits(a, b, model.logit_scale())[0]
@@ -106,9 +105,8 @@ class ZeroShotProbe:
         logits = zero_shot_logits(model, index, self.features[name], self.classifier)
         return classification_metrics(logits, self.labels, len(self.dataset.classnames))
 
-    def top1_of_cond(self, model: StitchModel, cond: torch.Tensor, name: str) -> float:
-        feats = self.features[name]
-        logits = zero_shot_logits(model, -1, feats, self.classifier, cond=cond, width=feats.shape[1])
+    def top1_of_params(self, model: StitchModel, params, name: str) -> float:
+        logits = zero_shot_logits(model, -1, self.features[name], self.classifier, params=params)
         return float((logits.argmax(dim=-1) == self.labels).float().mean()) * 100
 
     @property

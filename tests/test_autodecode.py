@@ -94,3 +94,19 @@ def test_ranking_agreement(tmp_path):
     assert r["spearman"] == pytest.approx(0.8)
     assert r["kendall"] == pytest.approx(2 / 3)
     assert r["top1_agreement"] and r["flops_ratio"] == 12
+
+
+def test_optional_finetune_saves_a_plain_connector(hyper_run):
+    from safetensors.torch import load_file as load
+
+    from hnet.connectors import Connector
+
+    cfg = dataclasses.replace(hyper_run, autodecode=dataclasses.replace(hyper_run.autodecode, finetune_steps=2))
+    result = autodecode(cfg, hyper_run.run_dir, NEW, "random")
+    assert result["finetune"]["steps"] == 2 and result["finetune"]["flops"] > 0
+    ledger = io.read_json(hyper_run.run_dir / "flops.json")["phases"]["autodecode"]
+    assert ledger["flops"] == result["flops"] + result["finetune"]["flops"]
+    state = load(str(hyper_run.run_dir / "autodecode" / f"{io.slug(NEW)}.finetuned.safetensors"))
+    module = Connector([(320, 384)], "image_to_text")
+    module.load_state_dict(state)
+    assert not torch.equal(module.layers[0].weight, connector_for(hyper_run.run_dir, NEW).layers[0].weight)

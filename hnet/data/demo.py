@@ -6,6 +6,7 @@ real data (shards -> embed -> train). Held-out zero-shot images are written as a
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,7 @@ def write_zeroshot(out: str | Path, n: int, seed: int = 12345, size: int = 64) -
     done = out / "done.json"
     if done.exists() and io.read_json(done).get("n") == n:
         return out
+    shutil.rmtree(out, ignore_errors=True)  # a different size: no stale images from the old set
     rng = np.random.default_rng(seed)
     for i in range(n):
         image, attrs = render(rng, size)
