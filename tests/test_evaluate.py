@@ -93,3 +93,19 @@ def test_eval_ledger_counts_encoder_forwards_once(tiny_cfg):
     second = io.read_json(fresh.run_dir / "flops.json")["phases"]["eval"]["flops"] - first
     assert 0 < second < 0.05 * forwards
     assert first == pytest.approx(forwards + second, rel=1e-6)
+
+
+def test_retrieval_on_a_captioned_shard_set(tiny_cfg):
+    from hnet.data.sources import prepare_shards
+
+    cfg = dataclasses.replace(tiny_cfg, eval=dataclasses.replace(tiny_cfg.eval, retrieval=prepare_shards(tiny_cfg)),
+                              train=dataclasses.replace(tiny_cfg.train, epochs=40, lr=1e-2))
+    train(cfg)
+    results = evaluate_run(cfg, cfg.run_dir, ["demo"])
+    for name, r in results["retrieval"].items():
+        assert r["n"] == 240
+        for direction in ("image_to_text", "text_to_image"):
+            assert r[direction]["R@1"] <= r[direction]["R@5"] <= r[direction]["R@10"]
+        # trained on these very pairs: well above the 10/240 = 4% chance of R@10
+        assert r["image_to_text"]["R@10"] > 10
+    assert "retrieval" in (cfg.run_dir / "eval.md").read_text()
