@@ -135,7 +135,7 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
         if done % cfg.train.log_every == 0 or done == steps or skipped:
             elapsed = time.perf_counter() - tick
             row = {"step": done, "epoch": done * cfg.train.grad_accum / data.steps_per_epoch, "loss": loss,
-                   "lr": scheduler.get_last_lr()[0], "logit_scale": float(raw.logit_scale()),
+                   "lr": scheduler.get_last_lr()[0], "logit_scale": float(raw.logit_scale().detach()),
                    "grad_norm": grad_norm, "samples_per_s": samples / max(elapsed, 1e-9),
                    "skipped_steps": skipped_total, **layer_norms}
             bar.set_postfix(loss=f"{loss:.4f}")
