@@ -31,6 +31,8 @@ FAULTS = [
      "samples before the cut kept, warning names the shard"),
     ("corrupt JPEG / missing image / empty caption", "tests/test_shards.py::test_bad_images_skipped_counted_and_named",
      "skipped, counted and named in manifest.json"),
+    ("corrupt sample inside a shard, at embedding time", "tests/test_cache.py::test_bad_samples_in_shards_are_counted_in_the_manifest",
+     "skipped with a warning, counted per shard in the cache manifest"),
     ("non-UTF-8 caption", "tests/test_shards.py::test_non_utf8_caption_skipped_by_reader",
      "sample skipped with a warning naming shard and key"),
     ("duplicated keys", "tests/test_shards.py::test_duplicate_keys_skipped", "second copy skipped and recorded"),

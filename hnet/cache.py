@@ -60,14 +60,18 @@ class _UnitDataset(IterableDataset):
         units = self.units[info.id::info.num_workers] if info else self.units
         for unit in units:
             batch: list[dict] = []
+            bad = 0
             for sample in unit.samples():
+                if "bad" in sample:  # already warned about by the reader, counted here
+                    bad += 1
+                    continue
                 batch.append(sample)
                 if len(batch) == self.batch_size:
                     yield self._collate(unit.name, batch)
                     batch = []
             if batch:
                 yield self._collate(unit.name, batch)
-            yield {"unit": unit.name, "end": True}
+            yield {"unit": unit.name, "end": True, "skipped": bad}
 
     def _collate(self, unit: str, batch: list[dict]) -> dict:
         out = {"unit": unit, "end": False, "keys": [s["key"] for s in batch],
@@ -94,7 +98,7 @@ class _UnitBuffer:
         self.arrays.setdefault(name, []).append(array)
 
 
-def _write_unit(folder: Path, buf: _UnitBuffer, names: list[str]) -> None:
+def _write_unit(folder: Path, buf: _UnitBuffer, names: list[str], skipped: int = 0) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
         parts = buf.arrays.get(name, [])
@@ -102,7 +106,7 @@ def _write_unit(folder: Path, buf: _UnitBuffer, names: list[str]) -> None:
         with io.atomic_path(folder / f"{slug(name)}.npy") as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, array)
-    io.write_json(folder / "done.json", {"keys": buf.keys, "names": names})
+    io.write_json(folder / "done.json", {"keys": buf.keys, "names": names, "skipped": skipped})
 
 
 def embed_pass(root: Path, units: list[Unit], encoders: dict[str, ImageEncoder], text: TextEncoder | None,
@@ -127,7 +131,8 @@ def embed_pass(root: Path, units: list[Unit], encoders: dict[str, ImageEncoder],
         for item in loader:
             buf = buffers.setdefault(item["unit"], _UnitBuffer())
             if item["end"]:
-                _write_unit(parts / item["unit"], buffers.pop(item["unit"]), names)
+                _write_unit(parts / item["unit"], buffers.pop(item["unit"], _UnitBuffer()), names,
+                            item["skipped"])
                 bar.update(1)
                 continue
             buf.keys.extend(item["keys"])
@@ -158,11 +163,15 @@ def consolidate(root: Path, units: list[Unit], widths: dict[str, int], has_label
     """Concatenate the per-unit parts (in unit order) into one float16 array per encoder; write the manifest."""
     parts = root / "parts"
     keys: list[str] = []
+    skipped: dict[str, int] = {}
     for u in units:
         done = parts / u.name / "done.json"
         if not done.exists():
             raise CacheError(f"{root}: unit {u.name} has not been embedded (missing {done})")
-        keys.extend(io.read_json(done)["keys"])
+        record = io.read_json(done)
+        keys.extend(record["keys"])
+        if record.get("skipped"):
+            skipped[u.name] = record["skipped"]
     if len(set(keys)) != len(keys):
         raise CacheError(f"{root}: duplicate sample keys across units")
     manifest = _read_manifest(root) or {"count": len(keys), "keys_sha256": keys_digest(keys), "encoders": {}}
@@ -174,6 +183,7 @@ def consolidate(root: Path, units: list[Unit], widths: dict[str, int], has_label
     for name, width in arrays.items():
         manifest["encoders"][name] = _concat_parts(root, parts, units, name, width, len(keys))
     manifest["units"] = [u.name for u in units]
+    manifest["skipped_samples"] = skipped  # bad samples the reader skipped, per unit
     io.write_json(root / "keys.json", keys)
     io.write_json(root / MANIFEST, manifest)
     shutil.rmtree(parts, ignore_errors=True)

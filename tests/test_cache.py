@@ -76,3 +76,22 @@ def test_missing_encoder_named(tiny_root):
     cfg, _, _ = _tiny(tiny_root)
     with pytest.raises(CacheError, match="no features for 'resnet18'"):
         CachedFeatures(cfg.cache_path, ["resnet18"])
+
+
+def test_bad_samples_in_shards_are_counted_in_the_manifest(tiny_root, tmp_path):
+    import webdataset as wds
+
+    from hnet.data.shards import iter_shard
+
+    _, units, specs = _tiny(tiny_root)
+    good = list(units[0].samples())[:3]
+    jpg = next((tiny_root / "data").rglob("*.jpg")).read_bytes()
+    with wds.TarWriter(str(tmp_path / "000000.tar")) as sink:
+        for s in good:
+            sink.write({"__key__": s["key"], "jpg": jpg, "txt": s["caption"]})
+        sink.write({"__key__": "broken", "jpg": b"\xff\xd8\xff garbage", "txt": "a red circle"})
+    with pytest.warns(UserWarning, match="bad sample broken"):
+        manifest = build_cache(tmp_path / "cache", shard_units(str(tmp_path / "000000.tar")), specs[:1],
+                               None)["manifest"]
+    assert manifest["count"] == 3 and manifest["skipped_samples"] == {"000000": 1}
+    assert [s["key"] for s in iter_shard(str(tmp_path / "000000.tar"))] == [s["key"] for s in good]

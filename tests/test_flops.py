@@ -66,3 +66,12 @@ def test_counting_is_cached_per_shape():
     assert encoder_flops("resnet10t@img_size=64") is first
     assert time.perf_counter() - start < cold / 100
     assert encoder_flops.cache_info().hits == 1
+
+
+def test_ie30_zoo_leaves_no_op_uncounted():
+    """Every op fvcore cannot count in the 30-encoder zoo is zero-MAC data movement or elementwise work,
+    listed with its reason in hnet.flops.NEGLIGIBLE_OPS (full forward of each model: the slowest test)."""
+    import yaml
+
+    for name in yaml.safe_load(open("configs/encoders/ie30.yaml"))["encoders"]:
+        assert encoder_flops(name)["unsupported_ops"] == [], name

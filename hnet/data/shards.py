@@ -184,15 +184,20 @@ def decode_sample(sample: dict) -> dict | None:
     return {"key": key, "image": image, "caption": caption, "url": url}
 
 
-def iter_shard(url: str, handler: SkipCounter | None = None) -> Iterator[dict]:
-    """Decoded samples of one shard, in file order, bad ones skipped."""
-    handler = handler or SkipCounter()
+def iter_shard(url: str, report_bad: bool = False) -> Iterator[dict]:
+    """Decoded samples of one shard, in file order, bad ones skipped with a warning (or, with `report_bad`,
+    yielded as {"key", "bad": url} so the caller can count them); a truncated tar ends the shard early."""
+    handler = SkipCounter()
     stream = wds.WebDataset([url], handler=handler, shardshuffle=False, empty_check=False,
                             nodesplitter=None, workersplitter=None)
     for sample in stream:
         decoded = decode_sample(sample)
         if decoded is not None:
             yield decoded
+        elif report_bad:
+            yield {"key": sample.get("__key__"), "bad": url}
+    if report_bad and handler.errors:
+        yield {"key": None, "bad": f"{url}: {handler.errors[-1]}"}
 
 
 def make_reader(pattern: str, resampled: bool = False, seed: int = 0) -> wds.WebDataset:

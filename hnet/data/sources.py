@@ -42,4 +42,4 @@ def _shards_from_595k(meta: Path, images: Path, out: Path, shard_size: int) -> s
 
 
 def shard_units(pattern: str) -> list[Unit]:
-    return [Unit(Path(url).stem, partial(iter_shard, url)) for url in expand_urls(pattern)]
+    return [Unit(Path(url).stem, partial(iter_shard, url, report_bad=True)) for url in expand_urls(pattern)]
