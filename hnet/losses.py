@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 
 def gather_with_grad(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -102,7 +102,7 @@ def test_retrieval_on_a_captioned_shard_set(tiny_cfg):
                               train=dataclasses.replace(tiny_cfg.train, epochs=40, lr=1e-2))
     train(cfg)
     results = evaluate_run(cfg, cfg.run_dir, ["demo"])
-    for name, r in results["retrieval"].items():
+    for r in results["retrieval"].values():
         assert r["n"] == 240
         for direction in ("image_to_text", "text_to_image"):
             assert r[direction]["R@1"] <= r[direction]["R@5"] <= r[direction]["R@10"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io as pyio
 import json
-import logging
 import re
 import warnings
 from pathlib import Path
@@ -21,7 +20,6 @@ from tqdm import tqdm
 
 from hnet import io
 
-log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
 
