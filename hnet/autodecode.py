@@ -16,10 +16,10 @@ from tqdm import tqdm
 from hnet import io
 from hnet.cache import CachedFeatures
 from hnet.config import Config, ConfigError
+from hnet.connectors import Connector
 from hnet.data.features import FeatureBatches
 from hnet.embedding import embed_training_data
 from hnet.evaluate import ZeroShotProbe
-from hnet.connectors import Connector
 from hnet.flops import FlopsLedger, autodecode_step_flops, connector_macs, logits_macs
 from hnet.losses import clip_loss
 from hnet.model import StitchModel, load_model, project

@@ -38,3 +38,16 @@ def main_guard(fn):
             sys.exit(2)
 
     return wrapper
+
+
+@main_guard
+def train_script(method: str, description: str, argv=None) -> dict:
+    """learn_multi_mapper.py / learn_separate_mapper.py: embed if needed, train, print the result as JSON."""
+    import json
+
+    from hnet.run import train_run
+
+    _, cfg = parse_config(config_parser(description), argv, method=method)
+    result = train_run(cfg)
+    print(json.dumps(result))
+    return result

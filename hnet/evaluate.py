@@ -23,7 +23,7 @@ from hnet.losses import contrastive_logits
 from hnet.model import StitchModel, load_model, project
 from hnet.report import plot_reliability
 from hnet.retrieval import evaluate_retrieval
-from hnet.zoo import TextEncoder, parse_spec
+from hnet.zoo import TextEncoder, specs_for
 
 ECE_BINS = 15
 
@@ -83,7 +83,7 @@ def eval_cache(cfg: Config, dataset: ZeroShotSet, names: list[str],
                weights: dict[str, str]) -> tuple[CachedFeatures, list[str]]:
     """The dataset's features for `names` (embedded once, then reused); also which encoders this call embedded."""
     root = cfg.cache_path / "eval" / f"{dataset.name}_{dataset.size}"
-    specs = [parse_spec({"name": n, "weights": weights.get(n, cfg.image_weights)}) for n in names]
+    specs = specs_for(names, weights, cfg.image_weights)
     manifest = build_cache(root, dataset.units, specs, None, batch_size=cfg.eval.batch_size,
                            num_workers=cfg.data.num_workers, has_labels=True)
     embedded = [n for n in names if manifest["samples"] and n in manifest.get("embedded", [])]

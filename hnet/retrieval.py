@@ -11,7 +11,7 @@ from hnet.cache import TEXT, CachedFeatures, build_cache
 from hnet.config import Config
 from hnet.data.sources import shard_units
 from hnet.model import StitchModel, project
-from hnet.zoo import parse_spec
+from hnet.zoo import specs_for
 
 KS = (1, 5, 10)
 
@@ -37,7 +37,7 @@ def retrieval_metrics(model: StitchModel, index: int, image: torch.Tensor, text:
 def evaluate_retrieval(cfg: Config, model: StitchModel, names: list[str], weights: dict[str, str]) -> dict:
     pattern = cfg.eval.retrieval
     root = cfg.cache_path / "eval" / f"retrieval_{hashlib.sha256(pattern.encode()).hexdigest()[:12]}"
-    specs = [parse_spec({"name": n, "weights": weights.get(n, cfg.image_weights)}) for n in names]
+    specs = specs_for(names, weights, cfg.image_weights)
     build_cache(root, shard_units(pattern), specs, cfg.text_encoder, batch_size=cfg.eval.batch_size,
                 num_workers=cfg.data.num_workers)
     cache = CachedFeatures(root, names + [TEXT])

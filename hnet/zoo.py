@@ -79,6 +79,11 @@ def read_encoder_list(encoders: Any, default_weights: str = "pretrained") -> lis
     return specs
 
 
+def specs_for(names: list[str], weights: dict[str, str], default: str) -> list[EncoderSpec]:
+    """Specs of encoders known by name, with how each was loaded in its run (`model.json` weights map)."""
+    return [parse_spec({"name": n, "weights": weights.get(n, default)}) for n in names]
+
+
 def _create_timm(spec: EncoderSpec, device: str | torch.device = "cpu") -> nn.Module:
     kwargs: dict[str, Any] = {"num_classes": 0}
     if "img_size" in spec.options:

@@ -2,17 +2,7 @@
 
     accelerate launch scripts/learn_multi_mapper.py --config configs/cc595k_ie12.yaml [key=value ...]
 """
-import json
-
-from hnet.cli import config_parser, main_guard, parse_config
-from hnet.run import train_run
-
-
-@main_guard
-def main(argv=None):
-    _, cfg = parse_config(config_parser(__doc__), argv, method="hypernet")
-    print(json.dumps(train_run(cfg)))
-
+from hnet.cli import train_script
 
 if __name__ == "__main__":
-    main()
+    train_script("hypernet", __doc__)

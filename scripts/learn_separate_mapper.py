@@ -1,18 +1,9 @@
-"""Train one independent connector per encoder (the APE grid-search baseline), all batched in one step (on cached embeddings).
+"""Train one independent connector per encoder (the APE grid-search baseline), all batched in one step, on the
+same cached embeddings and loop as the hypernetwork.
 
     accelerate launch scripts/learn_separate_mapper.py --config configs/cc595k_ie12.yaml [key=value ...]
 """
-import json
-
-from hnet.cli import config_parser, main_guard, parse_config
-from hnet.run import train_run
-
-
-@main_guard
-def main(argv=None):
-    _, cfg = parse_config(config_parser(__doc__), argv, method="separate")
-    print(json.dumps(train_run(cfg)))
-
+from hnet.cli import train_script
 
 if __name__ == "__main__":
-    main()
+    train_script("separate", __doc__)

@@ -7,6 +7,14 @@ import pytest  # noqa: E402
 
 from hnet.config import load_config  # noqa: E402
 
+
+def with_train(cfg, **train_kw):
+    """cfg with some train.* fields changed."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_kw))
+
+
 TINY_ENCODERS = ["resnet10t@img_size=32", "vit_tiny_patch16_224@img_size=32", "convnext_atto@img_size=32"]
 
 

@@ -16,12 +16,10 @@ from hnet.cache import TEXT, write_cache
 from hnet.checkpoint import CheckpointError, checkpoint_dirs
 from hnet.config import dump_yaml
 from hnet.train import NonFiniteError, train
+from tests.conftest import with_train
 
 SCRIPT = [sys.executable, "scripts/learn_multi_mapper.py"]
 
-
-def _with(cfg, **train_kw):
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_kw))
 
 
 def _start(cfg, tmp_path, *extra):
@@ -41,7 +39,7 @@ def _wait_for_checkpoint(cfg, step, proc, timeout=120):
 
 
 def test_sigkill_then_resume_equals_uninterrupted(synthetic_cfg, tmp_path):
-    cfg = _with(synthetic_cfg, max_steps=120, epochs=1000, ckpt_every=20, log_every=20)
+    cfg = with_train(synthetic_cfg, max_steps=120, epochs=1000, ckpt_every=20, log_every=20)
     straight = dataclasses.replace(cfg, name="straight")
     train(straight)
     killed = dataclasses.replace(cfg, name="killed")
@@ -50,7 +48,7 @@ def test_sigkill_then_resume_equals_uninterrupted(synthetic_cfg, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed.run_dir / "model.safetensors").exists()
-    train(_with(killed, resume="latest"))
+    train(with_train(killed, resume="latest"))
     a, b = load_file(str(straight.run_dir / "model.safetensors")), load_file(str(killed.run_dir / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
@@ -58,7 +56,7 @@ def test_sigkill_then_resume_equals_uninterrupted(synthetic_cfg, tmp_path):
 
 
 def test_sigterm_writes_a_checkpoint_before_exit(synthetic_cfg, tmp_path):
-    cfg = _with(synthetic_cfg, max_steps=100000, epochs=100000, ckpt_every=50)
+    cfg = with_train(synthetic_cfg, max_steps=100000, epochs=100000, ckpt_every=50)
     proc = _start(cfg, tmp_path)
     _wait_for_checkpoint(cfg, 50, proc)
     proc.send_signal(signal.SIGTERM)
@@ -69,7 +67,7 @@ def test_sigterm_writes_a_checkpoint_before_exit(synthetic_cfg, tmp_path):
 
 
 def test_corrupted_checkpoint_detected_with_file_named(synthetic_cfg):
-    cfg = _with(synthetic_cfg, max_steps=4, ckpt_every=2)
+    cfg = with_train(synthetic_cfg, max_steps=4, ckpt_every=2)
     train(cfg)
     ckpt = checkpoint_dirs(cfg.run_dir)[-1]
     victim = next(p for p in ckpt.iterdir() if p.name.startswith("model"))
@@ -77,17 +75,17 @@ def test_corrupted_checkpoint_detected_with_file_named(synthetic_cfg):
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=f"{victim.name}: checksum mismatch"):
-        train(_with(cfg, resume="latest"))
+        train(with_train(cfg, resume="latest"))
 
 
 def test_unfinished_checkpoint_cleaned_and_previous_one_used(synthetic_cfg):
     """Killed while writing a checkpoint: the temp folder is removed, the previous checkpoint resumes."""
-    cfg = _with(synthetic_cfg, max_steps=4, ckpt_every=2)
-    train(_with(cfg, max_steps=2))
+    cfg = with_train(synthetic_cfg, max_steps=4, ckpt_every=2)
+    train(with_train(cfg, max_steps=2))
     partial = cfg.run_dir / "checkpoints" / "step_00000003.tmp"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"half a checkpoint")
-    train(_with(cfg, resume="latest"))
+    train(with_train(cfg, resume="latest"))
     assert not partial.exists()
     assert [p.name for p in checkpoint_dirs(cfg.run_dir)] == ["step_00000002", "step_00000004"]
 
@@ -103,13 +101,13 @@ def _nan_cfg(synthetic_cfg, tmp_path):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(synthetic_cfg, tmp_path):
-    cfg = _with(_nan_cfg(synthetic_cfg, tmp_path), max_steps=6, ckpt_every=1)
+    cfg = with_train(_nan_cfg(synthetic_cfg, tmp_path), max_steps=6, ckpt_every=1)
     with pytest.raises(NonFiniteError, match="non-finite loss/gradient at step"):
         train(cfg)
 
 
 def test_nonfinite_skip_counts_and_stays_finite(synthetic_cfg, tmp_path):
-    cfg = _with(_nan_cfg(synthetic_cfg, tmp_path), max_steps=6, nonfinite="skip")
+    cfg = with_train(_nan_cfg(synthetic_cfg, tmp_path), max_steps=6, nonfinite="skip")
     train(cfg)
     rows = io.read_jsonl(cfg.run_dir / "metrics.jsonl")
     # 4 steps (2 epochs of 2 batches); one batch of each epoch holds the NaN sample

@@ -13,21 +13,18 @@ from hnet.cache import CachedFeatures
 from hnet.config import ConfigError
 from hnet.model import connector_for, load_model
 from hnet.train import train
-
-
-def _with(cfg, **train_kw):
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_kw))
+from tests.conftest import with_train
 
 
 def test_overfit_one_batch_drives_loss_near_zero(synthetic_cfg):
-    cfg = _with(synthetic_cfg, overfit_batches=1, epochs=1000, max_steps=150, lr=1e-2, warmup_steps=5,
+    cfg = with_train(synthetic_cfg, overfit_batches=1, epochs=1000, max_steps=150, lr=1e-2, warmup_steps=5,
                 log_every=150, logit_scale="fixed", logit_scale_init=100.0)
     result = train(cfg)
     assert result["last"]["loss"] < 0.05
 
 
 def test_metrics_and_run_files(tiny_cfg):
-    train(_with(tiny_cfg, max_steps=4))
+    train(with_train(tiny_cfg, max_steps=4))
     run = tiny_cfg.run_dir
     rows = io.read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -41,7 +38,7 @@ def test_metrics_and_run_files(tiny_cfg):
 
 
 def test_resume_latest_equals_uninterrupted(tiny_cfg):
-    straight = dataclasses.replace(_with(tiny_cfg, max_steps=6, ckpt_every=3), name="straight")
+    straight = dataclasses.replace(with_train(tiny_cfg, max_steps=6, ckpt_every=3), name="straight")
     train(straight)
     # a run killed after step 5 whose last checkpoint is step 3: its files as the kill left them
     killed = dataclasses.replace(straight, name="killed")
@@ -51,7 +48,7 @@ def test_resume_latest_equals_uninterrupted(tiny_cfg):
         (killed.run_dir / name).unlink()
     rows = io.read_jsonl(killed.run_dir / "metrics.jsonl")[:5]
     io.write_text(killed.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    train(_with(killed, resume="latest"))
+    train(with_train(killed, resume="latest"))
     a = load_file(str(straight.run_dir / "model.safetensors"))
     b = load_file(str(killed.run_dir / "model.safetensors"))
     for key in a:
@@ -62,7 +59,7 @@ def test_resume_latest_equals_uninterrupted(tiny_cfg):
 
 
 def test_connector_for_is_a_plain_module_matching_the_model(tiny_cfg):
-    train(_with(tiny_cfg, max_steps=3))
+    train(with_train(tiny_cfg, max_steps=3))
     model, names = load_model(tiny_cfg.run_dir)
     cache = CachedFeatures(tiny_cfg.cache_path, names)
     name = names[1]
@@ -75,7 +72,7 @@ def test_connector_for_is_a_plain_module_matching_the_model(tiny_cfg):
 
 
 def test_separate_method_trains_one_connector_per_encoder(tiny_cfg):
-    cfg = dataclasses.replace(_with(tiny_cfg, max_steps=3), method="separate")
+    cfg = dataclasses.replace(with_train(tiny_cfg, max_steps=3), method="separate")
     train(cfg)
     state = load_file(str(cfg.run_dir / "model.safetensors"))
     assert state["source.weights.0"].shape[0] == 3
@@ -83,11 +80,11 @@ def test_separate_method_trains_one_connector_per_encoder(tiny_cfg):
 
 def test_batch_larger_than_data_refused(tiny_cfg):
     with pytest.raises(ConfigError, match="train.batch_size: 4096 is larger than the data"):
-        train(_with(tiny_cfg, batch_size=4096))
+        train(with_train(tiny_cfg, batch_size=4096))
 
 
 def test_grad_accumulation_and_tensorboard_tracker(synthetic_cfg):
-    cfg = _with(synthetic_cfg, batch_size=32, grad_accum=2, max_steps=3, tracker="tensorboard")
+    cfg = with_train(synthetic_cfg, batch_size=32, grad_accum=2, max_steps=3, tracker="tensorboard")
     result = train(cfg)
     rows = io.read_jsonl(cfg.run_dir / "metrics.jsonl")
     assert result["steps"] == 3 and [r["step"] for r in rows] == [1, 2, 3]
