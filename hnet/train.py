@@ -111,7 +111,8 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
     ledger = FlopsLedger(run_dir)
     raw: StitchModel = accelerator.unwrap_model(model)
     n_enc = len(encoder_subset(0, len(names), cfg.train.encoders_per_step, cfg.train.seed))
-    step_flops = train_step_flops(raw, n_enc, cfg.train.batch_size) | {"grad_accum": cfg.train.grad_accum}
+    step_flops = (train_step_flops(raw, n_enc, cfg.train.batch_size, world=accelerator.num_processes)
+                  | {"grad_accum": cfg.train.grad_accum})
     stop = StopFlag()
     accum, k = cfg.train.grad_accum, cfg.train.encoders_per_step
     feed = Prefetcher(data, lambda micro: encoder_subset(micro // accum, len(names), k, cfg.train.seed))

@@ -75,3 +75,9 @@ def test_ie30_zoo_leaves_no_op_uncounted():
 
     for name in yaml.safe_load(open("configs/encoders/ie30.yaml"))["encoders"]:
         assert encoder_flops(name)["unsupported_ops"] == [], name
+
+
+def test_every_rank_computing_the_global_logits_is_counted():
+    model = StitchModel("separate", ConnectorShape("linear", "image_to_text", 8, 4), [8], HypernetConfig())
+    one, two = train_step_flops(model, 1, 16), train_step_flops(model, 1, 16, world=2)
+    assert two["logits_loss"] == 2 * one["logits_loss"] and two["connectors"] == one["connectors"]
