@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from hnet import io
@@ -120,8 +120,7 @@ def finetune(cfg: Config, model: StitchModel, params, width: int, data: FeatureB
         loss.backward()
         optimizer.step()
     connector = Connector.from_params(model.shape, [(w.detach(), b.detach()) for w, b in params], width)
-    with io.atomic_path(run_dir / "autodecode" / f"{io.slug(encoder)}.finetuned.safetensors") as tmp:
-        save_file(connector.state_dict(), str(tmp))
+    io.write_safetensors(run_dir / "autodecode" / f"{io.slug(encoder)}.finetuned.safetensors", connector.state_dict())
     step_flops = 2 * sum(sum(p.values()) for p in (connector_macs(model.shape.layers, 1, ad.batch_size),
                                                       logits_macs(1, ad.batch_size, model.shape.dims[-1])))
     return {"steps": ad.finetune_steps, "flops": step_flops * ad.finetune_steps,
@@ -132,8 +131,7 @@ def _save_into_run(run_dir, meta: dict, encoder: str, width: int, weights: str, 
     path = run_dir / "cond_embeddings.safetensors"
     conds = load_file(str(path))
     conds[encoder] = cond.cpu().contiguous()
-    with io.atomic_path(path) as tmp:
-        save_file(conds, str(tmp))
+    io.write_safetensors(path, conds)
     meta.setdefault("trained", list(meta["names"]))
     if encoder not in meta["names"]:
         meta["names"].append(encoder)

@@ -103,9 +103,7 @@ def _write_unit(folder: Path, buf: _UnitBuffer, names: list[str], skipped: int =
     for name in names:
         parts = buf.arrays.get(name, [])
         array = np.concatenate(parts) if parts else np.zeros((0, 0), np.float16)
-        with io.atomic_path(folder / f"{slug(name)}.npy") as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, array)
+        io.write_npy(folder / f"{slug(name)}.npy", array)
     io.write_json(folder / "done.json", {"keys": buf.keys, "names": names, "skipped": skipped})
 
 
@@ -131,7 +129,7 @@ def embed_pass(root: Path, units: list[Unit], encoders: dict[str, ImageEncoder],
         for item in loader:
             buf = buffers.setdefault(item["unit"], _UnitBuffer())
             if item["end"]:
-                _write_unit(parts / item["unit"], buffers.pop(item["unit"], _UnitBuffer()), names,
+                _write_unit(parts / item["unit"], buffers.pop(item["unit"]), names,
                             item["skipped"])
                 bar.update(1)
                 continue
@@ -255,9 +253,7 @@ def write_cache(root: str | Path, keys: list[str], arrays: dict[str, np.ndarray]
         if len(array) != len(keys):
             raise CacheError(f"{root}: '{name}' has {len(array)} rows for {len(keys)} keys")
         file = root / f"{slug(name)}.f16.npy"
-        with io.atomic_path(file) as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, np.asarray(array, np.float16))
+        io.write_npy(file, np.asarray(array, np.float16))
         manifest["encoders"][name] = {"file": file.name, "width": int(array.shape[1]), "dtype": "float16",
                                       "count": len(keys), "sha256": io.sha256_file(file)}
     io.write_json(root / "keys.json", keys)

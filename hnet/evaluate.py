@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hnet import io
 from hnet.cache import CachedFeatures, build_cache
@@ -39,8 +39,7 @@ def class_embeddings(text_encoder: str, classnames: list[str], templates: tuple[
     prompts = [t.format(c=c) for c in classnames for t in templates]
     emb = encoder.encode(prompts).view(len(classnames), len(templates), -1)
     weight = F.normalize(F.normalize(emb, dim=-1).mean(dim=1), dim=-1)
-    with io.atomic_path(path) as tmp:
-        save_file({"weight": weight.contiguous()}, str(tmp))
+    io.write_safetensors(path, {"weight": weight.contiguous()})
     return weight
 
 
@@ -84,10 +83,9 @@ def eval_cache(cfg: Config, dataset: ZeroShotSet, names: list[str],
     """The dataset's features for `names` (embedded once, then reused); also which encoders this call embedded."""
     root = cfg.cache_path / "eval" / f"{dataset.name}_{dataset.size}"
     specs = specs_for(names, weights, cfg.image_weights)
-    manifest = build_cache(root, dataset.units, specs, None, batch_size=cfg.eval.batch_size,
-                           num_workers=cfg.data.num_workers, has_labels=True)
-    embedded = [n for n in names if manifest["samples"] and n in manifest.get("embedded", [])]
-    return CachedFeatures(root, names + ["labels"]), embedded
+    stats = build_cache(root, dataset.units, specs, None, batch_size=cfg.eval.batch_size,
+                        num_workers=cfg.data.num_workers, has_labels=True)
+    return CachedFeatures(root, names + ["labels"]), stats["embedded"]
 
 
 class ZeroShotProbe:

@@ -40,6 +40,28 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def write_safetensors(path: str | Path, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def write_npy(path: str | Path, array) -> None:
+    import numpy as np
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
+
+
+def write_figure(path: str | Path, fig, dpi: int = 110) -> Path:
+    """Save a matplotlib figure atomically (format from the suffix, png by default)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi)
+    return path
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from hnet import io
@@ -71,12 +71,10 @@ def save_model(run_dir: str | Path, model: StitchModel, names: list[str], hypern
     run_dir = Path(run_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "source.cond"}
     state["log_scale"] = model.log_scale.detach().cpu().reshape(())
-    with io.atomic_path(run_dir / "model.safetensors") as tmp:
-        save_file(state, str(tmp))
+    io.write_safetensors(run_dir / "model.safetensors", state)
     if model.method == "hypernet":
         conds = {name: model.source.cond[i].detach().cpu().clone() for i, name in enumerate(names)}
-        with io.atomic_path(run_dir / "cond_embeddings.safetensors") as tmp:
-            save_file(conds, str(tmp))
+        io.write_safetensors(run_dir / "cond_embeddings.safetensors", conds)
     io.write_json(run_dir / "model.json", {"method": model.method, "names": names,
                                            "widths": model.widths.tolist(),
                                            "shape": dataclasses.asdict(model.shape),

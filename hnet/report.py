@@ -108,9 +108,7 @@ def plot_accuracy_vs_flops(run_dirs: list[str | Path], out: str | Path) -> Path:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = Path(out)
-    with io.atomic_path(out) as tmp:
-        fig.savefig(tmp, format=out.suffix.lstrip(".") or "png", dpi=120)
+    out = io.write_figure(out, fig, dpi=120)
     plt.close(fig)
     return out
 
@@ -154,8 +152,6 @@ def plot_reliability(dataset_result: dict, name: str, out: str | Path) -> Path:
     ax.set(xlabel="confidence", ylabel="accuracy", title=f"{name}: reliability", xlim=(0, 1), ylim=(0, 1))
     ax.legend(fontsize=6)
     fig.tight_layout()
-    out = Path(out)
-    with io.atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    out = io.write_figure(out, fig)
     plt.close(fig)
     return out
