@@ -57,6 +57,7 @@ class HypernetConfig:
 class TrainConfig:
     batch_size: int = 512
     encoders_per_step: int = 0  # 0 = all encoders every step, else k of N sampled per step
+    local_loss: bool = False  # multi-process: each rank computes only its B_local x B_global logits (open_clip)
     epochs: float = 20
     max_steps: int = 0  # >0 caps the step count
     lr: float = 1e-2

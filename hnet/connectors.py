@@ -77,19 +77,28 @@ def connector_forward(x: torch.Tensor, params: Params, mask: torch.Tensor | None
 
 
 class SeparateConnectors(nn.Module):
-    """APE baseline: one independent connector per encoder, stored stacked so all train in one batched call."""
+    """APE baseline: one independent connector per encoder, stored stacked so all train in one batched call.
 
-    def __init__(self, shape: ConnectorShape, widths: list[int]):
+    Each encoder's connector is drawn at its TRUE size from its own seed (PyTorch's nn.Linear init) and
+    zero-padded: padded entries get zero gradients and stay zero, so a connector trained beside others equals
+    one trained alone."""
+
+    def __init__(self, shape: ConnectorShape, widths: list[int], seeds: list[int] | None = None):
         super().__init__()
         self.shape = shape
+        seeds = list(range(len(widths))) if seeds is None else seeds
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for layer, (fan_in, fan_out) in enumerate(shape.layers):
-            true_fan_in = torch.tensor([shape.true_layers(w)[layer][0] for w in widths], dtype=torch.float32)
-            std = (1.0 / torch.sqrt(3.0 * true_fan_in)).view(-1, 1, 1)
-            bound = std * math.sqrt(3.0)  # uniform(-a, a) has std a/sqrt(3)
-            self.weights.append(nn.Parameter((torch.rand(len(widths), fan_in, fan_out) * 2 - 1) * bound))
-            self.biases.append(nn.Parameter((torch.rand(len(widths), fan_out) * 2 - 1) * bound[:, :, 0]))
+            weight, bias = torch.zeros(len(widths), fan_in, fan_out), torch.zeros(len(widths), fan_out)
+            for i, (width, gen) in enumerate(zip(widths, gens)):
+                true_in, true_out = shape.true_layers(width)[layer]
+                bound = 1.0 / math.sqrt(true_in)
+                weight[i, :true_in, :true_out] = (torch.rand(true_in, true_out, generator=gen) * 2 - 1) * bound
+                bias[i, :true_out] = (torch.rand(true_out, generator=gen) * 2 - 1) * bound
+            self.weights.append(nn.Parameter(weight))
+            self.biases.append(nn.Parameter(bias))
 
     def forward(self, index: torch.Tensor) -> Params:
         if len(index) == len(self.weights[0]) and bool((index == torch.arange(len(index), device=index.device)).all()):

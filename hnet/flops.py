@@ -90,10 +90,12 @@ def connector_macs(layers: list[tuple[int, int]], n: int, batch: int) -> dict:
     return {"forward": forward, "backward": weight_grads + input_grads}
 
 
-def logits_macs(n: int, batch: int, width: int) -> dict:
-    """[n,B,E] x [B,E]^T logits: one side (the mapped one) needs a gradient, the frozen side does not."""
-    forward = n * batch * batch * width
-    return {"forward": forward, "backward": forward}
+def logits_macs(n: int, batch: int, width: int, world: int = 1, local: bool = False) -> dict:
+    """Logits of one step, summed over ranks; one side (the mapped one) needs a gradient, the frozen one not.
+    Without local_loss every rank computes all [n, B, B] global logits; with it, each rank computes its
+    B/world rows against all B columns, once per direction."""
+    per_rank = 2 * n * (batch // world) * batch * width if local else n * batch * batch * width
+    return {"forward": per_rank * world, "backward": per_rank * world}
 
 
 def hypernet_macs(model, n: int, frozen: bool = False) -> dict:
@@ -105,13 +107,13 @@ def hypernet_macs(model, n: int, frozen: bool = False) -> dict:
     return {"forward": forward, "backward": forward if frozen else 2 * forward}
 
 
-def train_step_flops(model, n: int, batch: int, world: int = 1, frozen_hypernet: bool = False) -> dict:
-    """FLOPs of one optimizer step (forward + backward) split by part. Every rank computes the global logits."""
+def train_step_flops(model, n: int, batch: int, world: int = 1, frozen_hypernet: bool = False,
+                     local: bool = False) -> dict:
+    """FLOPs of one optimizer step (forward + backward) over all ranks, split by part; `batch` is global."""
     shape = model.shape
+    width = shape.dims[-1] if shape.direction == "image_to_text" else shape.image_width
     parts = {"connectors": connector_macs(shape.layers, n, batch),
-             "logits_loss": logits_macs(n, batch, shape.dims[-1] if shape.direction == "image_to_text"
-                                        else shape.image_width)}
-    parts["logits_loss"] = {k: v * world for k, v in parts["logits_loss"].items()}
+             "logits_loss": logits_macs(n, batch, width, world, local and world > 1)}
     if model.method == "hypernet":
         parts["hypernet"] = hypernet_macs(model.source, n, frozen_hypernet)
     out = {name: 2 * (p["forward"] + p["backward"]) for name, p in parts.items()}

@@ -2,7 +2,9 @@
 gather that keeps gradients.
 
 With `world > 1` every rank gathers both sides WITH gradient (torch.distributed.nn.all_gather) and computes the
-loss on the full global batch. Autograd's all_gather backward sums the gradient of every rank's copy, and DDP
+loss on the full global batch, or with `local=True` (open_clip's local_loss) only its own B_local x B_global
+block of logits in each direction: the mean over ranks of the local losses is the global loss, and the gradients
+are the same. Autograd's all_gather backward sums the gradient of every rank's copy, and DDP
 then averages parameter gradients over ranks: world x (1/world) = exactly the single-process gradient on the same
 global batch. accelerate's `gather` has no backward, which would silently drop the cross-rank terms.
 """
@@ -70,24 +72,48 @@ def encoder_chunk(batch: int, budget: int = 1 << 20) -> int:
     return max(1, budget // (batch * batch))
 
 
-def loss_and_surrogate(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, chunk: int):
+def _rows(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Encoders start:stop of a per-encoder tensor ([n, ...], 3-d); shared tensors (2-d text, scalar) as they are."""
+    return t[start:stop] if t.dim() == 3 else t
+
+
+def local_clip_loss(a: torch.Tensor, b: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor,
+                    scale: torch.Tensor, offset: int) -> torch.Tensor:
+    """This rank's rows (a, b: local) against every rank's columns (a_all, b_all: gathered), both directions;
+    the positive of local row i is global column offset + i."""
+    n = a.shape[0]
+    b_rows = b.unsqueeze(0).expand(n, -1, -1) if b.dim() == 2 else b
+    per_direction = []
+    for logits in (contrastive_logits(a, b_all, scale), contrastive_logits(b_rows, a_all, scale)):
+        positives = logits.diagonal(offset=offset, dim1=1, dim2=2)
+        per_direction.append((logits.logsumexp(dim=2) - positives).mean())
+    return (per_direction[0] + per_direction[1]) / 2
+
+
+def loss_and_surrogate(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, chunk: int, local: bool = False):
     """clip_loss over all encoders, computed and differentiated chunk by chunk of encoders, so the peak memory
     is chunk x B x B logits instead of N x B x B (the loss is a mean over encoders, so chunking is exact).
+    `scale` is a scalar or one per encoder ([n, 1, 1]).
 
     Returns (loss, surrogate): backpropagating the surrogate scalar through the model gives exactly the loss's
     gradient, in one backward pass (one DDP gradient sync, accelerate's loss scaling and accumulation intact).
+    With `local`, the loss is this rank's share (see local_clip_loss); its mean over ranks is the global loss.
     """
-    a = gather_with_grad(a, dim=1)
-    b = gather_with_grad(b, dim=b.dim() - 2)
-    outputs = (a, b, scale)
+    a_all = gather_with_grad(a, dim=1)
+    b_all = gather_with_grad(b, dim=b.dim() - 2)
+    outputs = (a, b, a_all, b_all, scale) if local else (a_all, b_all, scale)
     leaves = [t.detach().requires_grad_(t.requires_grad) for t in outputs]
-    a_leaf, b_leaf, s_leaf = leaves
+    offset = dist.get_rank() * a.shape[1] if local and dist.is_available() and dist.is_initialized() else 0
     n, total = a.shape[0], torch.zeros((), device=a.device)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        part = clip_loss(a_leaf[start:stop], b_leaf[start:stop] if b_leaf.dim() == 3 else b_leaf, s_leaf,
-                         gather=False) * ((stop - start) / n)
-        part.backward()
-        total = total + part.detach()
+        part = [_rows(t, start, stop) for t in leaves]
+        if local:
+            value = local_clip_loss(*part, offset=offset)
+        else:
+            value = clip_loss(*part, gather=False)
+        value = value * ((stop - start) / n)
+        value.backward()
+        total = total + value.detach()
     surrogate = sum((out * leaf.grad).sum() for out, leaf in zip(outputs, leaves) if leaf.grad is not None)
     return total, surrogate

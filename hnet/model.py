@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from pathlib import Path
 
 import torch
@@ -34,33 +35,63 @@ def project(shape: ConnectorShape, params: Params, widths: torch.Tensor, image: 
 
 
 class StitchModel(nn.Module):
+    """The hypernetwork shares one logit scale over all encoders; the separate (APE) baseline keeps one per
+    connector, so its N connectors train exactly as N single-encoder runs would."""
+
     def __init__(self, method: str, shape: ConnectorShape, widths: list[int], hypernet: HypernetConfig,
-                 learnable_scale: bool = True, scale_init: float = 1 / 0.07):
+                 learnable_scale: bool = True, scale_init: float = 1 / 0.07, init_seeds: list[int] | None = None):
         super().__init__()
         self.method, self.shape = method, shape
         self.source = (HyperNetwork(shape, widths, hypernet) if method == "hypernet"
-                       else SeparateConnectors(shape, widths))
-        log_scale = torch.tensor(math.log(scale_init))
+                       else SeparateConnectors(shape, widths, init_seeds))
+        log_scale = torch.full(() if method == "hypernet" else (len(widths),), math.log(scale_init))
         if learnable_scale:
             self.log_scale = nn.Parameter(log_scale)
         else:
             self.register_buffer("log_scale", log_scale)
         self.register_buffer("widths", torch.tensor(widths), persistent=False)
 
-    def logit_scale(self) -> torch.Tensor:
-        return self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+    def logit_scale(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The shared scalar (hypernetwork), or the selected connectors' scales as [n, 1, 1] (separate)."""
+        scale = self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        if scale.dim() == 0 or index is None:
+            return scale
+        return scale[index].view(-1, 1, 1)
+
+    def per_encoder_parameters(self) -> list[nn.Parameter]:
+        """Trainable tensors whose first dimension indexes encoders (row i belongs to encoder i alone)."""
+        if self.method == "hypernet":
+            return [self.source.cond]
+        rows = list(self.source.weights) + list(self.source.biases)
+        return rows + ([self.log_scale] if isinstance(self.log_scale, nn.Parameter) else [])
 
     def forward(self, index: torch.Tensor, image: torch.Tensor, text: torch.Tensor):
         params = self.source(index)
         a, b = project(self.shape, params, self.widths[index], image, text)
-        return a, b, self.logit_scale()
+        return a, b, self.logit_scale(index)
 
 
-def build_model(cfg: Config, widths: list[int], text_width: int) -> StitchModel:
+def build_model(cfg: Config, names: list[str], widths: list[int], text_width: int) -> StitchModel:
     c = cfg.connector
     shape = ConnectorShape(c.kind, c.direction, max(widths), text_width, c.depth, c.hidden)
+    seeds = [zlib.crc32(f"{cfg.train.seed}:{name}".encode()) for name in names]  # init independent of the zoo
     return StitchModel(cfg.method, shape, widths, cfg.hypernet, cfg.train.logit_scale == "learnable",
-                       cfg.train.logit_scale_init)
+                       cfg.train.logit_scale_init, seeds)
+
+
+NO_DECAY = ("log_scale", "bias", "norm", "cond", "layer_emb", "chunk_emb")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as open_clip makes them: weight decay on weight matrices only, never on logit scales,
+    biases, norms or embeddings (cond, layer, chunk)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or any(part in name for part in NO_DECAY)
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 # ---------------------------------------------------------------- files
@@ -70,7 +101,7 @@ def save_model(run_dir: str | Path, model: StitchModel, names: list[str], hypern
     """Write the trained state; `weights` maps encoder name -> how to load it (pretrained | random | file)."""
     run_dir = Path(run_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "source.cond"}
-    state["log_scale"] = model.log_scale.detach().cpu().reshape(())
+    state["log_scale"] = model.log_scale.detach().cpu().contiguous()
     io.write_safetensors(run_dir / "model.safetensors", state)
     if model.method == "hypernet":
         conds = {name: model.source.cond[i].detach().cpu().clone() for i, name in enumerate(names)}

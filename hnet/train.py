@@ -7,10 +7,12 @@ and applies a symmetric InfoNCE over [N, B, B] logits. Batch order and encoder c
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from hnet.data.features import FeatureBatches, Prefetcher
 from hnet.evaluate import ZeroShotProbe
 from hnet.flops import FlopsLedger, train_step_flops
 from hnet.losses import encoder_chunk, loss_and_surrogate
-from hnet.model import StitchModel, build_model, save_model
+from hnet.model import StitchModel, build_model, param_groups, save_model
 from hnet.zoo import read_encoder_list
 
 
@@ -70,7 +72,10 @@ def open_cache(cfg: Config, names: list[str]) -> CachedFeatures:
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cfg.device == "cpu",
+    # With no accelerator present, accelerate only sets up torchrun's ranks (gloo) when told cpu=True;
+    # otherwise every rank would run alone, each believing it is the main process.
+    cpu = cfg.device == "cpu" or (cfg.device == "" and not torch.accelerator.is_available())
+    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu,
                        gradient_accumulation_steps=cfg.train.grad_accum,
                        log_with=cfg.train.tracker or None, project_dir=str(cfg.run_dir))
 
@@ -80,15 +85,69 @@ def layer_grad_norms(model: torch.nn.Module) -> dict[str, float]:
 
 
 class StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits cleanly at the next step boundary."""
+    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits cleanly at the next step boundary. The flag is
+    reduced over ranks each step, so a signal that reaches one rank stops all of them at the same step. Used as
+    a context manager: the previous handlers come back when training ends."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.raised = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._set)
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopFlag":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous = {sig: signal.signal(sig, self._set) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _set(self, *_):
         self.raised = True
+
+
+def step_all_reduce(accelerator: Accelerator, loss: float, stop: bool) -> tuple[float, bool]:
+    """One collective per step: the loss averaged over ranks (local_loss gives each rank its share) and
+    whether any rank was told to stop."""
+    if accelerator.num_processes == 1:
+        return loss, stop
+    values = torch.tensor([loss, float(stop)], dtype=torch.float64, device=accelerator.device)
+    values = accelerator.reduce(values, reduction="sum")
+    return float(values[0]) / accelerator.num_processes, bool(values[1] > 0)
+
+
+@contextlib.contextmanager
+def untouched_rows(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], rows: torch.Tensor):
+    """Rows (encoders) not drawn at this step keep their parameters and optimizer moments bit for bit: with
+    zero gradients AdamW would still decay them and move them along their stale moments."""
+    if len(rows) == 0:
+        yield
+        return
+    saved = []
+    for p in params:
+        moments = {k: v[rows].clone() for k, v in optimizer.state.get(p, {}).items()
+                   if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == p.shape[0]}
+        saved.append((p, p.detach()[rows].clone(), moments))
+    yield
+    with torch.no_grad():
+        for p, values, moments in saved:
+            p[rows] = values
+            for key, value in moments.items():
+                optimizer.state[p][key][rows] = value
+
+
+def clip_per_encoder(params: list[torch.Tensor], max_norm: float) -> float:
+    """Clip each encoder's gradient (its row of every per-encoder tensor) on its own, as N single runs would;
+    returns the largest per-encoder norm before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    squares = sum(g.reshape(g.shape[0], -1).float().pow(2).sum(dim=1) for g in grads)
+    norms = squares.sqrt()
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
+    return float(norms.max())
 
 
 # ---------------------------------------------------------------- the loop
@@ -101,63 +160,68 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
     cache = open_cache(cfg, names)
     data = FeatureBatches(cache, names, cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle_pairs,
                           cfg.train.overfit_batches, accelerator.process_index, accelerator.num_processes)
-    model = build_model(cfg, data.widths, cache.width(TEXT))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    model = build_model(cfg, names, data.widths, cache.width(TEXT))
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
     steps = total_steps(cfg, data.steps_per_epoch)
+    # Not prepared by accelerate: a prepared scheduler steps once per rank per optimizer step (split_batches=False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup_steps, steps))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    accelerator.register_for_checkpointing(scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
     run_dir = cfg.run_dir
     start = _start_or_resume(cfg, accelerator, run_dir)
     ledger = FlopsLedger(run_dir)
     raw: StitchModel = accelerator.unwrap_model(model)
     n_enc = len(encoder_subset(0, len(names), cfg.train.encoders_per_step, cfg.train.seed))
-    step_flops = (train_step_flops(raw, n_enc, cfg.train.batch_size, world=accelerator.num_processes)
-                  | {"grad_accum": cfg.train.grad_accum})
-    stop = StopFlag()
+    world = accelerator.num_processes
+    step_flops = (train_step_flops(raw, n_enc, cfg.train.batch_size, world=world, local=cfg.train.local_loss)
+                  | {"grad_accum": cfg.train.grad_accum, "world": world, "local_loss": cfg.train.local_loss})
     accum, k = cfg.train.grad_accum, cfg.train.encoders_per_step
     feed = Prefetcher(data, lambda micro: encoder_subset(micro // accum, len(names), k, cfg.train.seed))
     probe = None
-    if cfg.train.eval_every > 0 and accelerator.is_main_process:
-        probe = ZeroShotProbe(cfg, cfg.eval.datasets[0], names, {s.name: s.weights for s in specs})
+    if cfg.train.eval_every > 0:  # built and scored on every rank: no rank waits alone in a collective
+        probe = ZeroShotProbe(cfg, cfg.eval.datasets[0], names, {s.name: s.weights for s in specs}, accelerator)
         ledger.add("eval", probe.embed_flops)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {cfg.method}",
                disable=not accelerator.is_main_process)
-    last = {}
+    last, stopped = {}, False
     tick, samples, skipped_total = time.perf_counter(), 0, 0
-    for step in bar:
-        loss, grad_norm, layer_norms, skipped = _one_step(cfg, accelerator, model, optimizer, scheduler, feed, step,
-                                                          len(names))
-        skipped_total += skipped
-        samples += cfg.train.batch_size * cfg.train.grad_accum
-        ledger.add("train", step_flops["total"] * cfg.train.grad_accum, steps=1,
-                   samples=cfg.train.batch_size * cfg.train.grad_accum, parts=step_flops)
-        done = step + 1
-        row = {}
-        if done % cfg.train.log_every == 0 or done == steps or skipped:
-            elapsed = time.perf_counter() - tick
-            row = {"step": done, "epoch": done * cfg.train.grad_accum / data.steps_per_epoch, "loss": loss,
-                   "lr": scheduler.get_last_lr()[0], "logit_scale": float(raw.logit_scale().detach()),
-                   "grad_norm": grad_norm, "samples_per_s": samples / max(elapsed, 1e-9),
-                   "skipped_steps": skipped_total, **layer_norms}
-            bar.set_postfix(loss=f"{loss:.4f}")
-            tick, samples = time.perf_counter(), 0
-        if probe is not None and (done % cfg.train.eval_every == 0 or done == steps):
-            row = {"step": done, **row, **_probe_scores(probe, raw, names, ledger)}
-        if row:
-            last = row | {"flops_cum": ledger.total(), "train_flops_cum": ledger.phases["train"]["flops"]}
-            if accelerator.is_main_process:
-                io.append_jsonl(run_dir / "metrics.jsonl", last)
-                accelerator.log({k: v for k, v in last.items() if k != "step"}, step=done)
-        if done % cfg.train.ckpt_every == 0 or done == steps or stop.raised:
-            ledger.save(accelerator.is_main_process)
-            save_checkpoint(accelerator, run_dir, done)
-        if stop.raised:
-            accelerator.print(f"stopped by signal after step {done}; resume with train.resume=latest")
-            break
-    if accelerator.is_main_process and not stop.raised:
+    with StopFlag() as stop:
+        for step in bar:
+            loss, grad_norm, layer_norms, skipped = _one_step(cfg, accelerator, model, optimizer, scheduler, feed,
+                                                              step, len(names))
+            loss, stopped = step_all_reduce(accelerator, loss, stop.raised)
+            skipped_total += skipped
+            samples += cfg.train.batch_size * accum
+            ledger.add("train", step_flops["total"] * accum, steps=1, samples=cfg.train.batch_size * accum,
+                       parts=step_flops)
+            done = step + 1
+            row = {}
+            if done % cfg.train.log_every == 0 or done == steps or skipped:
+                elapsed = time.perf_counter() - tick
+                row = {"step": done, "epoch": done * accum / data.steps_per_epoch, "loss": loss,
+                       "lr": scheduler.get_last_lr()[0], "logit_scale": float(raw.logit_scale().detach().mean()),
+                       "grad_norm": grad_norm, "samples_per_s": samples / max(elapsed, 1e-9),
+                       "skipped_steps": skipped_total, "world": world, **layer_norms}
+                bar.set_postfix(loss=f"{loss:.4f}")
+                tick, samples = time.perf_counter(), 0
+            if probe is not None and (done % cfg.train.eval_every == 0 or done == steps):
+                row = {"step": done, **row, **_probe_scores(probe, raw, names, ledger)}
+            if row:
+                last = row | {"flops_cum": ledger.total(), "train_flops_cum": ledger.phases["train"]["flops"]}
+                if accelerator.is_main_process:
+                    io.append_jsonl(run_dir / "metrics.jsonl", last)
+                    accelerator.log({k: v for k, v in last.items() if k != "step"}, step=done)
+            if done % cfg.train.ckpt_every == 0 or done == steps or stopped:
+                ledger.save(accelerator.is_main_process)
+                save_checkpoint(accelerator, run_dir, done)
+            if stopped:
+                accelerator.print(f"stopped by signal after step {done}; resume with train.resume=latest")
+                break
+    if accelerator.is_main_process and not stopped:
         save_model(run_dir, raw, names, cfg.hypernet, {s.name: s.weights for s in specs})
+    accelerator.wait_for_everyone()
     accelerator.end_training()
-    return {"steps": steps, "last": last, "run_dir": str(run_dir), "stopped": stop.raised}
+    return {"steps": steps, "last": last, "run_dir": str(run_dir), "stopped": stopped}
 
 
 def _start_or_resume(cfg: Config, accelerator: Accelerator, run_dir: Path) -> int:
@@ -195,34 +259,49 @@ def _probe_scores(probe, model: StitchModel, names: list[str], ledger: FlopsLedg
 
 
 def _one_step(cfg, accelerator, model, optimizer, scheduler, feed, step, n_encoders):
-    """One optimizer step (grad_accum micro-batches): (loss, grad norm, per-parameter grad norms, skipped 0/1)."""
+    """One optimizer step (grad_accum micro-batches) = one scheduler step, whatever the world size.
+    Returns (loss, grad norm, per-parameter grad norms, skipped 0/1)."""
     encoders = encoder_subset(step, n_encoders, cfg.train.encoders_per_step, cfg.train.seed)
     index = torch.as_tensor(encoders, device=accelerator.device)
+    raw: StitchModel = accelerator.unwrap_model(model)
     total_loss, grad_norm, layer_norms = 0.0, 0.0, {}
     for micro in range(cfg.train.grad_accum):
         image, text = feed.get(step * cfg.train.grad_accum + micro)
         image, text = image.to(accelerator.device), text.to(accelerator.device)
         with accelerator.accumulate(model):
             a, b, scale = model(index, image, text)
-            loss, surrogate = loss_and_surrogate(a.float(), b.float(), scale, encoder_chunk(cfg.train.batch_size))
+            loss, surrogate = loss_and_surrogate(a.float(), b.float(), scale, encoder_chunk(cfg.train.batch_size),
+                                                 local=cfg.train.local_loss)
+            if raw.method == "separate":  # a sum over connectors: each gets the gradient it would get alone
+                surrogate = surrogate * len(encoders)
             accelerator.backward(surrogate)
-            if accelerator.sync_gradients:
-                layer_norms = layer_grad_norms(accelerator.unwrap_model(model))
-                if cfg.train.grad_clip > 0:
-                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
-            finite = math.isfinite(float(loss.detach())) and math.isfinite(grad_norm)
-            if accelerator.sync_gradients and not finite:
-                if cfg.train.nonfinite == "stop":
-                    raise NonFiniteError(f"non-finite loss/gradient at step {step + 1}; the last good checkpoint "
-                                         f"is kept in {cfg.run_dir / 'checkpoints'} (or set train.nonfinite=skip)")
-                optimizer.zero_grad()
-                scheduler.step()
-                return float("nan"), grad_norm, layer_norms, 1
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
         total_loss += float(loss.detach()) / cfg.train.grad_accum
+    # the last micro-batch synchronised the gradients
+    layer_norms = layer_grad_norms(raw)
+    grad_norm = _clip(cfg, accelerator, model, raw)
+    if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
+        if cfg.train.nonfinite == "stop":
+            raise NonFiniteError(f"non-finite loss/gradient at step {step + 1}; the last good checkpoint "
+                                 f"is kept in {cfg.run_dir / 'checkpoints'} (or set train.nonfinite=skip)")
+        optimizer.zero_grad()
+        scheduler.step()
+        return float("nan"), grad_norm, layer_norms, 1
+    unselected = torch.as_tensor(np.setdiff1d(np.arange(n_encoders), encoders), device=accelerator.device)
+    with untouched_rows(optimizer.optimizer, raw.per_encoder_parameters(), unselected):
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
     return total_loss, grad_norm, layer_norms, 0
+
+
+def _clip(cfg, accelerator, model, raw: StitchModel) -> float:
+    """Gradient-norm clipping: one global norm for the hypernetwork, one norm per connector for APE."""
+    if cfg.train.grad_clip <= 0:
+        return 0.0
+    if raw.method == "separate":
+        accelerator.unscale_gradients()
+        return clip_per_encoder(raw.per_encoder_parameters(), cfg.train.grad_clip)
+    return float(accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -54,27 +54,43 @@ def _loss_and_grad(x, text, weight):
     return loss.detach(), weight.grad
 
 
-def _worker(rank, world, port, out):
+def _local_loss_and_grad(x, text, weight, local):
+    from hnet.losses import loss_and_surrogate
+
+    weight = weight.clone().requires_grad_(True)
+    a = F.normalize(torch.bmm(x, weight), dim=-1)
+    loss, surrogate = loss_and_surrogate(a, text, torch.tensor(5.0), chunk=1, local=local)
+    surrogate.backward()
+    return loss.detach(), weight.grad
+
+
+def _worker(rank, world, port, out, local):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     x, text, weight = _setup()
-    local = slice(rank * 4, (rank + 1) * 4)
-    loss, grad = _loss_and_grad(x[:, local], text[local], weight)
+    part = slice(rank * 4, (rank + 1) * 4)
+    if local is None:
+        loss, grad = _loss_and_grad(x[:, part], text[part], weight)
+    else:
+        loss, grad = _local_loss_and_grad(x[:, part], text[part], weight, local)
     dist.all_reduce(grad)  # what DDP does, as a mean
     grad /= world
-    out[rank] = (loss, grad)
+    dist.all_reduce(loss)  # the trainer logs the mean over ranks
+    out[rank] = (loss / world, grad, dist.get_world_size())
     dist.destroy_process_group()
 
 
-def test_two_process_gather_matches_one_process():
+@pytest.mark.parametrize("local", [None, False, True], ids=["clip_loss", "chunked", "local_loss"])
+def test_two_process_gather_matches_one_process(local):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     manager = mp.Manager()
     out = manager.dict()
-    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, port, out, local), nprocs=2, join=True)
     loss, grad = _loss_and_grad(*_setup())
     for rank in range(2):
+        assert out[rank][2] == 2
         torch.testing.assert_close(out[rank][0], loss)
         torch.testing.assert_close(out[rank][1], grad)
 
