@@ -92,3 +92,86 @@ def test_grad_accumulation_and_tensorboard_tracker(synthetic_cfg):
     flops = io.read_json(cfg.run_dir / "flops.json")["phases"]["train"]
     assert flops["samples"] == 3 * 64 and flops["flops"] == 3 * 2 * flops["parts"]["total"]
     assert list(cfg.run_dir.rglob("events.out.tfevents*"))
+
+
+def _checkpoint_state(run_dir, step):
+    folder = run_dir / "checkpoints" / f"step_{step:08d}"
+    return load_file(str(folder / "model.safetensors")), torch.load(folder / "optimizer.bin", weights_only=False)
+
+
+@pytest.mark.parametrize("method", ["hypernet", "separate"])
+def test_encoder_not_drawn_gets_no_update(synthetic_cfg, method):
+    """k=1 of 3: the encoder drawn at step s-1 but not at step s keeps its parameters AND its (non-zero) Adam
+    moments bit for bit through step s; checkpoints s and s+1 hold the states before and after."""
+    from hnet.train import encoder_subset
+
+    drawn = lambda s: int(encoder_subset(s, 3, 1, synthetic_cfg.train.seed)[0])
+    step = next(s for s in range(1, 50) if drawn(s) != drawn(s - 1))
+    idle = drawn(step - 1)
+    cfg = dataclasses.replace(with_train(synthetic_cfg, encoders_per_step=1, max_steps=step + 1, epochs=100,
+                                         ckpt_every=1, weight_decay=0.1, warmup_steps=1), method=method)
+    train(cfg)
+    (before, opt_before), (after, opt_after) = _checkpoint_state(cfg.run_dir, step), _checkpoint_state(cfg.run_dir,
+                                                                                                       step + 1)
+    per_encoder = ["source.cond"] if method == "hypernet" else [k for k in before if k.startswith("source.")]
+    moved = 0
+    for key in per_encoder:
+        assert torch.equal(before[key][idle], after[key][idle]), key
+        moved += int(not torch.equal(before[key], after[key]))
+    assert moved, "the drawn encoder must have moved"
+    for pid, state in opt_after["state"].items():
+        for name, value in state.items():
+            old = opt_before["state"][pid][name]
+            if value.dim() and value.shape[0] == 3:
+                assert torch.equal(value[idle], old[idle]), (pid, name)
+
+
+def test_separate_connectors_trained_together_equal_single_runs(synthetic_cfg):
+    names = synthetic_cfg.encoders[:2]
+    base = dataclasses.replace(with_train(synthetic_cfg, max_steps=6, epochs=10, warmup_steps=2, weight_decay=0.1,
+                                          grad_clip=0.05), method="separate")
+    runs = [dataclasses.replace(base, name="both", encoders=names)]
+    runs += [dataclasses.replace(base, name=f"only{i}", encoders=[n]) for i, n in enumerate(names)]
+    for cfg in runs:
+        train(cfg)
+    both = load_file(str(runs[0].run_dir / "model.safetensors"))
+    widths = io.read_json(runs[0].run_dir / "model.json")["widths"]
+    for i, cfg in enumerate(runs[1:]):
+        alone = load_file(str(cfg.run_dir / "model.safetensors"))
+        torch.testing.assert_close(both["log_scale"][i:i + 1], alone["log_scale"], rtol=1e-5, atol=1e-6)
+        w = widths[i]
+        torch.testing.assert_close(both["source.weights.0"][i, :w], alone["source.weights.0"][0],
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(both["source.biases.0"][i], alone["source.biases.0"][0], rtol=1e-5, atol=1e-6)
+        assert not both["source.weights.0"][i, w:].any()  # padding stays zero
+    # each connector got the gradient it gets alone (a sum over connectors, not a mean): same pre-clip norms
+    norms = [[r["grad_norm"] for r in io.read_jsonl(cfg.run_dir / "metrics.jsonl")] for cfg in runs]
+    torch.testing.assert_close(torch.tensor(norms[0]), torch.tensor(norms[1:]).max(dim=0).values, rtol=1e-4, atol=0)
+
+
+def test_weight_decay_only_on_weight_matrices(synthetic_cfg):
+    from hnet.model import build_model, param_groups
+
+    for method in ("hypernet", "separate"):
+        model = build_model(dataclasses.replace(synthetic_cfg, method=method), ["a", "b"], [16, 32], 24)
+        decay, no_decay = param_groups(model, 0.5)
+        ids = {id(p) for p in decay["params"]}
+        names = {n for n, p in model.named_parameters() if id(p) in ids}
+        expected = ({"source.trunk.0.weight", "source.trunk.2.weight", "source.head.weight"} if method == "hypernet"
+                    else {"source.weights.0"})
+        assert names == expected and decay["weight_decay"] == 0.5 and no_decay["weight_decay"] == 0.0
+
+
+def test_signal_handlers_restored_after_training(synthetic_cfg):
+    import signal
+
+    def mine(*_):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        train(with_train(synthetic_cfg, max_steps=1))
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
