@@ -101,3 +101,37 @@ def test_embedding_pass_split_over_two_ranks_matches_one(tmp_path):
     assert one["keys_sha256"] == two["keys_sha256"] and one["count"] == two["count"] == 240
     for name, entry in one["encoders"].items():
         assert entry["sha256"] == two["encoders"][name]["sha256"], name
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(synthetic_cfg, tmp_path):
+    """Preemption may signal one rank only: the flag is reduced, so both ranks checkpoint the same step and exit 0
+    (unreduced, one rank waits in the checkpoint barrier while the other waits in all_gather)."""
+    import time
+
+    import psutil
+
+    cfg = dataclasses.replace(with_train(synthetic_cfg, max_steps=100_000, epochs=100_000, ckpt_every=100_000,
+                                         log_every=1), name="preempt")
+    path = tmp_path / "preempt.yaml"
+    path.write_text(dump_yaml(cfg))
+    proc = subprocess.Popen(TORCHRUN + ["scripts/learn_multi_mapper.py", "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    try:
+        metrics = cfg.run_dir / "metrics.jsonl"
+        deadline = time.time() + 120
+        while len(io.read_jsonl(metrics)) < 3 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "RANK" in p.environ()]
+        rank1 = next(p for p in workers if p.environ()["RANK"] == "1")
+        rank1.send_signal(15)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    rows = io.read_jsonl(cfg.run_dir / "metrics.jsonl")
+    saved = sorted((cfg.run_dir / "checkpoints").iterdir())
+    assert {r["world"] for r in rows} == {2}
+    assert saved and saved[-1].name == f"step_{rows[-1]['step']:08d}"
+    assert not (cfg.run_dir / "model.safetensors").exists()  # stopped early: resume, not a finished model
