@@ -1,16 +1,15 @@
 """Embed the training data with every configured image encoder and the text encoder (one pass, resumable)."""
 import json
 
-from accelerate import Accelerator
-
 from hnet.cli import config_parser, main_guard, parse_config
 from hnet.embedding import embed_training_data
+from hnet.train import make_accelerator
 
 
 @main_guard
 def main(argv=None):
     _, cfg = parse_config(config_parser(__doc__), argv)
-    stats = embed_training_data(cfg, Accelerator(cpu=cfg.device == "cpu"))
+    stats = embed_training_data(cfg, make_accelerator(cfg))
     print(json.dumps({k: v for k, v in stats.items() if k != "manifest"}))
 
 
