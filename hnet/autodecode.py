@@ -4,8 +4,17 @@ The hypernetwork (and logit scale) are frozen: `requires_grad_(False)` and the o
 embedding, so its weights stay bit-identical (tests/test_autodecode.py checks). The budget is steps, samples or
 FLOPs, whichever runs out first; accuracy is logged against FLOPs spent along the way. The embedding is saved
 into the run, so `evaluate.py` and `connector_for()` treat the new encoder like a trained one.
+
+Only the samples the budget uses are embedded with the new encoder (the first (steps + finetune_steps) x batch
+training samples; the training cache's features when it already holds the encoder). Ledger of the run: the
+decoding (and fine-tuning) steps in `autodecode`; the new encoder's forwards over those samples as an `embed` part
+named after it; the zero-shot probes along the curve (connector + logits over the eval set each call) and the eval
+set's embedding for the new encoder in `eval`, like every other evaluation.
 """
 from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,13 +23,13 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from hnet import io
-from hnet.cache import CachedFeatures
+from hnet.cache import TEXT, CachedFeatures, CacheError, Unit, build_cache
 from hnet.config import Config, ConfigError
 from hnet.connectors import Connector
 from hnet.data.features import FeatureBatches
-from hnet.embedding import embed_training_data
-from hnet.evaluate import ZeroShotProbe
-from hnet.flops import FlopsLedger, autodecode_step_flops, connector_macs, logits_macs
+from hnet.data.sources import prepare_shards, shard_units
+from hnet.evaluate import ZeroShotProbe, default_accelerator
+from hnet.flops import FlopsLedger, autodecode_step_flops, connector_macs, encoder_flops, logits_macs
 from hnet.losses import clip_loss
 from hnet.model import StitchModel, load_model, project
 from hnet.zoo import parse_spec
@@ -34,7 +43,7 @@ def initial_cond(model: StitchModel, width: int, how: str, seed: int) -> torch.T
             return conds[same].mean(dim=0)
     if how == "random":
         gen = torch.Generator().manual_seed(seed)
-        return torch.randn(conds.shape[1], generator=gen) * conds.std()
+        return torch.randn(conds.shape[1], generator=gen).to(conds.device) * conds.std()
     return conds.mean(dim=0)
 
 
@@ -45,63 +54,159 @@ def _check(model: StitchModel, names: list[str], trained: list[str], encoder: st
         raise ConfigError(f"--encoder: '{encoder}' was trained in this run; auto-decoding is for unseen encoders")
 
 
-def autodecode(cfg: Config, run_dir, encoder: str, weights: str | None = None) -> dict:
-    model, names = load_model(run_dir)
-    meta = io.read_json(run_dir / "model.json")
-    trained = meta.get("trained", names)
-    _check(model, names, trained, encoder)
-    spec = parse_spec({"name": encoder, "weights": weights or cfg.image_weights})
-    embed_training_data(cfg, extra_specs=[spec])
-    cache = CachedFeatures(cfg.cache_path, [encoder])
-    width = cache.width(encoder)
+def _check_width(model: StitchModel, width: int, encoder: str) -> None:
     if model.shape.direction == "image_to_text" and width > model.shape.image_width:
         raise ConfigError(f"--encoder: '{encoder}' is {width} wide; this run's connectors take at most "
                           f"{model.shape.image_width}")
-    model.requires_grad_(False)
+
+
+def autodecode(cfg: Config, run_dir, encoder: str, weights: str | None = None, accelerator=None) -> dict:
+    """Decode a cond embedding for `encoder` on the accelerator's device. Every rank takes part in embedding;
+    the main process decodes, writes the files and the ledger; the others wait and read its result."""
+    accelerator = accelerator or default_accelerator(cfg)
+    run_dir = Path(run_dir)
+    model, names = load_model(run_dir)
+    meta = io.read_json(run_dir / "model.json")
+    _check(model, names, meta.get("trained", names), encoder)
+    spec = parse_spec({"name": encoder, "weights": weights or cfg.image_weights})
     ad = cfg.autodecode
-    cond = torch.nn.Parameter(initial_cond(model, width, ad.init, cfg.train.seed).clone())
-    optimizer = torch.optim.Adam([cond], lr=ad.lr)
-    data = FeatureBatches(cache, [encoder], ad.batch_size, cfg.train.seed)
-    probe = ZeroShotProbe(cfg, cfg.eval.datasets[0], [encoder], {encoder: spec.weights})
+    model = model.to(accelerator.device).requires_grad_(False)
     step_flops = autodecode_step_flops(model, ad.batch_size)
+    steps = planned_steps(ad, step_flops)
+    data, embedded = decoding_data(cfg, spec, (steps + ad.finetune_steps) * ad.batch_size, accelerator)
+    _check_width(model, data.widths[0], encoder)
+    probe = ZeroShotProbe(cfg, cfg.eval.datasets[0], [encoder], {encoder: spec.weights}, accelerator)
+    out = run_dir / "autodecode" / f"{io.slug(encoder)}.json"
+    if accelerator.is_main_process:
+        ledger = FlopsLedger(run_dir)
+        result = _decode(cfg, model, data, probe, spec, steps, step_flops, run_dir, meta, ledger)
+        result["embed"] = embedded
+        ledger.charge("embed", encoder, embedded["flops"], images=embedded["samples"], cached=embedded["cached"])
+        probe.charge_embedding(ledger)
+        ledger.save()
+        io.write_json(out, result)
+    accelerator.wait_for_everyone()
+    return io.read_json(out)
+
+
+def planned_steps(ad, step_flops: int) -> int:
+    """Steps the budget allows: autodecode.steps, capped by .samples and .flops when they are set."""
+    caps = [ad.steps]
+    if ad.samples:
+        caps.append(ad.samples // ad.batch_size)
+    if ad.flops:
+        caps.append(int(ad.flops // step_flops))
+    return max(0, min(caps))
+
+
+def _decode(cfg: Config, model: StitchModel, data: FeatureBatches, probe: ZeroShotProbe, spec, steps: int,
+            step_flops: int, run_dir: Path, meta: dict, ledger: FlopsLedger) -> dict:
+    ad, encoder, device = cfg.autodecode, spec.name, probe.device
+    width = data.widths[0]
+    cond = torch.nn.Parameter(initial_cond(model, width, ad.init, cfg.train.seed).clone().to(device))
+    optimizer = torch.optim.Adam([cond], lr=ad.lr)
     scales = model.source.scales_for(width)
+    probe_key = f"autodecode_probe/{probe.key}/{encoder}"
+
     def top1() -> float:
+        probe.charge_heads(ledger, model, probe_key)
         return probe.top1_of_params(model, model.source.generate(cond[None].detach(), scales), encoder)
 
     curve = [{"step": 0, "flops": 0, "samples": 0, "top1": top1()}]
-    spent, samples, step = 0, 0, 0
-    bar = tqdm(total=ad.steps, desc=f"autodecode {encoder}")
-    while step < ad.steps and (not ad.samples or samples + ad.batch_size <= ad.samples) and \
-            (not ad.flops or spent + step_flops <= ad.flops):
-        image, text = data.batch(step, np.array([0]))
-        image = F.pad(image, (0, model.shape.image_width - width))
+    loss = torch.tensor(float("nan"))
+    for step in tqdm(range(1, steps + 1), desc=f"autodecode {encoder}"):
         params = model.source.generate(cond[None], scales)
-        a, b = project(model.shape, params, torch.tensor([width]), image, text)
-        loss = clip_loss(a, b, model.logit_scale(), gather=False)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        step, spent, samples = step + 1, spent + step_flops, samples + ad.batch_size
-        bar.update(1)
-        if (ad.eval_every and step % ad.eval_every == 0) or step == ad.steps:
-            curve.append({"step": step, "flops": spent, "samples": samples, "top1": top1(), "loss": float(loss)})
-    bar.close()
-    if curve[-1]["step"] != step:
-        curve.append({"step": step, "flops": spent, "samples": samples, "top1": top1(), "loss": float(loss)})
+        loss = _clip_step(model, params, data, step - 1, width, optimizer)
+        if (ad.eval_every and step % ad.eval_every == 0) or step == steps:
+            curve.append({"step": step, "flops": step * step_flops, "samples": step * ad.batch_size,
+                          "top1": top1(), "loss": float(loss)})
     _save_into_run(run_dir, meta, encoder, width, spec.weights, cond.detach())
-    result = {"encoder": encoder, "width": width, "init": ad.init, "steps": step, "samples": samples,
-              "flops": spent, "top1": curve[-1]["top1"], "curve": curve,
-              "dataset": cfg.eval.datasets[0]}
-    ledger = FlopsLedger(run_dir)
-    ledger.add("autodecode", spent, steps=step, samples=samples, parts={"per_step": step_flops})
+    spent = steps * step_flops
+    ledger.charge("autodecode", f"decode/{encoder}", spent, steps=steps, samples=steps * ad.batch_size,
+                  per_step=step_flops)
+    result = {"encoder": encoder, "width": width, "init": ad.init, "steps": steps, "samples": steps * ad.batch_size,
+              "flops": spent, "top1": curve[-1]["top1"], "curve": curve, "dataset": cfg.eval.datasets[0],
+              "device": str(cond.device), "features_device": str(probe.labels.device)}
     if ad.finetune_steps > 0:
         params = model.source.generate(cond[None].detach(), scales)
         result["finetune"] = finetune(cfg, model, params, width, data, probe, encoder, run_dir)
-        ledger.add("autodecode", result["finetune"]["flops"], steps=ad.finetune_steps,
-                   samples=ad.finetune_steps * ad.batch_size)
-    ledger.save()
-    io.write_json(run_dir / "autodecode" / f"{io.slug(encoder)}.json", result)
+        probe.charge_heads(ledger, model, probe_key)
+        ledger.charge("autodecode", f"finetune/{encoder}", result["finetune"]["flops"], steps=ad.finetune_steps,
+                      samples=ad.finetune_steps * ad.batch_size)
     return result
+
+
+def _clip_step(model: StitchModel, params, data: FeatureBatches, micro_step: int, width: int, optimizer):
+    """One contrastive step on the frozen model's device through connector `params`; returns the loss."""
+    device = model.log_scale.device
+    image, text = data.batch(micro_step, np.array([0]))
+    image = F.pad(image.to(device), (0, model.shape.image_width - width))
+    a, b = project(model.shape, params, torch.tensor([width], device=device), image, text.to(device))
+    loss = clip_loss(a, b, model.logit_scale(), gather=False)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+class PrefixFeatures:
+    """The first `count` samples of the training data, read the way FeatureBatches reads a cache: the new
+    encoder's features (from a cache of only the shards those samples are in, or the training cache when it
+    already holds the encoder) with the captions' embeddings of the training cache."""
+
+    def __init__(self, images: CachedFeatures, text: CachedFeatures, name: str, count: int):
+        self.count, self.name = count, name
+        self.arrays = {name: images[name], TEXT: text[TEXT]}  # only rows < count are ever read
+        self.widths = {name: images.width(name)}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    def width(self, name: str) -> int:
+        return self.widths[name]
+
+
+def decoding_data(cfg: Config, spec, budget: int, accelerator) -> tuple[FeatureBatches, dict]:
+    """Batches over the first `budget` training samples (all the decoding and fine-tuning steps use), and what
+    embedding them with the new encoder costs: {samples, flops, cached}."""
+    train_cache = CachedFeatures(cfg.cache_path, [TEXT])
+    cached_text = train_cache.manifest.get("text_encoder")
+    if cached_text and cached_text != cfg.text_encoder:
+        raise CacheError(f"{cfg.cache_path}: cached text encoder is '{cached_text}', config has '{cfg.text_encoder}'")
+    count = min(max(budget, cfg.autodecode.batch_size), train_cache.count)
+    cached = spec.name in train_cache.manifest["encoders"]
+    images = train_cache if cached else _prefix_cache(cfg, spec, count, train_cache, accelerator)
+    data = FeatureBatches(PrefixFeatures(images, train_cache, spec.name, count), [spec.name],
+                          cfg.autodecode.batch_size, cfg.train.seed)
+    flops = count * encoder_flops(spec.name)["gflops"] * 1e9
+    return data, {"samples": count, "flops": int(flops), "cached": cached}
+
+
+def _prefix_cache(cfg: Config, spec, count: int, train_cache: CachedFeatures, accelerator) -> CachedFeatures:
+    """Embed the new encoder over exactly the first `count` training samples: one unit reading the shards in
+    order and stopping there (later shards are never opened; small by construction, so not split over ranks)."""
+    with accelerator.main_process_first():
+        pattern = prepare_shards(cfg)
+    shards = shard_units(pattern)
+    unit = Unit(f"first_{count}", partial(_first_samples, shards, count))
+    root = cfg.cache_path / "autodecode" / f"{io.slug(spec.name)}_first{count}"
+    build_cache(root, [unit], [spec], None, batch_size=cfg.data.embed_batch_size, num_workers=0,
+                accelerator=accelerator)
+    cache = CachedFeatures(root, [spec.name])
+    if cache.keys() != train_cache.keys()[:count]:
+        raise CacheError(f"{root}: its samples are not the first {count} of the training cache {cfg.cache_path}")
+    return cache
+
+
+def _first_samples(units: list[Unit], count: int):
+    """The units' samples in order until `count` good ones (bad ones pass through: the cache skips them)."""
+    good = 0
+    for unit in units:
+        for sample in unit.samples():
+            if good >= count:
+                return
+            good += "bad" not in sample
+            yield sample
 
 
 def finetune(cfg: Config, model: StitchModel, params, width: int, data: FeatureBatches, probe: ZeroShotProbe,
@@ -112,14 +217,8 @@ def finetune(cfg: Config, model: StitchModel, params, width: int, data: FeatureB
     params = [(w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()) for w, b in params]
     optimizer = torch.optim.Adam([t for pair in params for t in pair], lr=ad.finetune_lr)
     for step in range(ad.finetune_steps):
-        image, text = data.batch(10_000_000 + step, np.array([0]))  # batches after the decoding ones
-        image = F.pad(image, (0, model.shape.image_width - width))
-        a, b = project(model.shape, params, torch.tensor([width]), image, text)
-        loss = clip_loss(a, b, model.logit_scale(), gather=False)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    connector = Connector.from_params(model.shape, [(w.detach(), b.detach()) for w, b in params], width)
+        _clip_step(model, params, data, 10_000_000 + step, width, optimizer)  # batches after the decoding ones
+    connector = Connector.from_params(model.shape, [(w.detach().cpu(), b.detach().cpu()) for w, b in params], width)
     io.write_safetensors(run_dir / "autodecode" / f"{io.slug(encoder)}.finetuned.safetensors", connector.state_dict())
     step_flops = 2 * sum(sum(p.values()) for p in (connector_macs(model.shape.layers, 1, ad.batch_size),
                                                       logits_macs(1, ad.batch_size, model.shape.dims[-1])))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
@@ -28,19 +29,30 @@ from hnet.zoo import TextEncoder, specs_for
 ECE_BINS = 15
 
 
+def default_accelerator(cfg: Config):
+    """The trainer's accelerator (GPU when there is one). Imported here, not at the top: hnet.train imports
+    this module for ZeroShotProbe."""
+    from hnet.train import make_accelerator
+
+    return make_accelerator(cfg)
+
+
 def class_embeddings(text_encoder: str, classnames: list[str], templates: tuple[str, ...],
-                     cache_dir: Path) -> torch.Tensor:
-    """[C, T] prompt-ensembled, L2-normalised class embeddings; cached on disk."""
+                     cache_dir: Path, accelerator=None) -> torch.Tensor:
+    """[C, T] prompt-ensembled, L2-normalised class embeddings on the accelerator's device; cached on disk
+    (computed and written by the main process, read by the others)."""
     digest = hashlib.sha256("\n".join([text_encoder, *classnames, *templates]).encode()).hexdigest()[:16]
     path = cache_dir / f"classifier_{digest}.safetensors"
-    if path.exists():
-        return load_file(str(path))["weight"]
-    encoder = TextEncoder(text_encoder)
-    prompts = [t.format(c=c) for c in classnames for t in templates]
-    emb = encoder.encode(prompts).view(len(classnames), len(templates), -1)
-    weight = F.normalize(F.normalize(emb, dim=-1).mean(dim=1), dim=-1)
-    io.write_safetensors(path, {"weight": weight.contiguous()})
-    return weight
+    device = accelerator.device if accelerator else torch.device("cpu")
+    if (accelerator is None or accelerator.is_main_process) and not path.exists():
+        encoder = TextEncoder(text_encoder, device)
+        prompts = [t.format(c=c) for c in classnames for t in templates]
+        emb = encoder.encode(prompts).view(len(classnames), len(templates), -1)
+        weight = F.normalize(F.normalize(emb, dim=-1).mean(dim=1), dim=-1)
+        io.write_safetensors(path, {"weight": weight.cpu().contiguous()})
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return load_file(str(path))["weight"].to(device)
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict:
@@ -74,30 +86,41 @@ def zero_shot_logits(model: StitchModel, index: int, features: torch.Tensor, cla
     if params is None:
         params = model.source(torch.tensor([index], device=model.widths.device))
     image = F.pad(features.float(), (0, model.shape.image_width - width)).unsqueeze(0)
-    a, b = project(model.shape, params, torch.tensor([width]), image, classifier)
+    a, b = project(model.shape, params, torch.tensor([width], device=features.device), image, classifier)
     return contrastive_logits(a, b, model.logit_scale())[0]
 
 
-def eval_cache(cfg: Config, dataset: ZeroShotSet, names: list[str],
-               weights: dict[str, str]) -> tuple[CachedFeatures, list[str]]:
-    """The dataset's features for `names` (embedded once, then reused); also which encoders this call embedded."""
+def eval_cache(cfg: Config, dataset: ZeroShotSet, names: list[str], weights: dict[str, str],
+               accelerator=None) -> tuple[CachedFeatures, list[str]]:
+    """The dataset's features for `names` (embedded once, split across ranks, then reused); also which encoders
+    this call embedded."""
     root = cfg.cache_path / "eval" / f"{dataset.name}_{dataset.size}"
     specs = specs_for(names, weights, cfg.image_weights)
     stats = build_cache(root, dataset.units, specs, None, batch_size=cfg.eval.batch_size,
-                        num_workers=cfg.data.num_workers, has_labels=True)
+                        num_workers=cfg.data.num_workers, accelerator=accelerator, has_labels=True)
     return CachedFeatures(root, names + ["labels"]), stats["embedded"]
 
 
 class ZeroShotProbe:
-    """One zero-shot dataset, embedded for a set of encoders, ready to score connectors quickly (also mid-run)."""
+    """One zero-shot dataset, embedded for a set of encoders, ready to score connectors quickly (also mid-run).
+    Build it on every rank (the embedding pass is split across them); features, labels and class embeddings
+    live on the accelerator's device."""
 
-    def __init__(self, cfg: Config, dataset_name: str, names: list[str], weights: dict[str, str]):
-        self.dataset = load_zeroshot(dataset_name, cfg)
-        cache, self.embedded = eval_cache(cfg, self.dataset, names, weights)
-        self.labels = torch.from_numpy(np.asarray(cache["labels"]))
-        self.features = {n: torch.from_numpy(np.asarray(cache[n], np.float32)) for n in names}
+    def __init__(self, cfg: Config, dataset_name: str, names: list[str], weights: dict[str, str], accelerator=None):
+        accelerator = accelerator or default_accelerator(cfg)
+        self.device = accelerator.device
+        with accelerator.main_process_first():  # the demo set writes its images on first use
+            self.dataset = load_zeroshot(dataset_name, cfg)
+        cache, embedded = eval_cache(cfg, self.dataset, names, weights, accelerator)
+        self.cached = {n: n not in embedded for n in names}
+        self.labels = torch.from_numpy(np.array(cache["labels"])).to(self.device)
+        self.features = {n: torch.from_numpy(np.asarray(cache[n], np.float32)).to(self.device) for n in names}
         self.classifier = class_embeddings(cfg.text_encoder, self.dataset.classnames, TEMPLATES[cfg.eval.templates],
-                                           cfg.cache_path / "eval")
+                                           cfg.cache_path / "eval", accelerator)
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset.name}_{self.dataset.size}"
 
     def metrics(self, model: StitchModel, index: int, name: str) -> dict:
         logits = zero_shot_logits(model, index, self.features[name], self.classifier)
@@ -107,38 +130,92 @@ class ZeroShotProbe:
         logits = zero_shot_logits(model, -1, self.features[name], self.classifier, params=params)
         return float((logits.argmax(dim=-1) == self.labels).float().mean()) * 100
 
+    def encoder_flops(self, name: str) -> float:
+        return len(self.labels) * encoder_flops(name)["gflops"] * 1e9
+
     @property
     def embed_flops(self) -> float:
-        """Encoder forwards this probe ran to embed the images (features already cached cost nothing again)."""
-        return sum(len(self.labels) * encoder_flops(n)["gflops"] * 1e9 for n in self.embedded)
+        """Encoder forwards over the images for every encoder of the probe, computed now or found cached: a run's
+        evaluation costs the same whichever run filled the cache first."""
+        return sum(self.encoder_flops(n) for n in self.features)
+
+    def charge_embedding(self, ledger: FlopsLedger) -> None:
+        """Charge each encoder's forwards over the images once per run (`cached`: reused, not computed now)."""
+        for n in self.features:
+            ledger.charge("eval", f"embed/{self.key}/{n}", self.encoder_flops(n), once=True,
+                          images=len(self.labels), cached=self.cached[n])
 
     def flops(self, model: StitchModel) -> float:
         """Connector + logits of one encoder over the dataset."""
         return len(self.labels) * _head_flops(model, self.classifier)
 
+    def charge_heads(self, ledger: FlopsLedger, model: StitchModel, key: str, encoders: int = 1) -> None:
+        """One scoring call of `encoders` connectors over the dataset."""
+        ledger.charge("eval", key, encoders * self.flops(model), steps=1, samples=encoders * len(self.labels))
 
-def evaluate_run(cfg: Config, run_dir: Path, datasets: list[str]) -> dict:
+
+def model_device(model: StitchModel) -> str:
+    return str(next(model.parameters()).device)
+
+
+def evaluate_run(cfg: Config, run_dir: Path, datasets: list[str], accelerator=None) -> dict:
+    """Zero-shot (and retrieval) metrics of every encoder of a run on the accelerator's device. Every rank
+    takes part in embedding; the main process scores and writes eval.json, eval.md, plots and the ledger."""
+    accelerator = accelerator or default_accelerator(cfg)
+    run_dir = Path(run_dir)
     model, names = load_model(run_dir)
+    model = model.to(accelerator.device)
     weights = io.read_json(run_dir / "model.json").get("weights", {})
+    main = accelerator.is_main_process
     ledger = FlopsLedger(run_dir)
-    results: dict = {"templates": cfg.eval.templates, "text_encoder": cfg.text_encoder, "datasets": {}}
-    eval_flops = 0.0
+    results: dict = {"templates": cfg.eval.templates, "text_encoder": cfg.text_encoder, "datasets": {},
+                     "device": model_device(model)}
     for name in datasets:
-        probe = ZeroShotProbe(cfg, name, names, weights)
-        per_encoder = {enc: probe.metrics(model, i, enc) for i, enc in enumerate(names)}
-        eval_flops += probe.embed_flops + len(names) * probe.flops(model)
-        classes = probe.dataset.classnames
-        results["datasets"][name] = {"classes": classes, "encoders": per_encoder, "chance_top1": 100.0 / len(classes)}
-        results["datasets"][name]["reliability_png"] = str(plot_reliability(results["datasets"][name], name,
-                                                                            run_dir / f"reliability_{name}.png"))
+        probe = ZeroShotProbe(cfg, name, names, weights, accelerator)
+        if main:
+            _itemise_midrun_probe(ledger, run_dir, probe, model)
+            results["datasets"][name] = _score(probe, model, names, run_dir, ledger)
+        del probe
     if cfg.eval.retrieval:
-        results["retrieval"] = evaluate_retrieval(cfg, model, names, weights)
-    ledger.add("eval", eval_flops, samples=sum(r["encoders"][names[0]]["n"] * len(names)
-                                               for r in results["datasets"].values()))
-    ledger.save()
-    io.write_json(run_dir / "eval.json", results)
-    io.write_text(run_dir / "eval.md", markdown_table(results))
-    return results
+        results["retrieval"] = evaluate_retrieval(cfg, model, names, weights, accelerator, ledger)
+    if main:
+        ledger.save()
+        io.write_json(run_dir / "eval.json", results)
+        io.write_text(run_dir / "eval.md", markdown_table(results))
+    accelerator.wait_for_everyone()
+    return results if main else io.read_json(run_dir / "eval.json")
+
+
+def _score(probe: ZeroShotProbe, model: StitchModel, names: list[str], run_dir: Path, ledger: FlopsLedger) -> dict:
+    if probe.labels.device != next(model.parameters()).device:
+        raise RuntimeError(f"evaluation features on {probe.labels.device}, model on {model_device(model)}")
+    name, classes = probe.dataset.name, probe.dataset.classnames
+    per_encoder = {enc: probe.metrics(model, i, enc) for i, enc in enumerate(names)}
+    probe.charge_embedding(ledger)
+    probe.charge_heads(ledger, model, f"heads/{probe.key}", len(names))
+    out = {"classes": classes, "encoders": per_encoder, "chance_top1": 100.0 / len(classes),
+           "features_device": str(probe.labels.device), "cached": probe.cached}
+    out["reliability_png"] = str(plot_reliability(out, name, run_dir / f"reliability_{name}.png"))
+    return out
+
+
+def _itemise_midrun_probe(ledger: FlopsLedger, run_dir: Path, probe: ZeroShotProbe, model: StitchModel) -> None:
+    """hnet/train.py adds its mid-run probe's cost (train.eval_every) to the eval phase as plain numbers:
+    ZeroShotProbe.embed_flops once, then the heads per call. Name those parts, so that this evaluation does not
+    pay for the same images' embedding a second time in the same run and every part of the phase is listed."""
+    entry = ledger.phases["eval"]
+    unitemised = entry["flops"] - sum(p["flops"] for p in entry.get("parts", {}).values())
+    trained_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    rows = [r for r in io.read_jsonl(run_dir / "metrics.jsonl") if "zeroshot_top1" in r]
+    if unitemised <= 0 or not rows or trained_cfg["eval"]["datasets"][0] != probe.dataset.name:
+        return
+    trained = io.read_json(run_dir / "model.json").get("trained") or list(probe.features)
+    for n in trained:
+        if f"embed/{probe.key}/{n}" not in ledger.phases["eval"]["parts"]:
+            ledger.itemise("eval", f"embed/{probe.key}/{n}", probe.encoder_flops(n), images=len(probe.labels),
+                           charged_by="train.eval_every probe")
+    ledger.itemise("eval", f"train_probe/{probe.key}", len(rows) * len(trained) * probe.flops(model),
+                   steps=len(rows), samples=len(rows) * len(trained) * len(probe.labels))
 
 
 def _head_flops(model: StitchModel, classifier: torch.Tensor) -> float:

@@ -146,6 +146,26 @@ class FlopsLedger:
         if parts:
             entry["parts"] = parts
 
+    def charge(self, phase: str, key: str, flops: float, steps: int = 0, samples: int = 0, once: bool = False,
+               **info) -> bool:
+        """Add an itemised cost: parts[key] accumulates flops/steps/samples (the phase's totals too); `info` is
+        stored on the part. `once`: nothing happens when the run already paid for `key` (returns False)."""
+        entry = self.phases[phase]
+        parts = entry.setdefault("parts", {})
+        if once and key in parts:
+            return False
+        part = parts.setdefault(key, {"flops": 0, "steps": 0, "samples": 0})
+        part.update(info)
+        for field, value in (("flops", int(flops)), ("steps", steps), ("samples", samples)):
+            part[field] += value
+            entry[field] += value
+        return True
+
+    def itemise(self, phase: str, key: str, flops: float, **info) -> None:
+        """Name a cost already in the phase's total (added without parts) without adding it again."""
+        self.phases[phase].setdefault("parts", {}).setdefault(key, {"flops": int(flops), "steps": 0, "samples": 0,
+                                                                      **info})
+
     def set(self, phase: str, flops: float, samples: int = 0, parts: dict | None = None) -> None:
         self.phases[phase] = {"flops": int(flops), "steps": 0, "samples": samples, "parts": parts or {}}
 

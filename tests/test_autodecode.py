@@ -110,3 +110,26 @@ def test_optional_finetune_saves_a_plain_connector(hyper_run):
     module = Connector([(320, 384)], "image_to_text")
     module.load_state_dict(state)
     assert not torch.equal(module.layers[0].weight, connector_for(hyper_run.run_dir, NEW).layers[0].weight)
+
+
+def test_autodecode_embeds_only_the_samples_its_budget_uses(hyper_run):
+    """An encoder the training cache lacks: embedded over the first 1 x 64 samples only (not the 240), and
+    charged to the run's embed phase."""
+    import shutil
+
+    from hnet.cache import CachedFeatures
+    from hnet.flops import encoder_flops
+
+    new = "resnet10t@img_size=32,pool=avg"
+    shutil.rmtree(hyper_run.cache_path / "autodecode", ignore_errors=True)
+    cfg = dataclasses.replace(hyper_run, autodecode=dataclasses.replace(hyper_run.autodecode, steps=1))
+    result = autodecode(cfg, hyper_run.run_dir, new, "random")
+    expected = 64 * encoder_flops(new)["gflops"] * 1e9
+    assert result["embed"]["samples"] == 64 and not result["embed"]["cached"]
+    assert result["embed"]["flops"] == pytest.approx(expected, rel=1e-6)
+    (root,) = (hyper_run.cache_path / "autodecode").iterdir()
+    assert CachedFeatures(root, [new]).count == 64
+    assert new not in CachedFeatures(hyper_run.cache_path).manifest["encoders"]
+    part = io.read_json(hyper_run.run_dir / "flops.json")["phases"]["embed"]["parts"][new]
+    assert part["images"] == 64 and part["flops"] == result["embed"]["flops"]
+    assert result["device"] == result["features_device"] == "cpu"

@@ -109,3 +109,68 @@ def test_retrieval_on_a_captioned_shard_set(tiny_cfg):
         # trained on these very pairs: well above the 10/240 = 4% chance of R@10
         assert r["image_to_text"]["R@10"] > 10
     assert "retrieval" in (cfg.run_dir / "eval.md").read_text()
+
+
+def test_eval_cost_is_the_same_when_another_run_filled_the_cache(tiny_cfg):
+    from hnet import io
+
+    cfg = dataclasses.replace(tiny_cfg, eval=dataclasses.replace(tiny_cfg.eval, max_images=40),
+                              train=dataclasses.replace(tiny_cfg.train, max_steps=1))
+    other = dataclasses.replace(cfg, name=cfg.name + "_other")
+    for run in (cfg, other):
+        train(run)
+    evaluate_run(cfg, cfg.run_dir, ["demo"])  # embeds the 40 images
+    evaluate_run(other, other.run_dir, ["demo"])  # finds them cached
+    first, second = (io.read_json(r.run_dir / "flops.json")["phases"]["eval"] for r in (cfg, other))
+    assert first["flops"] == second["flops"] > 0
+    embeds = [{k: p for k, p in phase["parts"].items() if k.startswith("embed/")} for phase in (first, second)]
+    assert len(embeds[0]) == len(cfg.encoders) and embeds[0].keys() == embeds[1].keys()
+    assert not any(p["cached"] for p in embeds[0].values()) and all(p["cached"] for p in embeds[1].values())
+
+
+def test_zero_shot_logits_stay_on_the_features_device():
+    """meta tensors refuse to mix with CPU ones: a CPU tensor made next to them (widths) raises."""
+    from hnet.config import HypernetConfig
+    from hnet.connectors import ConnectorShape
+    from hnet.evaluate import zero_shot_logits
+    from hnet.model import StitchModel
+
+    model = StitchModel("separate", ConnectorShape("linear", "text_to_image", 32, 24), [32, 16],
+                        HypernetConfig()).to("meta")
+    features, classifier = torch.empty(5, 16, device="meta"), torch.empty(3, 24, device="meta")
+    assert zero_shot_logits(model, 1, features, classifier).shape == (5, 3)
+
+
+class SpyAccelerator:
+    """A real accelerator that records being asked for its device and that build_cache received it."""
+
+    def __init__(self, cfg):
+        from hnet.train import make_accelerator
+
+        self.real, self.device_reads = make_accelerator(cfg), 0
+
+    @property
+    def device(self):
+        self.device_reads += 1
+        return self.real.device
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_evaluation_runs_on_the_given_accelerator(tiny_cfg, monkeypatch):
+    import hnet.evaluate
+    from hnet import io
+
+    cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, max_steps=1))
+    train(cfg)
+    spy = SpyAccelerator(cfg)
+    seen = []
+    real_build = hnet.evaluate.build_cache
+    monkeypatch.setattr(hnet.evaluate, "build_cache", lambda *a, **kw: seen.append(kw["accelerator"]) or
+                        real_build(*a, **kw))
+    results = evaluate_run(cfg, cfg.run_dir, ["demo"], accelerator=spy)
+    assert seen == [spy] and spy.device_reads > 0
+    saved = io.read_json(cfg.run_dir / "eval.json")
+    assert saved["device"] == results["device"] == str(spy.real.device)
+    assert saved["datasets"]["demo"]["features_device"] == str(spy.real.device)

@@ -81,3 +81,61 @@ def test_every_rank_computing_the_global_logits_is_counted():
     model = StitchModel("separate", ConnectorShape("linear", "image_to_text", 8, 4), [8], HypernetConfig())
     one, two = train_step_flops(model, 1, 16), train_step_flops(model, 1, 16, world=2)
     assert two["logits_loss"] == 2 * one["logits_loss"] and two["connectors"] == one["connectors"]
+
+
+def test_pipeline_ledger_equals_an_independent_recount(tiny_cfg, monkeypatch):
+    """A tiny demo-like pipeline (mid-run probe, held-out encoder auto-decoded): every phase of the hypernetwork
+    run's flops.json equals a recount from first principles, the eval phase's parts add up to it, and each run
+    is evaluated once."""
+    import dataclasses
+
+    import hnet.pipeline
+    from hnet import io
+    from tests.conftest import TINY_ENCODERS
+
+    held, seen = TINY_ENCODERS[2], TINY_ENCODERS[:2]
+    cfg = dataclasses.replace(tiny_cfg, encoders=TINY_ENCODERS, held_out=held,
+                              train=dataclasses.replace(tiny_cfg.train, eval_every=3),
+                              autodecode=dataclasses.replace(tiny_cfg.autodecode, steps=3, eval_every=1,
+                                                             batch_size=64))
+    evaluated = []
+    real_evaluate = hnet.pipeline.evaluate_run
+    monkeypatch.setattr(hnet.pipeline, "evaluate_run", lambda c, run, ds: evaluated.append(run) or real_evaluate(c, run, ds))
+    summary = hnet.pipeline.run_pipeline(cfg, control=False)
+    assert sorted(map(str, evaluated)) == sorted({str(r) for r in evaluated})  # no run twice
+    run = dataclasses.replace(cfg, method="hypernet").run_dir
+    phases = io.read_json(run / "flops.json")["phases"]
+    meta = io.read_json(run / "model.json")
+    manifest = io.read_json(cfg.cache_path / "manifest.json")
+    n_classes = len(io.read_json(run / "eval.json")["datasets"]["demo"]["classes"])
+    count, batch, eval_images, d, t = manifest["count"], 64, 96, max(meta["widths"]), 384
+    gflops = {n: encoder_flops(n)["gflops"] * 1e9 for n in TINY_ENCODERS}
+    # embedding: the two trained encoders + captions over the cache; the held-out one over its 3 x 64 samples
+    assert phases["embed"]["flops"] == pytest.approx(
+        count * (gflops[seen[0]] + gflops[seen[1]] + manifest["flops_per_sample"]["text"]) + 3 * batch * gflops[held],
+        rel=1e-6)
+    # training: 2 epochs x 240 // 64 steps; linear connectors (fwd + weight grads), [2,B,B] logits (fwd + one
+    # side's grad), hypernetwork trunk + head over every chunk row (fwd + input grads + weight grads)
+    hyper = load_model_for(run)
+    rows = hyper.source.chunk_emb.shape[0]
+    hyper_macs = sum(m.in_features * m.out_features for m in hyper.source.modules() if isinstance(m, torch.nn.Linear))
+    step = 2 * (2 * 2 * batch * d * t + 2 * 2 * batch * batch * t + 3 * 2 * rows * hyper_macs)
+    assert phases["train"]["flops"] == pytest.approx(6 * step, rel=1e-6)
+    # auto-decoding: 3 steps of one connector through the frozen hypernetwork (input grads only)
+    decode_step = 2 * (2 * batch * d * t + 2 * batch * batch * t + 2 * rows * hyper_macs)
+    assert phases["autodecode"]["flops"] == pytest.approx(3 * decode_step, rel=1e-6)
+    # evaluation: each encoder's forwards over the 96 images once; connector + class logits per image for
+    # 2 mid-run probes x 2 encoders, 4 points of the decoding curve, the final evaluation of all 3 encoders
+    head = 2 * (d * t + n_classes * t) * eval_images
+    expected_eval = eval_images * sum(gflops.values()) + (2 * 2 + 4 + 3) * head
+    assert phases["eval"]["flops"] == pytest.approx(expected_eval, rel=1e-6)
+    assert sum(p["flops"] for p in phases["eval"]["parts"].values()) == phases["eval"]["flops"]
+    held_out = summary["held_out"]
+    assert held_out["flops_ratio"] > 0 and held_out["flops_ratio_with_embed"] > 0
+    assert held_out["autodecode_embedded_samples"] == 3 * batch
+
+
+def load_model_for(run):
+    from hnet.model import load_model
+
+    return load_model(run)[0]
