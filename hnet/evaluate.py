@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
@@ -83,11 +82,13 @@ def zero_shot_logits(model: StitchModel, index: int, features: torch.Tensor, cla
     """Scaled logits [M, C] through encoder `index`'s connector, or through given connector `params`
     (auto-decoding, fine-tuning) for features of any width."""
     width = features.shape[1]
+    index = torch.tensor([index], device=model.widths.device)
     if params is None:
-        params = model.source(torch.tensor([index], device=model.widths.device))
+        params = model.source(index)
     image = F.pad(features.float(), (0, model.shape.image_width - width)).unsqueeze(0)
     a, b = project(model.shape, params, torch.tensor([width], device=features.device), image, classifier)
-    return contrastive_logits(a, b, model.logit_scale())[0]
+    scale = model.logit_scale() if model.method == "hypernet" else model.logit_scale(index)  # APE: its own
+    return contrastive_logits(a, b, scale)[0]
 
 
 def eval_cache(cfg: Config, dataset: ZeroShotSet, names: list[str], weights: dict[str, str],
@@ -173,7 +174,6 @@ def evaluate_run(cfg: Config, run_dir: Path, datasets: list[str], accelerator=No
     for name in datasets:
         probe = ZeroShotProbe(cfg, name, names, weights, accelerator)
         if main:
-            _itemise_midrun_probe(ledger, run_dir, probe, model)
             results["datasets"][name] = _score(probe, model, names, run_dir, ledger)
         del probe
     if cfg.eval.retrieval:
@@ -197,25 +197,6 @@ def _score(probe: ZeroShotProbe, model: StitchModel, names: list[str], run_dir: 
            "features_device": str(probe.labels.device), "cached": probe.cached}
     out["reliability_png"] = str(plot_reliability(out, name, run_dir / f"reliability_{name}.png"))
     return out
-
-
-def _itemise_midrun_probe(ledger: FlopsLedger, run_dir: Path, probe: ZeroShotProbe, model: StitchModel) -> None:
-    """hnet/train.py adds its mid-run probe's cost (train.eval_every) to the eval phase as plain numbers:
-    ZeroShotProbe.embed_flops once, then the heads per call. Name those parts, so that this evaluation does not
-    pay for the same images' embedding a second time in the same run and every part of the phase is listed."""
-    entry = ledger.phases["eval"]
-    unitemised = entry["flops"] - sum(p["flops"] for p in entry.get("parts", {}).values())
-    trained_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    rows = [r for r in io.read_jsonl(run_dir / "metrics.jsonl") if "zeroshot_top1" in r]
-    if unitemised <= 0 or not rows or trained_cfg["eval"]["datasets"][0] != probe.dataset.name:
-        return
-    trained = io.read_json(run_dir / "model.json").get("trained") or list(probe.features)
-    for n in trained:
-        if f"embed/{probe.key}/{n}" not in ledger.phases["eval"]["parts"]:
-            ledger.itemise("eval", f"embed/{probe.key}/{n}", probe.encoder_flops(n), images=len(probe.labels),
-                           charged_by="train.eval_every probe")
-    ledger.itemise("eval", f"train_probe/{probe.key}", len(rows) * len(trained) * probe.flops(model),
-                   steps=len(rows), samples=len(rows) * len(trained) * len(probe.labels))
 
 
 def _head_flops(model: StitchModel, classifier: torch.Tensor) -> float:

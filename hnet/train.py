@@ -180,7 +180,7 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
     probe = None
     if cfg.train.eval_every > 0:  # built and scored on every rank: no rank waits alone in a collective
         probe = ZeroShotProbe(cfg, cfg.eval.datasets[0], names, {s.name: s.weights for s in specs}, accelerator)
-        ledger.add("eval", probe.embed_flops)
+        probe.charge_embedding(ledger)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {cfg.method}",
                disable=not accelerator.is_main_process)
     last, stopped = {}, False
@@ -254,7 +254,7 @@ def _start_or_resume(cfg: Config, accelerator: Accelerator, run_dir: Path) -> in
 def _probe_scores(probe, model: StitchModel, names: list[str], ledger: FlopsLedger) -> dict:
     """Mid-run zero-shot top-1 per encoder; its FLOPs go to the eval phase."""
     scores = {f"zeroshot_top1/{n}": probe.metrics(model, i, n)["top1"] for i, n in enumerate(names)}
-    ledger.add("eval", len(names) * probe.flops(model))
+    probe.charge_heads(ledger, model, f"train_probe/{probe.key}", len(names))
     return {"zeroshot_top1": sum(scores.values()) / len(scores), **scores}
 
 
