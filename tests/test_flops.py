@@ -139,3 +139,22 @@ def load_model_for(run):
     from hnet.model import load_model
 
     return load_model(run)[0]
+
+
+def test_local_loss_logits_formula_equals_flop_counter():
+    """One rank of 4 with local_loss: what torch counts for its logits (forward + backward) = the ledger's share."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hnet.flops import logits_macs
+    from hnet.losses import local_clip_loss
+
+    n, batch, width, world = 3, 32, 16, 4
+    local = batch // world
+    a_all = F.normalize(torch.randn(n, batch, width), dim=-1).requires_grad_()
+    text_all = F.normalize(torch.randn(batch, width), dim=-1)
+    with FlopCounterMode(display=False) as counter:
+        loss = local_clip_loss(a_all[:, :local], text_all[:local], a_all, text_all, torch.tensor(10.0), offset=0)
+        loss.backward()
+    macs = logits_macs(n, batch, width, world, local=True)
+    assert counter.get_total_flops() == 2 * (macs["forward"] + macs["backward"]) // world
