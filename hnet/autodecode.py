@@ -13,7 +13,6 @@ set's embedding for the new encoder in `eval`, like every other evaluation.
 """
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +22,11 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from hnet import io
-from hnet.cache import TEXT, CachedFeatures, CacheError, Unit, build_cache
+from hnet.cache import TEXT, CachedFeatures, CacheError, build_cache
 from hnet.config import Config, ConfigError
 from hnet.connectors import Connector
 from hnet.data.features import FeatureBatches
-from hnet.data.sources import prepare_shards, shard_units
+from hnet.data.sources import first_samples_unit, prepare_shards, shard_units
 from hnet.evaluate import ZeroShotProbe, default_accelerator
 from hnet.flops import FlopsLedger, autodecode_step_flops, connector_macs, encoder_flops, logits_macs
 from hnet.losses import clip_loss
@@ -187,8 +186,7 @@ def _prefix_cache(cfg: Config, spec, count: int, train_cache: CachedFeatures, ac
     order and stopping there (later shards are never opened; small by construction, so not split over ranks)."""
     with accelerator.main_process_first():
         pattern = prepare_shards(cfg)
-    shards = shard_units(pattern)
-    unit = Unit(f"first_{count}", partial(_first_samples, shards, count))
+    unit = first_samples_unit(shard_units(pattern), count)
     root = cfg.cache_path / "autodecode" / f"{io.slug(spec.name)}_first{count}"
     build_cache(root, [unit], [spec], None, batch_size=cfg.data.embed_batch_size, num_workers=0,
                 accelerator=accelerator)
@@ -196,17 +194,6 @@ def _prefix_cache(cfg: Config, spec, count: int, train_cache: CachedFeatures, ac
     if cache.keys() != train_cache.keys()[:count]:
         raise CacheError(f"{root}: its samples are not the first {count} of the training cache {cfg.cache_path}")
     return cache
-
-
-def _first_samples(units: list[Unit], count: int):
-    """The units' samples in order until `count` good ones (bad ones pass through: the cache skips them)."""
-    good = 0
-    for unit in units:
-        for sample in unit.samples():
-            if good >= count:
-                return
-            good += "bad" not in sample
-            yield sample
 
 
 def finetune(cfg: Config, model: StitchModel, params, width: int, data: FeatureBatches, probe: ZeroShotProbe,

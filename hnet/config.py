@@ -34,6 +34,7 @@ class DataConfig:
     embed_batch_size: int = 64
     num_workers: int = 0
     shuffle_pairs: bool = False  # control run: captions shuffled against images
+    samples_per_encoder: int = 0  # >0: embed and train on only the first N pairs (a search budget)
 
 
 @dataclass
@@ -92,6 +93,16 @@ class AutodecodeConfig:
 
 
 @dataclass
+class SearchConfig:
+    """The hypernetwork's search budget (scripts/search.py); `train` keeps the full settings that a grid search of
+    separate connectors (APE) would use, from which the grid search's cost is estimated."""
+    steps: int = 0  # hypernetwork optimizer steps (0 = train's full schedule)
+    encoders_per_step: int = 0  # k of N encoders per step (0 = all)
+    samples_per_encoder: int = 0  # training pairs embedded and used per encoder (0 = all)
+    dataset: str = ""  # zero-shot set the ranking is scored on ("" = eval.datasets[0])
+
+
+@dataclass
 class EvalConfig:
     datasets: list[str] = field(default_factory=lambda: ["demo"])
     templates: str = "one"  # one | cifar | imagenet
@@ -119,14 +130,22 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     autodecode: AutodecodeConfig = field(default_factory=AutodecodeConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.out_root) / f"{self.name}_{self.method}"
 
     @property
-    def cache_path(self) -> Path:
+    def cache_root(self) -> Path:
+        """The data's caches: training features of all samples, and `eval/` for zero-shot and retrieval sets."""
         return Path(self.data.cache_dir) if self.data.cache_dir else Path(self.out_root) / "cache" / self.data.source
+
+    @property
+    def cache_path(self) -> Path:
+        """This run's training features: all samples, or only the first `data.samples_per_encoder`."""
+        m = self.data.samples_per_encoder
+        return self.cache_root / f"first_{m}" if m > 0 else self.cache_root
 
 
 CHOICES = {
@@ -265,6 +284,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def _validate(cfg: Config) -> None:
+    for where, value in (("data.samples_per_encoder", cfg.data.samples_per_encoder),
+                         ("search.samples_per_encoder", cfg.search.samples_per_encoder),
+                         ("search.steps", cfg.search.steps), ("search.encoders_per_step", cfg.search.encoders_per_step),
+                         ("train.encoders_per_step", cfg.train.encoders_per_step)):
+        if value < 0:
+            raise ConfigError(f"{where}: must be >= 0, got {value}")
     positive = {"train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
                 "hypernet.cond_dim": cfg.hypernet.cond_dim, "hypernet.chunk_size": cfg.hypernet.chunk_size,
                 "connector.hidden": cfg.connector.hidden, "data.shard_size": cfg.data.shard_size}

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from hnet import io
 from hnet.cache import MANIFEST, TEXT, Unit, build_cache
 from hnet.config import Config
-from hnet.data.sources import prepare_shards, shard_units
+from hnet.data.sources import first_samples_unit, prepare_shards, shard_units
 from hnet.flops import encoder_flops
 from hnet.zoo import TextEncoder, read_encoder_list
 
@@ -24,6 +24,8 @@ def embed_training_data(cfg: Config, accelerator=None, extra_specs=()) -> dict:
         accelerator.wait_for_everyone()
         pattern = pattern or prepare_shards(cfg)
     units = shard_units(pattern)
+    if cfg.data.samples_per_encoder > 0:  # a search budget: only the first N pairs are embedded at all
+        units = [first_samples_unit(units, cfg.data.samples_per_encoder)]
     stats = build_cache(cfg.cache_path, units, specs, cfg.text_encoder, batch_size=cfg.data.embed_batch_size,
                         num_workers=cfg.data.num_workers, accelerator=accelerator)
     if main:

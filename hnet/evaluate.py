@@ -95,7 +95,7 @@ def eval_cache(cfg: Config, dataset: ZeroShotSet, names: list[str], weights: dic
                accelerator=None) -> tuple[CachedFeatures, list[str]]:
     """The dataset's features for `names` (embedded once, split across ranks, then reused); also which encoders
     this call embedded."""
-    root = cfg.cache_path / "eval" / f"{dataset.name}_{dataset.size}"
+    root = cfg.cache_root / "eval" / f"{dataset.name}_{dataset.size}"
     specs = specs_for(names, weights, cfg.image_weights)
     stats = build_cache(root, dataset.units, specs, None, batch_size=cfg.eval.batch_size,
                         num_workers=cfg.data.num_workers, accelerator=accelerator, has_labels=True)
@@ -117,7 +117,7 @@ class ZeroShotProbe:
         self.labels = torch.from_numpy(np.array(cache["labels"])).to(self.device)
         self.features = {n: torch.from_numpy(np.asarray(cache[n], np.float32)).to(self.device) for n in names}
         self.classifier = class_embeddings(cfg.text_encoder, self.dataset.classnames, TEMPLATES[cfg.eval.templates],
-                                           cfg.cache_path / "eval", accelerator)
+                                           cfg.cache_root / "eval", accelerator)
 
     @property
     def key(self) -> str:

@@ -35,6 +35,21 @@ def rank_encoders(hypernet_run: str | Path, separate_run: str | Path, dataset: s
             "flops_ratio": flops["separate"] / flops["hypernet"] if flops["hypernet"] else None}
 
 
+def agreement(predicted: dict[str, float], truth: dict[str, float]) -> dict:
+    """How well scores `predicted` (any scale: accuracy, proxy) pick and order encoders whose true accuracy is
+    `truth` (%): Spearman, Kendall, top-1 hit, regret (points lost by taking the predicted best), top-3 recall."""
+    common = [n for n in truth if n in predicted]
+    if len(common) < 2:
+        raise ValueError(f"agreement needs >= 2 shared encoders; shared: {common}")
+    p, t = [predicted[n] for n in common], [truth[n] for n in common]
+    best_pred, best_true = max(common, key=predicted.get), max(common, key=truth.get)
+    top = lambda scores: set(sorted(common, key=scores.get, reverse=True)[:3])
+    return {"spearman": float(spearmanr(p, t).statistic), "kendall": float(kendalltau(p, t).statistic),
+            "top1_hit": best_pred == best_true, "regret": truth[best_true] - truth[best_pred],
+            "top3_recall": len(top(predicted) & top(truth)) / min(3, len(common)),
+            "predicted_best": best_pred, "true_best": best_true, "encoders": len(common)}
+
+
 def ranking_markdown(r: dict) -> str:
     lines = [f"### Encoder ranking on {r['dataset']}", "", "| encoder | hypernet top-1 | separate top-1 |",
              "|---|---:|---:|"]

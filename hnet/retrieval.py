@@ -40,7 +40,7 @@ def evaluate_retrieval(cfg: Config, model: StitchModel, names: list[str], weight
     """R@K of every encoder on cfg.eval.retrieval's shards. Every rank embeds its share of the shards; the main
     process (or the only one) scores on the model's device and charges the ledger's eval phase."""
     pattern = cfg.eval.retrieval
-    root = cfg.cache_path / "eval" / f"retrieval_{hashlib.sha256(pattern.encode()).hexdigest()[:12]}"
+    root = cfg.cache_root / "eval" / f"retrieval_{hashlib.sha256(pattern.encode()).hexdigest()[:12]}"
     specs = specs_for(names, weights, cfg.image_weights)
     stats = build_cache(root, shard_units(pattern), specs, cfg.text_encoder, batch_size=cfg.eval.batch_size,
                         num_workers=cfg.data.num_workers, accelerator=accelerator)

@@ -47,3 +47,16 @@ def test_ridge_retrieval_finds_a_linear_map_and_not_noise():
 def test_unknown_proxy_named():
     with pytest.raises(ValueError, match="unknown proxy 'cka'"):
         score("cka", torch.zeros(2, 2), torch.zeros(2, 2))
+
+
+def test_agreement_metrics_by_hand():
+    from hnet.ranking import agreement
+
+    truth = {"a": 50.0, "b": 40.0, "c": 30.0, "d": 20.0}
+    same = agreement({"a": 0.9, "b": 0.5, "c": 0.2, "d": 0.1}, truth)
+    assert same["spearman"] == pytest.approx(1.0) and same["kendall"] == pytest.approx(1.0)
+    assert same["top1_hit"] and same["regret"] == 0.0 and same["top3_recall"] == 1.0
+    swapped = agreement({"a": 1.0, "b": 2.0, "c": 0.5, "d": 3.0}, truth)  # picks d: 30 points worse
+    assert not swapped["top1_hit"] and swapped["regret"] == 30.0
+    assert swapped["top3_recall"] == pytest.approx(2 / 3)  # {d, b, a} vs {a, b, c}
+    assert swapped["kendall"] == pytest.approx(-1 / 3)  # 2 concordant pairs (a>c, b>c), 4 discordant

@@ -43,3 +43,19 @@ def _shards_from_595k(meta: Path, images: Path, out: Path, shard_size: int) -> s
 
 def shard_units(pattern: str) -> list[Unit]:
     return [Unit(Path(url).stem, partial(iter_shard, url, report_bad=True)) for url in expand_urls(pattern)]
+
+
+def _first_samples(units: list[Unit], count: int):
+    """The units' samples in order until `count` good ones (bad ones pass through: the cache skips them)."""
+    good = 0
+    for unit in units:
+        for sample in unit.samples():
+            if good >= count:
+                return
+            good += "bad" not in sample
+            yield sample
+
+
+def first_samples_unit(units: list[Unit], count: int) -> Unit:
+    """One unit holding exactly the first `count` samples of `units`: later shards are never opened."""
+    return Unit(f"first_{count}", partial(_first_samples, units, count))

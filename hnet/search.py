@@ -1,0 +1,126 @@
+"""The search: rank every encoder of a zoo by the zero-shot accuracy of its hypernetwork-generated connector, at a
+search budget (steps, k of N encoders per step, training pairs per encoder), and say what that cost next to what a
+grid search (one separate connector per encoder, APE, at the config's full `train` settings) would cost.
+
+The grid search's cost is computed with the same per-op formulas the ledger uses for a real APE run (tested: the
+estimate equals a finished separate run's ledger), so the ratio compares like with like.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from hnet import io
+from hnet.cache import MANIFEST, TEXT
+from hnet.config import Config, ConfigError, HypernetConfig
+from hnet.connectors import ConnectorShape
+from hnet.data.shards import MANIFEST as SHARDS_MANIFEST
+from hnet.data.sources import prepare_shards
+from hnet.evaluate import evaluate_run
+from hnet.flops import encoder_flops, train_step_flops
+from hnet.model import StitchModel
+from hnet.ranking import agreement
+from hnet.run import train_run
+from hnet.train import total_steps
+
+
+def search_config(cfg: Config) -> Config:
+    """The hypernetwork run at the search budget (`search.*` over `train`/`data`)."""
+    s = cfg.search
+    train = dataclasses.replace(cfg.train, max_steps=s.steps or cfg.train.max_steps,
+                                encoders_per_step=s.encoders_per_step)
+    data = dataclasses.replace(cfg.data, samples_per_encoder=s.samples_per_encoder)
+    return dataclasses.replace(cfg, name=f"{cfg.name}_search", method="hypernet", train=train, data=data,
+                               held_out="")
+
+
+def training_sample_count(cfg: Config) -> int:
+    """Pairs in the whole training set (what a grid search trains on): the full cache, else the shards' manifest."""
+    manifest = cfg.cache_root / MANIFEST
+    if manifest.exists():
+        return int(io.read_json(manifest)["count"])
+    shards = Path(prepare_shards(cfg)).parent / SHARDS_MANIFEST
+    if shards.exists() and "total" in io.read_json(shards):
+        return int(io.read_json(shards)["total"])
+    raise ConfigError(f"data.shards: cannot tell how many training pairs there are (no {manifest}, no {shards}); "
+                      f"embed the full data once or make the shards with scripts/make_shards.py")
+
+
+def grid_search_cost(cfg: Config, names: list[str], widths: list[int], text_width: int, count: int,
+                     text_flops_per_sample: float) -> dict:
+    """FLOPs of training one separate connector per encoder at cfg.train's settings over `count` pairs, and of
+    embedding those pairs with every encoder and the text encoder."""
+    c = cfg.connector
+    shape = ConnectorShape(c.kind, c.direction, max(widths), text_width, c.depth, c.hidden)
+    with torch.device("meta"):
+        model = StitchModel("separate", shape, widths, HypernetConfig())
+    steps = total_steps(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, encoders_per_step=0)),
+                        count // cfg.train.batch_size)
+    per_step = train_step_flops(model, len(names), cfg.train.batch_size)["total"] * cfg.train.grad_accum
+    embed = count * (sum(encoder_flops(n)["gflops"] * 1e9 for n in names) + text_flops_per_sample)
+    return {"steps": steps, "samples": count, "train": per_step * steps, "embed": embed}
+
+
+def _spent(run_dir: Path) -> dict:
+    """The search run's ledger: training, eval heads, and the two embedding passes, kept apart."""
+    phases = io.read_json(run_dir / "flops.json")["phases"]
+    eval_parts = phases["eval"].get("parts", {})
+    eval_embed = sum(p["flops"] for k, p in eval_parts.items() if k.startswith("embed/"))
+    return {"train": phases["train"]["flops"], "eval_heads": phases["eval"]["flops"] - eval_embed,
+            "embed": phases["embed"]["flops"], "eval_embed": eval_embed,
+            "steps": phases["train"]["steps"], "samples_embedded": phases["embed"]["samples"]}
+
+
+def run_search(cfg: Config, separate_run: str | Path | None = None) -> dict:
+    search = search_config(cfg)
+    dataset = cfg.search.dataset or cfg.eval.datasets[0]
+    train_run(search)
+    results = evaluate_run(search, search.run_dir, [dataset])
+    top1 = {n: m["top1"] for n, m in results["datasets"][dataset]["encoders"].items()}
+    meta = io.read_json(search.run_dir / "model.json")
+    manifest = io.read_json(search.cache_path / MANIFEST)
+    spent = _spent(search.run_dir)
+    grid = grid_search_cost(cfg, meta["names"], meta["widths"], meta["shape"]["text_width"],
+                            training_sample_count(cfg), manifest["flops_per_sample"][TEXT])
+    grid["eval_heads"], grid["eval_embed"] = spent["eval_heads"], spent["eval_embed"]  # same evaluation
+    out = {"dataset": dataset, "run": str(search.run_dir), "budget": dataclasses.asdict(cfg.search),
+           "ranking": [{"rank": i + 1, "encoder": n, "predicted_top1": top1[n]}
+                       for i, n in enumerate(sorted(top1, key=top1.get, reverse=True))],
+           "flops": _totals(spent), "grid_search": _totals(grid)}
+    out["ratio"] = {k: out["grid_search"][k] / out["flops"][k] for k in ("train", "total", "total_with_embed")}
+    if separate_run:
+        truth = io.read_json(Path(separate_run) / "eval.json")["datasets"][dataset]["encoders"]
+        out["agreement"] = agreement(top1, {n: m["top1"] for n, m in truth.items()}) | {"separate": str(separate_run)}
+    io.write_json(search.run_dir / "search.json", out)
+    io.write_text(search.run_dir / "search.md", search_markdown(out))
+    return out
+
+
+def _totals(cost: dict) -> dict:
+    """Search or grid cost: train, without embedding (train + eval heads), with every embedding pass."""
+    total = cost["train"] + cost["eval_heads"]
+    return cost | {"total": total, "total_with_embed": total + cost["embed"] + cost["eval_embed"]}
+
+
+def search_markdown(r: dict) -> str:
+    b, f, g = r["budget"], r["flops"], r["grid_search"]
+    lines = [f"### Encoder search on {r['dataset']} (hypernetwork: {f['steps']} steps, "
+             f"k={b['encoders_per_step'] or 'all'}, {f['samples_embedded']} pairs embedded per encoder)", "",
+             "| rank | encoder | predicted zero-shot top-1 |", "|---:|---|---:|"]
+    lines += [f"| {row['rank']} | {row['encoder']} | {row['predicted_top1']:.1f} |" for row in r["ranking"]]
+    lines += ["", "| FLOPs | search (hypernetwork) | grid search (APE, estimated) | grid / search |",
+              "|---|---:|---:|---:|"]
+    for key, label in (("train", "training"), ("total", "training + evaluation heads"),
+                       ("total_with_embed", "with every embedding pass")):
+        lines.append(f"| {label} | {f[key]:.3g} | {g[key]:.3g} | x{r['ratio'][key]:.2f} |")
+    lines.append(f"\nGrid search: {g['steps']} steps per connector over {g['samples']} pairs; both sides pay the same "
+                 f"evaluation-set embedding ({f['eval_embed']:.3g} FLOPs).")
+    if "agreement" in r:
+        a = r["agreement"]
+        lines.append(f"Against the finished grid search ({a['separate']}): Spearman {a['spearman']:.3f}, Kendall "
+                     f"{a['kendall']:.3f}, same best encoder: {'yes' if a['top1_hit'] else 'no'} "
+                     f"({a['predicted_best']} vs {a['true_best']}), regret {a['regret']:.1f} points, "
+                     f"top-3 recall {a['top3_recall']:.2f}.")
+    return "\n".join(lines) + "\n"
