@@ -1,10 +1,14 @@
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from hnet.cache import TEXT, CachedFeatures, CacheError, build_cache, embed_pass
+from hnet import io
+from hnet.cache import (TEXT, CachedFeatures, CacheError, _UnitDataset, build_cache, embed_pass, verify_cache,
+                        write_cache)
 from hnet.config import load_config
 from hnet.data.sources import prepare_shards, shard_units
 from hnet.zoo import ImageEncoder, read_encoder_list
@@ -61,15 +65,117 @@ def test_adding_an_encoder_reuses_the_cache(tiny_root, tmp_path):
     assert cache.count == 240
 
 
+def _flip_byte(path, keep_mtime: bool) -> None:
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    # A real corruption comes later than the write; move mtime on explicitly, since two writes within one
+    # kernel clock tick can share an mtime. keep_mtime: bit rot that leaves size and mtime alone.
+    mtime = stat.st_mtime_ns if keep_mtime else stat.st_mtime_ns + 1_000_000_000
+    os.utime(path, ns=(stat.st_atime_ns, mtime))
+
+
 def test_corrupted_cache_detected_by_checksum(tiny_root, tmp_path):
     cfg, units, specs = _tiny(tiny_root)
     build_cache(tmp_path, units, specs[:1], None)
     path = tmp_path / json.loads((tmp_path / "manifest.json").read_text())["encoders"][specs[0].name]["file"]
-    data = bytearray(path.read_bytes())
-    data[-10] ^= 0xFF
-    path.write_bytes(bytes(data))
+    _flip_byte(path, keep_mtime=False)
     with pytest.raises(CacheError, match=f"{path.name}: checksum mismatch"):
         CachedFeatures(tmp_path, [specs[0].name])
+
+
+def _small_cache(root):
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.normal(size=(50, 8)), "b": (rng.normal(size=(10, 4)) for _ in range(5))}
+    return write_cache(root, [f"k{i}" for i in range(50)], arrays)
+
+
+def _count_hashes(monkeypatch) -> list:
+    calls = []
+    real = io.sha256_file
+    monkeypatch.setattr(io, "sha256_file", lambda path, *a: calls.append(path) or real(path, *a))
+    return calls
+
+
+def test_open_hashes_only_changed_files(tmp_path, monkeypatch):
+    _small_cache(tmp_path / "c")
+    calls = _count_hashes(monkeypatch)
+    CachedFeatures(tmp_path / "c", ["a", "b"])
+    assert calls == []  # hashed while written; unchanged size and mtime: not read again
+    CachedFeatures(tmp_path / "c", ["a", "b"], verify="full")
+    assert len(calls) == 2
+    shutil.copytree(tmp_path / "c", tmp_path / "copy", copy_function=shutil.copy)  # new mtimes: hashed
+    calls.clear()
+    CachedFeatures(tmp_path / "copy", ["a", "b"])
+    assert len(calls) == 2
+    assert verify_cache(tmp_path / "copy") == {"a": "restat", "b": "restat"}
+    calls.clear()
+    CachedFeatures(tmp_path / "copy", ["a", "b"])
+    assert calls == []
+
+
+def test_bit_rot_with_unchanged_stat_needs_full_verification(tmp_path):
+    manifest = _small_cache(tmp_path)
+    path = tmp_path / manifest["encoders"]["b"]["file"]
+    _flip_byte(path, keep_mtime=True)
+    CachedFeatures(tmp_path, ["b"])  # the cheap check cannot see it (documented)
+    with pytest.raises(CacheError, match=f"{path.name}: checksum mismatch"):
+        CachedFeatures(tmp_path, ["b"], verify="full")
+    with pytest.raises(CacheError, match=f"{path.name}: checksum mismatch"):
+        verify_cache(tmp_path)
+
+
+def test_only_rank_0_removes_stale_temps_before_the_barrier(tmp_path):
+    stale = tmp_path / "parts" / "000001" / "x.npy.4242.tmp"  # another rank's file, or a killed writer's
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"partial")
+    seen = []
+    barrier = lambda: seen.append(stale.exists())
+    embed_pass(tmp_path, [], {}, None, 8, 0, torch.device("cpu"), rank=1, world=2, barrier=barrier)
+    assert stale.exists() and seen == [True]
+    embed_pass(tmp_path, [], {}, None, 8, 0, torch.device("cpu"), rank=0, world=2, barrier=barrier)
+    assert seen == [True, False]  # removed before rank 0 reached the barrier the others wait at
+    with pytest.raises(ValueError, match="needs a barrier"):
+        embed_pass(tmp_path, [], {}, None, 8, 0, torch.device("cpu"), rank=0, world=2)
+
+
+class _Counted:
+    def __init__(self, transform):
+        self.transform, self.calls = transform, 0
+
+    def __call__(self, image):
+        self.calls += 1
+        return self.transform(image)
+
+
+@pytest.mark.parametrize("item_bytes", [None, 1])  # one item per batch / one item per transform group
+def test_shared_transforms_run_once_and_give_the_ungrouped_features(tiny_root, tmp_path, item_bytes):
+    _, units, specs = _tiny(tiny_root)
+    encoders = {s.name: ImageEncoder(s) for s in specs}  # resnet10t and convnext_atto share a data config
+    for enc in encoders.values():
+        enc.transform = _Counted(enc.transform)
+    stats = embed_pass(tmp_path, units[:1], encoders, None, 60, 0, torch.device("cpu"), item_bytes=item_bytes)
+    assert stats["samples"] == 100
+    assert sum(e.transform.calls for e in encoders.values()) == 2 * 100  # 2 distinct configs, not 3 encoders
+    samples = list(units[0].samples())
+    for name, enc in encoders.items():
+        with torch.no_grad():
+            want = np.concatenate([enc(torch.stack([enc.transform.transform(s["image"]) for s in samples[i:i + 60]]))
+                                   .half().numpy() for i in range(0, 100, 60)])
+        got = np.load(tmp_path / "parts" / units[0].name / f"{io.slug(name)}.npy")
+        assert got.tobytes() == want.tobytes(), name
+
+
+def test_items_stay_within_the_byte_budget(tiny_root):
+    _, units, specs = _tiny(tiny_root)
+    encoders = {s.name: ImageEncoder(s) for s in specs}
+    transforms = {name: enc.transform for name, enc in encoders.items()}  # 3 groups of 60 x 3 x 32 x 32 fp32
+    one_group = 60 * 3 * 32 * 32 * 4
+    items = [i for i in _UnitDataset(units[:1], transforms, 60, item_bytes=2 * one_group) if not i["end"]]
+    assert [len(i["images"]) for i in items] == [2, 1, 3]  # batch of 60: 2 groups fit; batch of 40: all 3
+    assert all(sum(t.nbytes for t in i["images"].values()) <= 2 * one_group for i in items)
+    assert [len(i.get("keys", [])) for i in items] == [60, 0, 40]
 
 
 def test_missing_encoder_named(tiny_root):
