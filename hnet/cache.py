@@ -345,6 +345,8 @@ def build_cache(root: str | Path, units: list[Unit], specs: list[EncoderSpec], t
     if rank == 0:
         manifest = consolidate(root, units, widths, has_labels)
         manifest.setdefault("text_encoder", text_encoder)
+        for name in widths:  # how many processes computed these features (checked by the 2-rank tests)
+            manifest["encoders"][name]["world"] = world
         io.write_json(root / MANIFEST, manifest)
     if accelerator:
         accelerator.wait_for_everyone()
