@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from hnet import io
 from hnet.cache import MANIFEST, TEXT
@@ -29,8 +30,9 @@ from hnet.train import total_steps
 def search_config(cfg: Config) -> Config:
     """The hypernetwork run at the search budget (`search.*` over `train`/`data`)."""
     s = cfg.search
-    train = dataclasses.replace(cfg.train, max_steps=s.steps or cfg.train.max_steps,
-                                encoders_per_step=s.encoders_per_step)
+    train = dataclasses.replace(cfg.train, encoders_per_step=s.encoders_per_step)
+    if s.steps:  # exactly this many steps, however many epochs over the budget's pairs that is
+        train = dataclasses.replace(train, max_steps=s.steps, epochs=max(cfg.train.epochs, float(s.steps)))
     data = dataclasses.replace(cfg.data, samples_per_encoder=s.samples_per_encoder)
     return dataclasses.replace(cfg, name=f"{cfg.name}_search", method="hypernet", train=train, data=data,
                                held_out="")
@@ -93,8 +95,9 @@ def run_search(cfg: Config, separate_run: str | Path | None = None) -> dict:
     if separate_run:
         truth = io.read_json(Path(separate_run) / "eval.json")["datasets"][dataset]["encoders"]
         out["agreement"] = agreement(top1, {n: m["top1"] for n, m in truth.items()}) | {"separate": str(separate_run)}
-    io.write_json(search.run_dir / "search.json", out)
-    io.write_text(search.run_dir / "search.md", search_markdown(out))
+    if PartialState().is_main_process:
+        io.write_json(search.run_dir / "search.json", out)
+        io.write_text(search.run_dir / "search.md", search_markdown(out))
     return out
 
 

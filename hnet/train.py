@@ -54,6 +54,15 @@ def encoder_subset(step: int, n: int, k: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, step, 17]).choice(n, size=k, replace=False))
 
 
+def draw_counts(cfg: Config, n: int, steps: int) -> np.ndarray:
+    """How many of the first `steps` optimizer steps trained each encoder (draws are pure functions of seed and
+    step, so a resumed run starts from the same counts)."""
+    counts = np.zeros(n, dtype=np.int64)
+    for step in range(steps):
+        counts[encoder_subset(step, n, cfg.train.encoders_per_step, cfg.train.seed)] += 1
+    return counts
+
+
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     per_epoch = max(1, steps_per_epoch // cfg.train.grad_accum)
     steps = max(1, int(round(cfg.train.epochs * per_epoch)))
@@ -184,16 +193,18 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {cfg.method}",
                disable=not accelerator.is_main_process)
     last, stopped = {}, False
+    draws = draw_counts(cfg, len(names), start)
     tick, samples, skipped_total = time.perf_counter(), 0, 0
     with StopFlag() as stop:
         for step in bar:
             loss, grad_norm, layer_norms, skipped = _one_step(cfg, accelerator, model, optimizer, scheduler, feed,
                                                               step, len(names))
             loss, stopped = step_all_reduce(accelerator, loss, stop.raised)
+            draws[encoder_subset(step, len(names), k, cfg.train.seed)] += 1
             skipped_total += skipped
             samples += cfg.train.batch_size * accum
             ledger.add("train", step_flops["total"] * accum, steps=1, samples=cfg.train.batch_size * accum,
-                       parts=step_flops)
+                       parts=step_flops | {"encoder_draws": dict(zip(names, draws.tolist()))})
             done = step + 1
             row = {}
             if done % cfg.train.log_every == 0 or done == steps or skipped:

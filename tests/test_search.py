@@ -1,0 +1,58 @@
+"""The search at a budget: what it embeds, what it trains, what it reports, and the grid-search estimate."""
+import dataclasses
+
+import numpy as np
+
+from hnet import io
+from hnet.cache import TEXT, CachedFeatures
+from hnet.flops import encoder_flops
+from hnet.search import run_search
+from hnet.train import encoder_subset, train
+
+
+def _budget(cfg, **search):
+    return dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, **search))
+
+
+def test_search_embeds_trains_and_ranks_within_its_budget(tiny_cfg):
+    cfg = _budget(tiny_cfg, steps=5, encoders_per_step=1, samples_per_encoder=128)
+    out = run_search(cfg)
+    run = io.read_json(f"{out['run']}/flops.json")["phases"]
+    # only the first 128 pairs were embedded, by every encoder and the text encoder
+    cache = CachedFeatures(tiny_cfg.cache_root / "first_128", [TEXT])
+    assert cache.count == 128 and cache.keys() == CachedFeatures(tiny_cfg.cache_root).keys()[:128]
+    per_pair = sum(encoder_flops(n)["gflops"] * 1e9 for n in tiny_cfg.encoders) + cache.manifest[
+        "flops_per_sample"][TEXT]
+    assert run["embed"]["samples"] == 128 and abs(run["embed"]["flops"] - 128 * per_pair) < 1e3
+    # 5 steps, one encoder each, as drawn
+    assert run["train"]["steps"] == 5
+    expected = np.bincount(np.concatenate([encoder_subset(s, 3, 1, tiny_cfg.train.seed) for s in range(5)]),
+                           minlength=3)
+    assert list(run["train"]["parts"]["encoder_draws"].values()) == expected.tolist()
+    # every encoder ranked by its evaluated accuracy, best first
+    top1 = [r["predicted_top1"] for r in out["ranking"]]
+    assert sorted(r["encoder"] for r in out["ranking"]) == sorted(tiny_cfg.encoders) and top1 == sorted(top1)[::-1]
+    assert out["flops"]["train"] == run["train"]["flops"]
+    assert out["flops"]["total_with_embed"] == sum(p["flops"] for p in run.values())
+    assert (tmp := io.read_json(f"{out['run']}/search.json"))["ratio"] == out["ratio"] and tmp["grid_search"]
+    assert "| rank | encoder |" in open(f"{out['run']}/search.md").read()
+
+
+def test_grid_search_estimate_equals_a_real_separate_run(tiny_cfg):
+    """The estimate of a full grid search is what the ledger of that separate run records, and the agreement
+    against it is reported."""
+    cfg = _budget(tiny_cfg, steps=3, samples_per_encoder=64)
+    separate = dataclasses.replace(cfg, method="separate", name="grid")
+    train(separate)
+    io.write_json(separate.run_dir / "eval.json", {"datasets": {"demo": {"encoders": {
+        n: {"top1": float(i)} for i, n in enumerate(tiny_cfg.encoders)}}}})
+    out = run_search(cfg, separate.run_dir)
+    ledger = io.read_json(separate.run_dir / "flops.json")["phases"]
+    manifest = io.read_json(tiny_cfg.cache_root / "manifest.json")
+    assert out["grid_search"]["train"] == ledger["train"]["flops"]
+    assert out["grid_search"]["steps"] == ledger["train"]["steps"]
+    full_embed = manifest["count"] * sum(manifest["flops_per_sample"][n] for n in tiny_cfg.encoders + [TEXT])
+    assert abs(out["grid_search"]["embed"] - full_embed) < 1e3
+    assert set(out["agreement"]) >= {"spearman", "kendall", "top1_hit", "regret", "top3_recall"}
+    assert out["ratio"]["total_with_embed"] == out["grid_search"]["total_with_embed"] / out["flops"][
+        "total_with_embed"]
