@@ -8,6 +8,7 @@ table and accuracy-vs-FLOPs plot.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from hnet import io
 from hnet.autodecode import autodecode, compare_to_separate
@@ -16,6 +17,7 @@ from hnet.evaluate import evaluate_run
 from hnet.ranking import rank_encoders, ranking_markdown
 from hnet.report import build_table, plot_accuracy_vs_flops, render
 from hnet.run import train_run
+from hnet.search import has_budget, run_search, search_markdown
 from hnet.zoo import read_encoder_list
 
 
@@ -122,13 +124,18 @@ def run_pipeline(cfg: Config, control: bool = True) -> dict:
             summary["datasets"][name]["shuffled_control"] = mean_top1(result, name)
     _print_summary(summary, control)
     run_dirs = [hyper.run_dir, separate.run_dir]
-    print("\n== FLOPs ==\n" + render(build_table(run_dirs)))
+    search = run_search(cfg, separate.run_dir) if has_budget(cfg) else None
+    print("\n== FLOPs ==\n" + render(build_table(run_dirs + ([Path(search["run"])] if search else []))))
     curves = run_dirs + ([_variant(cfg, "_heldout", "separate").run_dir] if cfg.held_out else [])
     summary["plot"] = str(plot_accuracy_vs_flops(curves, cfg.run_dir.parent / f"{cfg.name}_accuracy_vs_flops.png"))
     print(f"plot: {summary['plot']}")
     summary["runs"] = {"hypernet": str(hyper.run_dir), "separate": str(separate.run_dir)}
     summary["by_encoder"] = {m: {n: r["top1"] for n, r in evals[m]["datasets"][dataset]["encoders"].items()}
                              for m in evals}
+    if search:
+        summary["search"] = {k: search[k] for k in ("ranking", "ratio", "agreement", "flops", "grid_search")}
+        print("\n== search: the best encoder at the search budget, against the grid search ==\n"
+              + search_markdown(search))
     return summary
 
 

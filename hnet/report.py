@@ -42,8 +42,26 @@ def run_row(run_dir: str | Path) -> dict:
     return row
 
 
+def grid_search_row(run_dir: Path, row: dict) -> dict | None:
+    """For a search run (scripts/search.py): the estimated full grid search over the same zoo, as a row."""
+    path = Path(run_dir) / "search.json"
+    if not path.exists():
+        return None
+    grid = io.read_json(path)["grid_search"]
+    return {**{k: None for k in row}, "run": f"grid search for {row['run']} (APE, estimated)", "method": "separate",
+            "encoders": row["encoders"], "text_encoder": row["text_encoder"], "connector": row["connector"],
+            "batch": row["batch"], "steps": grid["steps"], "flops_per_encoder": grid["train"] / row["encoders"],
+            "train_flops": grid["train"], "total_flops": grid["total"],
+            "total_flops_with_embed": grid["total_with_embed"], "vs_separate": ""}
+
+
 def build_table(run_dirs: list[str | Path]) -> list[dict]:
-    rows = [run_row(r) for r in run_dirs]
+    rows = []
+    for run_dir in run_dirs:
+        rows.append(run_row(run_dir))
+        grid = grid_search_row(run_dir, rows[-1])
+        if grid:
+            rows.append(grid)
     separate = [r for r in rows if r["method"] == "separate"]
     for row in rows:  # the baseline: a separate run over the same number of encoders, else the first one
         base = next((s for s in separate if s["encoders"] == row["encoders"]), separate[0] if separate else None)

@@ -27,6 +27,11 @@ from hnet.run import train_run
 from hnet.train import total_steps
 
 
+def has_budget(cfg: Config) -> bool:
+    s = cfg.search
+    return bool(s.steps or s.encoders_per_step or s.samples_per_encoder)
+
+
 def search_config(cfg: Config) -> Config:
     """The hypernetwork run at the search budget (`search.*` over `train`/`data`)."""
     s = cfg.search

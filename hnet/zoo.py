@@ -20,7 +20,8 @@ from torch import nn
 
 from hnet.config import ConfigError
 
-VARIANT_OPTIONS = {"img_size": int, "depth": int, "pool": str}
+# mean/std: one value for all 3 channels (e.g. TF-slim weights want 0.5); pad: timm's pad_type (e.g. "same")
+VARIANT_OPTIONS = {"img_size": int, "depth": int, "pool": str, "mean": float, "std": float, "pad": str}
 POOLS = {"cls": "token", "token": "token", "avg": "avg", "mean": "avg"}
 
 
@@ -90,6 +91,8 @@ def _create_timm(spec: EncoderSpec, device: str | torch.device = "cpu") -> nn.Mo
         kwargs["img_size"] = spec.options["img_size"]
     if "pool" in spec.options:
         kwargs["global_pool"] = POOLS[spec.options["pool"]]
+    if "pad" in spec.options:
+        kwargs["pad_type"] = spec.options["pad"]
     if spec.weights == "random":
         pretrained, overlay = False, None
     elif spec.weights == "pretrained":
@@ -135,6 +138,9 @@ class ImageEncoder(nn.Module):
         if "img_size" in spec.options:
             size = spec.options["img_size"]
             self.data_config["input_size"] = (3, size, size)
+        for key in ("mean", "std"):  # the weights' own preprocessing, where it differs from timm's default
+            if key in spec.options:
+                self.data_config[key] = (spec.options[key],) * 3
         self.transform = timm.data.create_transform(**self.data_config, is_training=False)
 
     @property

@@ -46,6 +46,18 @@ def test_variant_options_change_the_model():
     assert enc(torch.randn(1, 3, 64, 64)).shape == (1, 192)
 
 
+def test_data_config_and_padding_options():
+    """Weights converted from TF-slim want mean = std = 0.5 and TF 'same' padding: both can come from the name."""
+    plain = ImageEncoder(parse_spec("mobilenetv2_100@img_size=64", "random"))
+    tf = ImageEncoder(parse_spec("mobilenetv2_100@img_size=64,mean=0.5,std=0.5,pad=same", "random"))
+    assert tf.data_config["mean"] == (0.5, 0.5, 0.5) and tf.data_config["std"] == (0.5, 0.5, 0.5)
+    normalize = tf.transform.transforms[-1]
+    assert tuple(normalize.mean.tolist()) == (0.5, 0.5, 0.5)
+    assert plain.data_config["mean"] != (0.5, 0.5, 0.5)
+    x = torch.randn(2, 3, 64, 64)
+    assert not torch.allclose(plain(x), tf(x))  # same weights (seeded by name), other padding
+
+
 def test_unknown_encoder_suggests_close_names():
     with pytest.raises(ConfigError, match="close timm names: .*vit_small_patch16_224"):
         parse_spec("vit_smal_patch16_224")
