@@ -185,7 +185,7 @@ def run(zoo_name: str, data: Path, out: Path) -> dict:
     methods["random"] = [random_point(truth)]
     full_cost = full["flops_with_embed"]
     result = {"zoo": zoo_name, "encoders": zoo.names, "train_pairs": zoo.cache.count,
-              "eval_images": {h: len(i) for h, i in zoo.halves.items()}, "eval_set": zoo.cfg.eval.datasets[0],
+              "eval_images": {h: len(i) for h, i in zoo.halves.items()}, "eval_set": zoo.probe.dataset.name,
               "truth_top1": truth, "full_ape": full, "eval_embed_flops": zoo.eval_embed_flops, "methods": methods,
               "hypernet_fraction_at_kendall_0.8": fraction_at(methods["hypernet"], full_cost),
               "truncated_ape_fraction_at_kendall_0.8": fraction_at(methods["truncated_ape"], full_cost),

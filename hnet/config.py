@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,31 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad config value, key or path; the message names the field."""
+
+
+NAMED_DATASETS = ("demo", "cifar10", "cifar100", "imagenet")
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def dataset_name(spec: str) -> str:
+    """The name results are stored under (eval.json) for an eval.datasets entry: NAME of NAME=PATH, or the name."""
+    return spec.partition("=")[0].strip()
+
+
+def parse_dataset_spec(spec: str, where: str) -> tuple[str, str]:
+    """(name, path) of a zero-shot data set spec: `NAME=PATH`, or a known name with path "" (from eval.<name>)."""
+    name, sep, path = spec.partition("=")
+    name, path = name.strip(), path.strip()
+    if not sep:
+        if name not in NAMED_DATASETS:
+            raise ConfigError(f"{where}: unknown dataset '{name}'{_suggest(name, NAMED_DATASETS)}; give NAME=PATH "
+                              f"for a data set folder (known names: {', '.join(NAMED_DATASETS)})")
+        return name, ""
+    if not DATASET_NAME.fullmatch(name) or name == "demo":
+        raise ConfigError(f"{where}: '{spec}': NAME in NAME=PATH must be letters, digits, '_', '.', '-' (not demo)")
+    if not path:
+        raise ConfigError(f"{where}: '{spec}': empty PATH in NAME=PATH")
+    return name, path
 
 
 @dataclass
@@ -104,12 +130,17 @@ class SearchConfig:
 
 @dataclass
 class EvalConfig:
+    # names (demo, cifar10, cifar100, imagenet: folder in eval.<name>) or NAME=PATH specs, layout detected
     datasets: list[str] = field(default_factory=lambda: ["demo"])
-    templates: str = "one"  # one | cifar | imagenet
+    templates: str = "auto"  # auto (the data set's own, else cifar/imagenet/one by data set) | one | cifar | imagenet
     cifar10: str = ""  # ImageFolder root or torchvision's cifar-10-batches-py folder
     cifar100: str = ""
-    imagenet: str = ""  # ImageFolder val root with the standard wnid folders
-    retrieval: str = ""  # shard pattern of a captioned set (e.g. COCO val as shards): image<->text R@1/5/10
+    imagenet: str = ""  # ImageFolder val root with wnid folders (all 1000 or a subset)
+    # shard pattern of a captioned set (one caption per image), or a captions JSON (COCO captions_*.json or a
+    # Karpathy split) with eval.retrieval_images: image<->text R@1/5/10
+    retrieval: str = ""
+    retrieval_images: str = ""  # images folder of a captions JSON
+    retrieval_split: str = "test"  # Karpathy split JSON: which split's images
     max_images: int = 0  # >0: evaluate on the first N images only
     batch_size: int = 256
 
@@ -156,7 +187,7 @@ CHOICES = {
     "train.logit_scale": ("learnable", "fixed"),
     "train.tracker": ("", "tensorboard", "wandb"),
     "train.nonfinite": ("stop", "skip"),
-    "eval.templates": ("one", "cifar", "imagenet"),
+    "eval.templates": ("auto", "one", "cifar", "imagenet"),
     "autodecode.init": ("mean", "same_width", "random"),
     "image_weights": ("pretrained", "random"),
     "method": ("hypernet", "separate"),
@@ -300,6 +331,21 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"connector.depth: an mlp connector needs depth >= 2, got {cfg.connector.depth}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr: must be > 0, got {cfg.train.lr}")
+    _validate_eval(cfg.eval)
+
+
+def _validate_eval(ev: EvalConfig) -> None:
+    # bare names are checked when a data set is loaded (other tools keep their own lists in eval.datasets)
+    names = [parse_dataset_spec(spec, f"eval.datasets[{i}]")[0] if "=" in spec else spec
+             for i, spec in enumerate(ev.datasets)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"eval.datasets: dataset name(s) {twice} given twice")
+    if ev.retrieval.endswith(".json") and not ev.retrieval_images:
+        raise ConfigError("eval.retrieval_images: required with a captions file in eval.retrieval (the images folder)")
+    if ev.max_images < 0 or ev.batch_size <= 0:
+        raise ConfigError(f"eval.max_images / eval.batch_size: must be >= 0 / > 0, got {ev.max_images} / "
+                          f"{ev.batch_size}")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 from hnet import io
 from hnet.cache import CachedFeatures, build_cache
 from hnet.config import Config
-from hnet.data.zeroshot import TEMPLATES, ZeroShotSet, load_zeroshot
+from hnet.data.zeroshot import ZeroShotSet, load_zeroshot, templates_for
 from hnet.flops import FlopsLedger, connector_macs, encoder_flops
 from hnet.losses import contrastive_logits
 from hnet.model import StitchModel, load_model, project
 from hnet.report import plot_reliability
-from hnet.retrieval import evaluate_retrieval
+from hnet.retrieval import KS, evaluate_retrieval
 from hnet.zoo import TextEncoder, specs_for
 
 ECE_BINS = 15
@@ -71,7 +71,9 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n_classes
             reliability.append({"bin": b, "count": int(inside.sum()), "accuracy": float(correct[inside].mean()),
                                 "confidence": float(conf[inside].mean())})
     per_class = [float(correct[labels == c].mean()) * 100 if (labels == c).any() else None for c in range(n_classes)]
+    present = [p for p in per_class if p is not None]  # clip_benchmark: balanced accuracy over the labels present
     return {"top1": float(correct.mean()) * 100, "top5": float(top5.mean()) * 100,
+            "mean_per_class_recall": sum(present) / len(present),
             "nll": float(F.cross_entropy(logits, labels)), "ece": ece * 100, "n": int(len(labels)),
             "per_class_top1": per_class, "reliability": reliability}
 
@@ -95,7 +97,7 @@ def eval_cache(cfg: Config, dataset: ZeroShotSet, names: list[str], weights: dic
                accelerator=None) -> tuple[CachedFeatures, list[str]]:
     """The dataset's features for `names` (embedded once, split across ranks, then reused); also which encoders
     this call embedded."""
-    root = cfg.cache_root / "eval" / f"{dataset.name}_{dataset.size}"
+    root = cfg.cache_root / "eval" / dataset.key
     specs = specs_for(names, weights, cfg.image_weights)
     stats = build_cache(root, dataset.units, specs, None, batch_size=cfg.eval.batch_size,
                         num_workers=cfg.data.num_workers, accelerator=accelerator, has_labels=True)
@@ -116,12 +118,14 @@ class ZeroShotProbe:
         self.cached = {n: n not in embedded for n in names}
         self.labels = torch.from_numpy(np.array(cache["labels"])).to(self.device)
         self.features = {n: torch.from_numpy(np.asarray(cache[n], np.float32)).to(self.device) for n in names}
-        self.classifier = class_embeddings(cfg.text_encoder, self.dataset.classnames, TEMPLATES[cfg.eval.templates],
+        self.templates_name, templates = templates_for(cfg, self.dataset)
+        self.n_templates = len(templates)
+        self.classifier = class_embeddings(cfg.text_encoder, self.dataset.classnames, templates,
                                            cfg.cache_root / "eval", accelerator)
 
     @property
     def key(self) -> str:
-        return f"{self.dataset.name}_{self.dataset.size}"
+        return self.dataset.key
 
     def metrics(self, model: StitchModel, index: int, name: str) -> dict:
         logits = zero_shot_logits(model, index, self.features[name], self.classifier)
@@ -161,7 +165,8 @@ def model_device(model: StitchModel) -> str:
 
 def evaluate_run(cfg: Config, run_dir: Path, datasets: list[str], accelerator=None) -> dict:
     """Zero-shot (and retrieval) metrics of every encoder of a run on the accelerator's device. Every rank
-    takes part in embedding; the main process scores and writes eval.json, eval.md, plots and the ledger."""
+    takes part in embedding; the main process scores and writes eval.json, eval.md, eval.csv, eval/<dataset>.json,
+    plots and the ledger. `datasets`: names or NAME=PATH specs (hnet.data.zeroshot)."""
     accelerator = accelerator or default_accelerator(cfg)
     run_dir = Path(run_dir)
     model, names = load_model(run_dir)
@@ -171,17 +176,17 @@ def evaluate_run(cfg: Config, run_dir: Path, datasets: list[str], accelerator=No
     ledger = FlopsLedger(run_dir)
     results: dict = {"templates": cfg.eval.templates, "text_encoder": cfg.text_encoder, "datasets": {},
                      "device": model_device(model)}
-    for name in datasets:
-        probe = ZeroShotProbe(cfg, name, names, weights, accelerator)
+    for spec in datasets:
+        probe = ZeroShotProbe(cfg, spec, names, weights, accelerator)
         if main:
-            results["datasets"][name] = _score(probe, model, names, run_dir, ledger)
+            results["datasets"][probe.dataset.name] = _score(probe, model, names, run_dir, ledger)
         del probe
     if cfg.eval.retrieval:
         results["retrieval"] = evaluate_retrieval(cfg, model, names, weights, accelerator, ledger)
     if main:
         ledger.save()
         io.write_json(run_dir / "eval.json", results)
-        io.write_text(run_dir / "eval.md", markdown_table(results))
+        write_reports(run_dir, results)
     accelerator.wait_for_everyone()
     return results if main else io.read_json(run_dir / "eval.json")
 
@@ -189,11 +194,14 @@ def evaluate_run(cfg: Config, run_dir: Path, datasets: list[str], accelerator=No
 def _score(probe: ZeroShotProbe, model: StitchModel, names: list[str], run_dir: Path, ledger: FlopsLedger) -> dict:
     if probe.labels.device != next(model.parameters()).device:
         raise RuntimeError(f"evaluation features on {probe.labels.device}, model on {model_device(model)}")
-    name, classes = probe.dataset.name, probe.dataset.classnames
+    dataset = probe.dataset
+    name, classes = dataset.name, dataset.classnames
     per_encoder = {enc: probe.metrics(model, i, enc) for i, enc in enumerate(names)}
     probe.charge_embedding(ledger)
     probe.charge_heads(ledger, model, f"heads/{probe.key}", len(names))
     out = {"classes": classes, "encoders": per_encoder, "chance_top1": 100.0 / len(classes),
+           "layout": dataset.layout, "path": dataset.root, "key": probe.key, "n": len(probe.labels),
+           "templates": probe.templates_name, "n_templates": probe.n_templates,
            "features_device": str(probe.labels.device), "cached": probe.cached}
     out["reliability_png"] = str(plot_reliability(out, name, run_dir / f"reliability_{name}.png"))
     return out
@@ -205,16 +213,77 @@ def _head_flops(model: StitchModel, classifier: torch.Tensor) -> float:
     return 2.0 * macs
 
 
+# ---- reports: clip_benchmark-style JSON per (run, data set), CSV and markdown over data sets and encoders --------
+
+CSV_COLUMNS = ("run", "dataset", "task", "encoder", "n", "acc1", "acc5", "mean_per_class_recall", "ece", "nll",
+               *(f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in KS))
+
+
+def _clip_benchmark_metrics(m: dict) -> dict:
+    """Our percentages as clip_benchmark's keys and units (fractions in [0, 1])."""
+    return {"acc1": m["top1"] / 100, "acc5": m["top5"] / 100,
+            "mean_per_class_recall": m["mean_per_class_recall"] / 100, "ece": m["ece"] / 100, "nll": m["nll"]}
+
+
+def _retrieval_metrics(r: dict) -> dict:
+    """image_retrieval = text->image, text_retrieval = image->text, as clip_benchmark names them."""
+    out = {f"image_retrieval_recall@{k}": r["text_to_image"][f"R@{k}"] / 100 for k in KS}
+    out.update({f"text_retrieval_recall@{k}": r["image_to_text"][f"R@{k}"] / 100 for k in KS})
+    return out
+
+
+def dataset_reports(run_dir: Path, results: dict) -> dict[str, dict]:
+    """{file stem: content} of the per-data-set JSON files."""
+    run = Path(run_dir).name
+    reports = {}
+    for name, r in results["datasets"].items():
+        reports[name] = {"run": run, "dataset": name, "task": "zeroshot_classification", "path": r.get("path", ""),
+                         "layout": r.get("layout", ""), "n": r.get("n"), "text_encoder": results["text_encoder"],
+                         "templates": r.get("templates"), "n_templates": r.get("n_templates"),
+                         "metrics": {enc: _clip_benchmark_metrics(m) for enc, m in r["encoders"].items()}}
+    if results.get("retrieval"):
+        first = next(iter(results["retrieval"].values()))
+        reports["retrieval"] = {"run": run, "dataset": first.get("dataset", "retrieval"), "task": "zeroshot_retrieval",
+                                "n": first["n"], "n_texts": first.get("n_texts", first["n"]),
+                                "text_encoder": results["text_encoder"],
+                                "metrics": {enc: _retrieval_metrics(r) for enc, r in results["retrieval"].items()}}
+    return reports
+
+
+def csv_rows(reports: dict[str, dict]) -> list[dict]:
+    return [{"run": rep["run"], "dataset": rep["dataset"], "task": rep["task"], "encoder": enc, "n": rep["n"], **m}
+            for rep in reports.values() for enc, m in rep["metrics"].items()]
+
+
+def csv_table(rows: list[dict]) -> str:
+    def cell(v):
+        return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
+    lines = [",".join(CSV_COLUMNS)]
+    lines += [",".join(cell(row.get(c)) for c in CSV_COLUMNS) for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(run_dir: Path, results: dict) -> None:
+    reports = dataset_reports(run_dir, results)
+    for stem, report in reports.items():
+        io.write_json(Path(run_dir) / "eval" / f"{stem}.json", report)
+    io.write_text(Path(run_dir) / "eval.csv", csv_table(csv_rows(reports)))
+    io.write_text(Path(run_dir) / "eval.md", markdown_table(results))
+
+
 def markdown_table(results: dict) -> str:
     lines = []
     for enc, r in results.get("retrieval", {}).items():
         i2t, t2i = r["image_to_text"], r["text_to_image"]
-        lines.append(f"retrieval {enc} (n={r['n']}): image->text " + " ".join(f"{k} {v:.1f}" for k, v in i2t.items())
+        lines.append(f"retrieval {enc} (n={r['n']} images, {r.get('n_texts', r['n'])} captions): image->text "
+                     + " ".join(f"{k} {v:.1f}" for k, v in i2t.items())
                      + " | text->image " + " ".join(f"{k} {v:.1f}" for k, v in t2i.items()))
     for name, r in results["datasets"].items():
-        lines += [f"### {name} (zero-shot, templates: {results['templates']}, chance {r['chance_top1']:.1f}%)", "",
-                  "| encoder | top-1 | top-5 | NLL | ECE |", "|---|---:|---:|---:|---:|"]
+        lines += [f"### {name} (zero-shot, {r.get('layout', '')} layout, templates: {r.get('templates')}, "
+                  f"chance {r['chance_top1']:.1f}%)", "",
+                  "| encoder | top-1 | top-5 | mean per-class recall | NLL | ECE |", "|---|---:|---:|---:|---:|---:|"]
         for enc, m in r["encoders"].items():
-            lines.append(f"| {enc} | {m['top1']:.1f} | {m['top5']:.1f} | {m['nll']:.3f} | {m['ece']:.1f} |")
+            lines.append(f"| {enc} | {m['top1']:.1f} | {m['top5']:.1f} | {m['mean_per_class_recall']:.1f} "
+                         f"| {m['nll']:.3f} | {m['ece']:.1f} |")
         lines.append("")
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hnet import io
 from hnet.autodecode import autodecode, compare_to_separate
-from hnet.config import Config, ConfigError
+from hnet.config import Config, ConfigError, dataset_name
 from hnet.evaluate import evaluate_run
 from hnet.ranking import rank_encoders, ranking_markdown
 from hnet.report import build_table, plot_accuracy_vs_flops, render
@@ -99,7 +99,7 @@ def run_pipeline(cfg: Config, control: bool = True) -> dict:
     names = [s.name for s in specs]
     if cfg.held_out and cfg.held_out not in names:
         raise ConfigError(f"held_out: '{cfg.held_out}' is not one of the configured encoders")
-    dataset = cfg.eval.datasets[0]
+    dataset = dataset_name(cfg.eval.datasets[0])
     separate = _variant(cfg, "", "separate")
     evals = {"separate": _train_and_eval(separate, cfg.eval.datasets)}
     seen = [{"name": s.name, "weights": s.weights} for s in specs if s.name != cfg.held_out]
@@ -110,7 +110,7 @@ def run_pipeline(cfg: Config, control: bool = True) -> dict:
         summary["held_out"] = held_out_study(hyper, specs, dataset)
     evals["hypernet"] = _train_and_eval(hyper, cfg.eval.datasets, train=False)
     shared = [s["name"] for s in seen]  # like for like: the encoders both runs trained
-    for name in cfg.eval.datasets:
+    for name in map(dataset_name, cfg.eval.datasets):
         summary["datasets"][name] = {"chance": evals["hypernet"]["datasets"][name]["chance_top1"],
                                      **{m: mean_top1(evals[m], name, shared) for m in evals}}
     ranking = rank_encoders(hyper.run_dir, separate.run_dir, dataset)
@@ -120,7 +120,7 @@ def run_pipeline(cfg: Config, control: bool = True) -> dict:
         shuffled = _variant(hyper, "_shuffled", "hypernet", data=dataclasses.replace(cfg.data, shuffle_pairs=True),
                             train=dataclasses.replace(cfg.train, eval_every=0))
         result = _train_and_eval(shuffled, cfg.eval.datasets, show=False)
-        for name in cfg.eval.datasets:
+        for name in map(dataset_name, cfg.eval.datasets):
             summary["datasets"][name]["shuffled_control"] = mean_top1(result, name)
     _print_summary(summary, control)
     run_dirs = [hyper.run_dir, separate.run_dir]

@@ -1,68 +1,203 @@
-"""Image <-> text retrieval R@1/5/10 through each encoder's connector, on any captioned shard set."""
+"""Image <-> text retrieval R@1/5/10 through each encoder's connector, with the standard (COCO / Flickr30k) protocol.
+
+Sources (`eval.retrieval`):
+  a shard pattern of a captioned set: one caption per image (caption i belongs to image i);
+  a captions JSON with `eval.retrieval_images`: COCO's captions_*.json (images + annotations) or a Karpathy split
+  (images[].sentences, filtered to `eval.retrieval_split`), several captions per image.
+image->text is a hit at K when ANY of the image's captions is in the top K; text->image against its one image.
+Ties are counted pessimistically: an item scoring the same as the right one is ranked before it.
+"""
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
 
-from hnet.cache import TEXT, CachedFeatures, build_cache
-from hnet.config import Config
+from hnet import io
+from hnet.cache import TEXT, CachedFeatures, Unit, build_cache
+from hnet.config import Config, ConfigError
 from hnet.data.sources import shard_units
 from hnet.flops import FlopsLedger, connector_macs, encoder_flops
 from hnet.model import StitchModel, project
-from hnet.zoo import specs_for
+from hnet.zoo import TextEncoder, specs_for
 
 KS = (1, 5, 10)
+CHUNK = 1000  # images per cache unit
+ROWS = 1024  # queries scored at once (bounds the [rows, items] comparison)
 
 
 def recall_at_k(similarity: torch.Tensor, ks=KS) -> dict:
     """similarity[i, j] between query i and item j, the right item of query i being j = i."""
-    target = similarity.diagonal().unsqueeze(1)
-    rank = (similarity > target).sum(dim=1)  # 0 = the right item ranked first
+    return recall_multi(similarity, torch.eye(*similarity.shape, dtype=torch.bool, device=similarity.device), ks)
+
+
+def recall_multi(similarity: torch.Tensor, positive: torch.Tensor, ks=KS) -> dict:
+    """R@K (%) of queries (rows) against items (columns), `positive[i, j]` marking the right items of query i: a
+    hit when any right item is in the top K. rank = the wrong items scoring >= the best right one (pessimistic)."""
+    ranks = []
+    for start in range(0, len(similarity), ROWS):
+        sim, pos = similarity[start:start + ROWS], positive[start:start + ROWS]
+        best = sim.masked_fill(~pos, float("-inf")).max(dim=1, keepdim=True).values
+        ranks.append(((sim >= best) & ~pos).sum(dim=1))
+    rank = torch.cat(ranks)
     return {f"R@{k}": float((rank < k).float().mean()) * 100 for k in ks}
 
 
 @torch.no_grad()
-def retrieval_metrics(model: StitchModel, index: int, image: torch.Tensor, text: torch.Tensor) -> dict:
+def retrieval_metrics(model: StitchModel, index: int, image: torch.Tensor, text: torch.Tensor,
+                      text_image: torch.Tensor | None = None) -> dict:
+    """`text_image[j]`: the image caption j describes (default: caption j <-> image j)."""
     width = int(model.widths[index])
     padded = F.pad(image.float(), (0, model.shape.image_width - width)).unsqueeze(0)
     params = model.source(torch.tensor([index], device=model.widths.device))
     a, b = project(model.shape, params, model.widths[index:index + 1], padded, text.float())
     b = b[0] if b.dim() == 3 else b
-    sim = a[0] @ b.T
-    return {"image_to_text": recall_at_k(sim), "text_to_image": recall_at_k(sim.T), "n": int(sim.shape[0])}
+    sim = a[0] @ b.T  # [images, texts]
+    if text_image is None:
+        text_image = torch.arange(sim.shape[1], device=sim.device)
+    positive = text_image[None, :] == torch.arange(sim.shape[0], device=sim.device)[:, None]
+    return {"image_to_text": recall_multi(sim, positive), "text_to_image": recall_multi(sim.T, positive.T),
+            "n": int(sim.shape[0]), "n_texts": int(sim.shape[1])}
+
+
+# ---- captions files --------------------------------------------------------------------------------------------
+
+@dataclass
+class Captions:
+    images: list[Path]  # image files, in evaluation order
+    texts: list[str]
+    text_image: list[int]  # index into `images` of each caption
+
+
+def read_captions(path: Path, images_dir: Path, split: str = "test", max_images: int = 0) -> Captions:
+    """COCO captions_*.json or a Karpathy split JSON -> images with their captions."""
+    try:
+        data = io.read_json(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"eval.retrieval: cannot read captions file {path}: {err}") from None
+    if isinstance(data, dict) and "annotations" in data and "images" in data:
+        pairs = _coco_pairs(data, images_dir)
+    elif isinstance(data, dict) and data.get("images") and "sentences" in data["images"][0]:
+        pairs = _karpathy_pairs(data, images_dir, split)
+    else:
+        raise ConfigError(f"eval.retrieval: {path} is neither a COCO captions file (images + annotations) nor a "
+                          f"Karpathy split (images[].sentences)")
+    pairs = [(file, caps) for file, caps in pairs if caps][:max_images or None]
+    if not pairs:
+        raise ConfigError(f"eval.retrieval: {path} has no captioned images (split '{split}')")
+    missing = [str(f) for f, _ in pairs if not f.is_file()]
+    if missing:
+        raise ConfigError(f"eval.retrieval_images: {len(missing)} images of {path} not found, e.g. {missing[0]}")
+    texts = [c for _, caps in pairs for c in caps]
+    text_image = [i for i, (_, caps) in enumerate(pairs) for _ in caps]
+    return Captions([f for f, _ in pairs], texts, text_image)
+
+
+def _coco_pairs(data: dict, images_dir: Path) -> list[tuple[Path, list[str]]]:
+    captions: dict[int, list[str]] = {}
+    for ann in data["annotations"]:
+        captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
+    return [(images_dir / im["file_name"], captions.get(im["id"], [])) for im in data["images"]]
+
+
+def _karpathy_pairs(data: dict, images_dir: Path, split: str) -> list[tuple[Path, list[str]]]:
+    images = data["images"]
+    if any("split" in im for im in images):
+        images = [im for im in images if im.get("split") == split]
+    out = []
+    for im in images:
+        file = images_dir / im.get("filepath", "") / im["filename"]
+        if not file.exists() and (images_dir / im["filename"]).exists():
+            file = images_dir / im["filename"]  # images of every split in one folder
+        out.append((file, [s["raw"].strip() for s in im["sentences"]]))
+    return out
+
+
+def _image_samples(files: list[Path], offset: int):
+    for i, path in enumerate(files):
+        yield {"key": f"{offset + i:07d}", "image": Image.open(path).convert("RGB"), "label": offset + i}
+
+
+def caption_embeddings(text_encoder: str, texts: list[str], path: Path, accelerator=None) -> torch.Tensor:
+    """[N, T] caption embeddings, computed by the main process and cached at `path`."""
+    if (accelerator is None or accelerator.is_main_process) and not path.exists():
+        emb = TextEncoder(text_encoder, accelerator.device if accelerator else torch.device("cpu")).encode(texts)
+        io.write_safetensors(path, {"text": emb.float().cpu().contiguous()})
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return load_file(str(path))["text"]
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------------
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+
+
+def _captions_features(cfg: Config, names, specs, accelerator):
+    ev = cfg.eval
+    caps = read_captions(Path(ev.retrieval), Path(ev.retrieval_images), ev.retrieval_split, ev.max_images)
+    source = [str(Path(ev.retrieval).resolve()), str(Path(ev.retrieval_images).resolve()), ev.retrieval_split]
+    root = cfg.cache_root / "eval" / f"retrieval_{_digest(*source, str(len(caps.images)))}"
+    units = [Unit(f"chunk_{i // CHUNK:05d}", partial(_image_samples, caps.images[i:i + CHUNK], i))
+             for i in range(0, len(caps.images), CHUNK)]
+    stats = build_cache(root, units, specs, None, batch_size=ev.batch_size, num_workers=cfg.data.num_workers,
+                        accelerator=accelerator, has_labels=True)
+    text_path = root / f"captions_{_digest(cfg.text_encoder, *caps.texts)}.safetensors"
+    text = caption_embeddings(cfg.text_encoder, caps.texts, text_path, accelerator)
+    return root, stats, text, torch.tensor(caps.text_image)
+
+
+def _shard_features(cfg: Config, names, specs, accelerator):
+    root = cfg.cache_root / "eval" / f"retrieval_{_digest(cfg.eval.retrieval)}"
+    stats = build_cache(root, shard_units(cfg.eval.retrieval), specs, cfg.text_encoder,
+                        batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, accelerator=accelerator)
+    if accelerator is not None and not accelerator.is_main_process:
+        return root, stats, None, None
+    text = torch.from_numpy(np.asarray(CachedFeatures(root, [TEXT])[TEXT], np.float32))
+    return root, stats, text, torch.arange(len(text))
 
 
 def evaluate_retrieval(cfg: Config, model: StitchModel, names: list[str], weights: dict[str, str],
                        accelerator=None, ledger: FlopsLedger | None = None) -> dict:
-    """R@K of every encoder on cfg.eval.retrieval's shards. Every rank embeds its share of the shards; the main
-    process (or the only one) scores on the model's device and charges the ledger's eval phase."""
-    pattern = cfg.eval.retrieval
-    root = cfg.cache_root / "eval" / f"retrieval_{hashlib.sha256(pattern.encode()).hexdigest()[:12]}"
+    """R@K of every encoder on cfg.eval.retrieval. Every rank embeds its share of the images; the main process
+    (or the only one) scores on the model's device and charges the ledger's eval phase."""
     specs = specs_for(names, weights, cfg.image_weights)
-    stats = build_cache(root, shard_units(pattern), specs, cfg.text_encoder, batch_size=cfg.eval.batch_size,
-                        num_workers=cfg.data.num_workers, accelerator=accelerator)
+    is_file = cfg.eval.retrieval.endswith(".json")
+    features = _captions_features if is_file else _shard_features
+    root, stats, text, text_image = features(cfg, names, specs, accelerator)
     if accelerator is not None and not accelerator.is_main_process:
         return {}
     device = model.log_scale.device
-    cache = CachedFeatures(root, names + [TEXT])
-    text = torch.from_numpy(np.asarray(cache[TEXT], np.float32)).to(device)
-    results = {n: retrieval_metrics(model, i, torch.from_numpy(np.asarray(cache[n], np.float32)).to(device), text)
-               for i, n in enumerate(names)}
+    cache = CachedFeatures(root, names + (["labels"] if is_file else []))
+    if is_file and not np.array_equal(np.asarray(cache["labels"]), np.arange(cache.count)):
+        raise RuntimeError(f"{root}: cached images are not in the captions file's order")
+    text, text_image = text.to(device), text_image.to(device)
+    results = {n: retrieval_metrics(model, i, torch.from_numpy(np.asarray(cache[n], np.float32)).to(device), text,
+                                    text_image) for i, n in enumerate(names)}
+    for r in results.values():
+        r["dataset"] = Path(cfg.eval.retrieval).stem if is_file else "retrieval"
     if ledger is not None:
-        _charge(ledger, model, names, root.name, len(text), stats["embedded"])
+        _charge(ledger, model, names, root.name, cache.count, len(text), stats["embedded"])
     return results
 
 
-def _charge(ledger: FlopsLedger, model: StitchModel, names: list[str], key: str, n: int, embedded: list[str]) -> None:
-    """Image encoders' forwards over the shard images (once per run, `cached` when reused), and per encoder the
-    connector over n images plus the n x n similarity. The captions' text-encoder pass is not counted here."""
+def _charge(ledger: FlopsLedger, model: StitchModel, names: list[str], key: str, n: int, n_texts: int,
+            embedded: list[str]) -> None:
+    """Image encoders' forwards over the images (once per run, `cached` when reused), and per encoder the
+    connector over the images plus the images x captions similarity. The captions' text-encoder pass is not
+    counted here."""
     for name in names:
         ledger.charge("eval", f"embed/{key}/{name}", n * encoder_flops(name)["gflops"] * 1e9, once=True,
                       images=n, cached=name not in embedded)
-    per_encoder = 2 * (connector_macs(model.shape.layers, 1, n)["forward"] + n * n * _sim_width(model))
+    per_encoder = 2 * (connector_macs(model.shape.layers, 1, n)["forward"] + n * n_texts * _sim_width(model))
     ledger.charge("eval", f"heads/{key}", len(names) * per_encoder, steps=1, samples=n * len(names))
 
 

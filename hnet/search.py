@@ -15,7 +15,7 @@ from accelerate import PartialState
 
 from hnet import io
 from hnet.cache import MANIFEST, TEXT
-from hnet.config import Config, ConfigError, HypernetConfig
+from hnet.config import Config, ConfigError, HypernetConfig, dataset_name
 from hnet.connectors import ConnectorShape
 from hnet.data.shards import MANIFEST as SHARDS_MANIFEST
 from hnet.data.sources import prepare_shards
@@ -82,9 +82,10 @@ def _spent(run_dir: Path) -> dict:
 
 def run_search(cfg: Config, separate_run: str | Path | None = None) -> dict:
     search = search_config(cfg)
-    dataset = cfg.search.dataset or cfg.eval.datasets[0]
+    spec = cfg.search.dataset or cfg.eval.datasets[0]
+    dataset = dataset_name(spec)
     train_run(search)
-    results = evaluate_run(search, search.run_dir, [dataset])
+    results = evaluate_run(search, search.run_dir, [spec])
     top1 = {n: m["top1"] for n, m in results["datasets"][dataset]["encoders"].items()}
     meta = io.read_json(search.run_dir / "model.json")
     manifest = io.read_json(search.cache_path / MANIFEST)

@@ -1,12 +1,18 @@
-"""Zero-shot evaluation of every encoder of a run (CIFAR-10/100, ImageNet-1k, the built-in demo set).
+"""Zero-shot evaluation of every encoder of a run, on data sets in the layouts CLIP evaluations use.
 
     python scripts/evaluate.py --run RUN_DIR [--datasets cifar10,cifar100,imagenet] [key=value ...]
+    python scripts/evaluate.py --run RUN_DIR --datasets cifar10=/data/cifar10,imnet_r=/data/imagenet-r
+
+A data set is `demo`, a name whose folder is in eval.<name> (cifar10, cifar100, imagenet), or NAME=PATH with the
+layout detected from the folder: torchvision CIFAR pickles, ImageNet wnid folders (any subset), ImageNet-V2
+(folders 0..999), an ImageFolder (+ classnames.txt, templates.txt), clip_benchmark's webdataset folder.
+Writes RUN_DIR/eval.json, eval.md, eval.csv and eval/<dataset>.json (clip_benchmark's keys, fractions).
 """
 import argparse
 from pathlib import Path
 
 from hnet.cli import main_guard
-from hnet.config import ConfigError, load_config
+from hnet.config import ConfigError, load_config, parse_dataset_spec
 from hnet.evaluate import evaluate_run
 
 
@@ -14,7 +20,8 @@ from hnet.evaluate import evaluate_run
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run dir written by learn_multi_mapper / learn_separate_mapper")
-    parser.add_argument("--datasets", default="", help="comma list; default: the run config's eval.datasets")
+    parser.add_argument("--datasets", default="", help="comma list of names or NAME=PATH; default: the run "
+                        "config's eval.datasets")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. eval.cifar10=/data/cifar10 eval.templates=cifar")
     args = parser.parse_args(argv)
     run = Path(args.run)
@@ -22,6 +29,9 @@ def main(argv=None):
         raise ConfigError(f"--run: {run} is not a run dir (no config.yaml)")
     cfg = load_config(run / "config.yaml", args.overrides)
     datasets = [d for d in args.datasets.split(",") if d] or cfg.eval.datasets
+    names = [parse_dataset_spec(d, "--datasets")[0] for d in datasets]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--datasets: a dataset name is given twice: {names}")
     results = evaluate_run(cfg, run, datasets)
     print((run / "eval.md").read_text())
     return results

@@ -42,6 +42,9 @@ def test_metrics_on_a_hand_made_case():
     labels = torch.tensor([0, 1, 2, 2])
     m = classification_metrics(logits, labels, 3)
     assert m["top1"] == 50.0 and m["per_class_top1"] == [100.0, 100.0, 0.0]
+    assert m["mean_per_class_recall"] == pytest.approx(200 / 3)  # balanced accuracy, not top-1
+    absent = classification_metrics(logits, torch.tensor([0, 0, 2, 2]), 3)  # class 1 has no images: left out
+    assert absent["per_class_top1"][1] is None and absent["mean_per_class_recall"] == pytest.approx((50.0 + 0.0) / 2)
     assert m["nll"] == pytest.approx(float(F.cross_entropy(logits, labels)))
     conf = logits.softmax(-1).max(-1).values.tolist()
     correct = [1.0, 1.0, 0.0, 0.0]
@@ -59,6 +62,8 @@ def test_recall_at_k():
     sim = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.5, 0.1], [0.0, 0.7, 0.6]])
     r = recall_at_k(sim, ks=(1, 2))
     assert r == {"R@1": pytest.approx(100 / 3), "R@2": 100.0}
+    tied = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5], [0.5, 0.0, 0.5]])  # each right item ties a wrong one
+    assert recall_at_k(tied, ks=(1, 2)) == {"R@1": 0.0, "R@2": 100.0}  # ties counted against the query
 
 
 def test_templates():
