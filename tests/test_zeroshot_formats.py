@@ -258,7 +258,9 @@ def test_evaluate_run_on_specs_and_a_coco_captions_file(tiny_cfg, tmp_path):
     caps = read_captions(path, images_dir)
     text = TextEncoder(cfg.text_encoder).encode(caps.texts)
     positive = torch.tensor(caps.text_image)[None, :] == torch.arange(12)[:, None]
-    root = next((cfg.cache_path / "eval").glob("retrieval_*"))
+    parts = io.read_json(cfg.run_dir / "flops.json")["phases"]["eval"]["parts"]
+    cache_key = next(k.split("/")[1] for k in parts if k.startswith("embed/retrieval_"))  # this run's, not another's
+    root = cfg.cache_root / "eval" / cache_key
     for name in cfg.encoders:
         got = results["retrieval"][name]
         assert got["n"] == 12 and got["n_texts"] == 60
@@ -269,5 +271,4 @@ def test_evaluate_run_on_specs_and_a_coco_captions_file(tiny_cfg, tmp_path):
         for k in (1, 5, 10):
             assert got["image_to_text"][f"R@{k}"] == pytest.approx(brute_force_recall(sim, positive, k))
             assert got["text_to_image"][f"R@{k}"] == pytest.approx(brute_force_recall(sim.T, positive.T, k))
-    parts = io.read_json(cfg.run_dir / "flops.json")["phases"]["eval"]["parts"]
     assert any(k.startswith(f"embed/{root.name}/") for k in parts) and any(k.startswith("heads/inet3_6_") for k in parts)
