@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from hnet import io  # noqa: E402
-from hnet.cache import embed_pass  # noqa: E402
+from hnet.embed_pass import embed_pass  # noqa: E402
 from hnet.config import load_config  # noqa: E402
 from hnet.data.sources import prepare_shards, shard_units  # noqa: E402
 from hnet.zoo import ImageEncoder, read_encoder_list  # noqa: E402

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from hnet import io
-from hnet.cache import TEXT, CachedFeatures, CacheError, build_cache
+from hnet.cache import TEXT, CachedFeatures, CacheError
+from hnet.embed_pass import build_cache
 from hnet.config import Config, ConfigError
 from hnet.connectors import Connector
 from hnet.data.features import FeatureBatches

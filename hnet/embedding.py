@@ -6,7 +6,8 @@ import itertools
 from torch.utils.flop_counter import FlopCounterMode
 
 from hnet import io
-from hnet.cache import MANIFEST, TEXT, Unit, build_cache
+from hnet.cache import MANIFEST, TEXT, Unit
+from hnet.embed_pass import build_cache
 from hnet.config import Config
 from hnet.data.sources import first_samples_unit, prepare_shards, shard_units
 from hnet.flops import encoder_flops

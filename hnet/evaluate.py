@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from hnet import io
-from hnet.cache import CachedFeatures, build_cache
+from hnet.cache import CachedFeatures
+from hnet.embed_pass import build_cache
 from hnet.config import Config
 from hnet.data.zeroshot import ZeroShotSet, load_zeroshot, templates_for
 from hnet.flops import FlopsLedger, connector_macs, encoder_flops

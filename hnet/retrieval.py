@@ -21,7 +21,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from hnet import io
-from hnet.cache import TEXT, CachedFeatures, Unit, build_cache
+from hnet.cache import TEXT, CachedFeatures, Unit
+from hnet.embed_pass import build_cache
 from hnet.config import Config, ConfigError
 from hnet.data.sources import shard_units
 from hnet.flops import FlopsLedger, connector_macs, encoder_flops

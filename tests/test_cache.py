@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from hnet import io
-from hnet.cache import (TEXT, CachedFeatures, CacheError, _UnitDataset, build_cache, embed_pass, verify_cache,
-                        write_cache)
+from hnet.cache import TEXT, CachedFeatures, CacheError, verify_cache, write_cache
+from hnet.embed_pass import _UnitDataset, build_cache, embed_pass
 from hnet.config import load_config
 from hnet.data.sources import prepare_shards, shard_units
 from hnet.zoo import ImageEncoder, read_encoder_list
