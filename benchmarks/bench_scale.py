@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from hnet import io  # noqa: E402
 from hnet.cache import TEXT, CachedFeatures, Unit, write_cache  # noqa: E402
-from hnet.embed_pass import ITEM_BYTES, _UnitDataset, transform_groups
+from hnet.embed_pass import ITEM_BYTES, _UnitDataset, transform_groups  # noqa: E402
 from hnet.zoo import EncoderSpec, ImageEncoder, image_encoder_width, read_encoder_list  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
