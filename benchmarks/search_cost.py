@@ -117,12 +117,14 @@ class Zoo:
         return out
 
 
-def trained_point(zoo: Zoo, name: str, method: str, steps: int | None, samples: int, k: int = 0) -> dict:
+def trained_point(zoo: Zoo, name: str, method: str, steps: int | None, samples: int, k: int = 0,
+                  **train_kw) -> dict:
     """Train one run at a budget, return its ranking scores on the search half and its costs."""
     samples = min(samples, zoo.cache.count)
     zoo.prefix(samples)
     cfg = zoo.cfg
-    train_cfg = dataclasses.replace(cfg.train, encoders_per_step=k, batch_size=min(cfg.train.batch_size, samples))
+    train_cfg = dataclasses.replace(cfg.train, encoders_per_step=k, batch_size=min(cfg.train.batch_size, samples),
+                                    **train_kw)
     if steps:
         train_cfg = dataclasses.replace(train_cfg, max_steps=steps, epochs=max(cfg.train.epochs, float(steps)))
     run_cfg = dataclasses.replace(cfg, name=name, method=method, train=train_cfg,
@@ -194,6 +196,22 @@ def run(zoo_name: str, data: Path, out: Path) -> dict:
     return result
 
 
+def tune(out: Path) -> dict:
+    """The hypernetwork's search learning rate, chosen on the demo zoo only (never on the CIFAR test images): Kendall
+    and regret against the demo's full APE at three of the budgets, per learning rate."""
+    zoo = Zoo(zoo_config("demo", Path(), out))
+    truth = zoo.top1(trained_point(zoo, "full_ape", "separate", None, zoo.cache.count)["run"], "truth")
+    rows = []
+    for lr in (3e-3, 1e-2, 3e-2, 1e-1):
+        for steps, k, m in HYPER_BUDGETS[1:4]:
+            point = _scored(trained_point(zoo, f"tune_lr{lr:g}_s{steps}_k{k}_m{m}", "hypernet", steps, m, k, lr=lr),
+                            truth)
+            rows.append({"lr": lr, "steps": steps, "k": k, "samples": m, "kendall": point["kendall"],
+                         "regret": point["regret"]})
+    by_lr = {lr: float(np.mean([r["kendall"] for r in rows if r["lr"] == lr])) for lr in {r["lr"] for r in rows}}
+    return {"zoo": "demo", "rows": rows, "mean_kendall_by_lr": by_lr, "best_lr": max(by_lr, key=by_lr.get)}
+
+
 def markdown(r: dict) -> str:
     full = r["full_ape"]["flops_with_embed"]
     lines = [f"### Search cost on the {r['zoo']} zoo ({len(r['encoders'])} encoders, {r['train_pairs']} training "
@@ -257,7 +275,13 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--data", default="../shared/data", help="folder described by ../shared/data/README.md")
     parser.add_argument("--zoo", choices=["real", "demo"], default="real")
     parser.add_argument("--out", default="runs/search_cost", help="where runs and caches go")
+    parser.add_argument("--tune", action="store_true", help="sweep the hypernetwork's learning rate on the demo zoo")
     args = parser.parse_args(argv)
+    if args.tune:
+        result = tune(Path(args.out))
+        io.write_json(RESULTS / "search_tune_demo.json", result)
+        print(json.dumps(result))
+        return result
     data = Path(args.data)
     if args.zoo == "real" and not (data / "weights").exists():
         print(json.dumps({"skipped": f"no real data under {data}"}))

@@ -9,7 +9,7 @@ from hnet import io
 from hnet.cache import MANIFEST, TEXT, Unit
 from hnet.embed_pass import build_cache
 from hnet.config import Config
-from hnet.data.sources import first_samples_unit, prepare_shards, shard_units
+from hnet.data.sources import first_samples_units, prepare_shards, shard_units
 from hnet.flops import encoder_flops
 from hnet.zoo import TextEncoder, read_encoder_list
 
@@ -24,9 +24,8 @@ def embed_training_data(cfg: Config, accelerator=None, extra_specs=()) -> dict:
     if accelerator is not None:
         accelerator.wait_for_everyone()
         pattern = pattern or prepare_shards(cfg)
-    units = shard_units(pattern)
-    if cfg.data.samples_per_encoder > 0:  # a search budget: only the first N pairs are embedded at all
-        units = [first_samples_unit(units, cfg.data.samples_per_encoder)]
+    units = (first_samples_units(pattern, cfg.data.samples_per_encoder) if cfg.data.samples_per_encoder > 0
+             else shard_units(pattern))  # a search budget: only the first N pairs are embedded at all
     stats = build_cache(cfg.cache_path, units, specs, cfg.text_encoder, batch_size=cfg.data.embed_batch_size,
                         num_workers=cfg.data.num_workers, accelerator=accelerator)
     if main:

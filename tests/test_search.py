@@ -1,5 +1,6 @@
 """The search at a budget: what it embeds, what it trains, what it reports, and the grid-search estimate."""
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 
@@ -56,3 +57,20 @@ def test_grid_search_estimate_equals_a_real_separate_run(tiny_cfg):
     assert set(out["agreement"]) >= {"spearman", "kendall", "top1_hit", "regret", "top3_recall"}
     assert out["ratio"]["total_with_embed"] == out["grid_search"]["total_with_embed"] / out["flops"][
         "total_with_embed"]
+
+
+def test_first_samples_split_into_whole_shards_and_one_cut_shard(tiny_cfg, tmp_path):
+    """A budget's pairs stay split over shards (so ranks share the embedding pass); a cut shard stops early."""
+    import shutil
+
+    from hnet.data.sources import first_samples_units, prepare_shards
+
+    pattern = prepare_shards(tiny_cfg)  # 240 pairs in shards of 100
+    units = first_samples_units(pattern, 128)
+    assert [u.name for u in units] == ["000000", "000001_first28"]
+    assert [len(list(u.samples())) for u in units] == [100, 28]
+    copy = tmp_path / "shards"  # no manifest: one unit reading in order
+    shutil.copytree(Path(pattern).parent, copy)
+    (copy / "manifest.json").unlink()
+    units = first_samples_units(str(copy / Path(pattern).name), 128)
+    assert len(units) == 1 and len(list(units[0].samples())) == 128

@@ -59,3 +59,25 @@ def _first_samples(units: list[Unit], count: int):
 def first_samples_unit(units: list[Unit], count: int) -> Unit:
     """One unit holding exactly the first `count` samples of `units`: later shards are never opened."""
     return Unit(f"first_{count}", partial(_first_samples, units, count))
+
+
+def first_samples_units(pattern: str, count: int) -> list[Unit]:
+    """The first `count` samples of a shard set as units the embedding pass can split over ranks: the whole shards
+    they fill (counts from the shards' manifest.json, written by make_shards) plus one cut shard. Without a
+    manifest, one unit reading the shards in order."""
+    units = shard_units(pattern)
+    manifest = Path(expand_urls(pattern)[0]).parent / MANIFEST
+    counts = {Path(s["name"]).stem: s["count"] for s in read_json(manifest).get("shards", [])} \
+        if manifest.exists() else {}
+    if any(u.name not in counts for u in units):
+        return [first_samples_unit(units, count)]
+    whole, left = [], count
+    for unit in units:
+        if left <= 0:
+            break
+        if counts[unit.name] <= left:
+            whole.append(unit)
+        else:
+            whole.append(Unit(f"{unit.name}_first{left}", partial(_first_samples, [unit], left)))
+        left -= counts[unit.name]
+    return whole
