@@ -60,6 +60,9 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
 def verify_checkpoint(path: Path) -> int:
     """Check every file against the checksums recorded at save time; return the checkpoint's step."""
     state = io.read_json(path / STATE)
+    if (path / "scheduler.bin").exists():  # hnet now checkpoints its scheduler itself (custom_checkpoint_0.pkl)
+        raise CheckpointError(f"{path}: written by an earlier hnet whose scheduler stepped once per rank; it cannot "
+                              f"be resumed, start the run again (train.resume=)")
     for name, digest in state.get("sha256", {}).items():
         file = path / name
         if not file.exists():

@@ -126,6 +126,7 @@ class SearchConfig:
     encoders_per_step: int = 0  # k of N encoders per step (0 = all)
     samples_per_encoder: int = 0  # training pairs embedded and used per encoder (0 = all)
     dataset: str = ""  # zero-shot set the ranking is scored on ("" = eval.datasets[0])
+    grid_batch_size: int = 0  # the batch the grid search's separate runs use (0 = train.batch_size)
 
 
 @dataclass
@@ -318,6 +319,7 @@ def _validate(cfg: Config) -> None:
     for where, value in (("data.samples_per_encoder", cfg.data.samples_per_encoder),
                          ("search.samples_per_encoder", cfg.search.samples_per_encoder),
                          ("search.steps", cfg.search.steps), ("search.encoders_per_step", cfg.search.encoders_per_step),
+                         ("search.grid_batch_size", cfg.search.grid_batch_size),
                          ("train.encoders_per_step", cfg.train.encoders_per_step)):
         if value < 0:
             raise ConfigError(f"{where}: must be >= 0, got {value}")

@@ -36,7 +36,8 @@ def project(shape: ConnectorShape, params: Params, widths: torch.Tensor, image: 
 
 class StitchModel(nn.Module):
     """The hypernetwork shares one logit scale over all encoders; the separate (APE) baseline keeps one per
-    connector, so its N connectors train exactly as N single-encoder runs would."""
+    connector, so its N connectors train exactly as N single-encoder runs would (when all train every step; with
+    k of N per step, Adam's step count and the learning-rate schedule stay shared)."""
 
     def __init__(self, method: str, shape: ConnectorShape, widths: list[int], hypernet: HypernetConfig,
                  learnable_scale: bool = True, scale_init: float = 1 / 0.07, init_seeds: list[int] | None = None):

@@ -57,15 +57,16 @@ def training_sample_count(cfg: Config) -> int:
 
 def grid_search_cost(cfg: Config, names: list[str], widths: list[int], text_width: int, count: int,
                      text_flops_per_sample: float) -> dict:
-    """FLOPs of training one separate connector per encoder at cfg.train's settings over `count` pairs, and of
-    embedding those pairs with every encoder and the text encoder."""
+    """FLOPs of training one separate connector per encoder at cfg.train's settings (batch: search.grid_batch_size
+    when set) over `count` pairs in one process, and of embedding those pairs with every encoder and the text."""
     c = cfg.connector
     shape = ConnectorShape(c.kind, c.direction, max(widths), text_width, c.depth, c.hidden)
     with torch.device("meta"):
         model = StitchModel("separate", shape, widths, HypernetConfig())
-    steps = total_steps(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, encoders_per_step=0)),
-                        count // cfg.train.batch_size)
-    per_step = train_step_flops(model, len(names), cfg.train.batch_size)["total"] * cfg.train.grad_accum
+    batch = cfg.search.grid_batch_size or cfg.train.batch_size
+    train = dataclasses.replace(cfg.train, encoders_per_step=0, batch_size=batch)
+    steps = total_steps(dataclasses.replace(cfg, train=train), count // batch)
+    per_step = train_step_flops(model, len(names), batch)["total"] * cfg.train.grad_accum
     embed = count * (sum(encoder_flops(n)["gflops"] * 1e9 for n in names) + text_flops_per_sample)
     return {"steps": steps, "samples": count, "train": per_step * steps, "embed": embed}
 
@@ -75,7 +76,9 @@ def _spent(run_dir: Path) -> dict:
     phases = io.read_json(run_dir / "flops.json")["phases"]
     eval_parts = phases["eval"].get("parts", {})
     eval_embed = sum(p["flops"] for k, p in eval_parts.items() if k.startswith("embed/"))
+    final_heads = sum(p["flops"] for k, p in eval_parts.items() if k.startswith("heads/"))
     return {"train": phases["train"]["flops"], "eval_heads": phases["eval"]["flops"] - eval_embed,
+            "final_eval_heads": final_heads,
             "embed": phases["embed"]["flops"], "eval_embed": eval_embed,
             "steps": phases["train"]["steps"], "samples_embedded": phases["embed"]["samples"]}
 
@@ -92,14 +95,19 @@ def run_search(cfg: Config, separate_run: str | Path | None = None) -> dict:
     spent = _spent(search.run_dir)
     grid = grid_search_cost(cfg, meta["names"], meta["widths"], meta["shape"]["text_width"],
                             training_sample_count(cfg), manifest["flops_per_sample"][TEXT])
-    grid["eval_heads"], grid["eval_embed"] = spent["eval_heads"], spent["eval_embed"]  # same evaluation
+    # the same final evaluation (not the search run's mid-run probes, which a grid search need not run)
+    grid["eval_heads"], grid["eval_embed"] = spent["final_eval_heads"], spent["eval_embed"]
     out = {"dataset": dataset, "run": str(search.run_dir), "budget": dataclasses.asdict(cfg.search),
            "ranking": [{"rank": i + 1, "encoder": n, "predicted_top1": top1[n]}
                        for i, n in enumerate(sorted(top1, key=top1.get, reverse=True))],
            "flops": _totals(spent), "grid_search": _totals(grid)}
     out["ratio"] = {k: out["grid_search"][k] / out["flops"][k] for k in ("train", "total", "total_with_embed")}
     if separate_run:
-        truth = io.read_json(Path(separate_run) / "eval.json")["datasets"][dataset]["encoders"]
+        evaluated = io.read_json(Path(separate_run) / "eval.json")["datasets"]
+        if dataset not in evaluated:
+            raise ConfigError(f"--separate {separate_run}: its eval.json has no '{dataset}' results (has: "
+                              f"{', '.join(evaluated)}); evaluate it on search.dataset first")
+        truth = evaluated[dataset]["encoders"]
         out["agreement"] = agreement(top1, {n: m["top1"] for n, m in truth.items()}) | {"separate": str(separate_run)}
     if PartialState().is_main_process:
         io.write_json(search.run_dir / "search.json", out)

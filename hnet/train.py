@@ -197,8 +197,9 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
     tick, samples, skipped_total = time.perf_counter(), 0, 0
     with StopFlag() as stop:
         for step in bar:
+            log = (step + 1) % cfg.train.log_every == 0 or step + 1 == steps
             loss, grad_norm, layer_norms, skipped = _one_step(cfg, accelerator, model, optimizer, scheduler, feed,
-                                                              step, len(names))
+                                                              step, len(names), log)
             loss, stopped = step_all_reduce(accelerator, loss, stop.raised)
             draws[encoder_subset(step, len(names), k, cfg.train.seed)] += 1
             skipped_total += skipped
@@ -231,7 +232,8 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
     if accelerator.is_main_process and not stopped:
         save_model(run_dir, raw, names, cfg.hypernet, {s.name: s.weights for s in specs})
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): it would take the process group down with it,
+        tracker.finish()                  # and evaluation / search run after training in the same processes
     return {"steps": steps, "last": last, "run_dir": str(run_dir), "stopped": stopped}
 
 
@@ -269,9 +271,9 @@ def _probe_scores(probe, model: StitchModel, names: list[str], ledger: FlopsLedg
     return {"zeroshot_top1": sum(scores.values()) / len(scores), **scores}
 
 
-def _one_step(cfg, accelerator, model, optimizer, scheduler, feed, step, n_encoders):
+def _one_step(cfg, accelerator, model, optimizer, scheduler, feed, step, n_encoders, log=True):
     """One optimizer step (grad_accum micro-batches) = one scheduler step, whatever the world size.
-    Returns (loss, grad norm, per-parameter grad norms, skipped 0/1)."""
+    Returns (loss, grad norm, per-parameter grad norms (when `log`), skipped 0/1)."""
     encoders = encoder_subset(step, n_encoders, cfg.train.encoders_per_step, cfg.train.seed)
     index = torch.as_tensor(encoders, device=accelerator.device)
     raw: StitchModel = accelerator.unwrap_model(model)
@@ -287,10 +289,13 @@ def _one_step(cfg, accelerator, model, optimizer, scheduler, feed, step, n_encod
                 surrogate = surrogate * len(encoders)
             accelerator.backward(surrogate)
         total_loss += float(loss.detach()) / cfg.train.grad_accum
-    # the last micro-batch synchronised the gradients
-    layer_norms = layer_grad_norms(raw)
-    grad_norm = _clip(cfg, accelerator, model, raw)
-    if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
+    # the last micro-batch synchronised the gradients; fp16: unscale them once, before norms and clipping
+    accelerator.unscale_gradients()
+    layer_norms = layer_grad_norms(raw) if log else {}
+    grad_norm = _clip(cfg, model, raw)
+    loss_finite = all_ranks(accelerator, math.isfinite(total_loss))  # local_loss: each rank has its own share
+    # under fp16 an overflowing gradient is the GradScaler's to skip (it then lowers the scale)
+    if not loss_finite or (not math.isfinite(grad_norm) and accelerator.scaler is None):
         if cfg.train.nonfinite == "stop":
             raise NonFiniteError(f"non-finite loss/gradient at step {step + 1}; the last good checkpoint "
                                  f"is kept in {cfg.run_dir / 'checkpoints'} (or set train.nonfinite=skip)")
@@ -302,17 +307,25 @@ def _one_step(cfg, accelerator, model, optimizer, scheduler, feed, step, n_encod
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad()
-    return total_loss, grad_norm, layer_norms, 0
+    return total_loss, grad_norm, layer_norms, int(bool(getattr(optimizer, "step_was_skipped", False)))
 
 
-def _clip(cfg, accelerator, model, raw: StitchModel) -> float:
-    """Gradient-norm clipping: one global norm for the hypernetwork, one norm per connector for APE."""
+def all_ranks(accelerator: Accelerator, flag: bool) -> bool:
+    """True when `flag` holds on every rank (so that every rank takes the same branch)."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum") == accelerator.num_processes)
+
+
+def _clip(cfg, model, raw: StitchModel) -> float:
+    """Gradient-norm clipping of unscaled gradients: one global norm for the hypernetwork, one per connector
+    for APE (as N single runs would)."""
     if cfg.train.grad_clip <= 0:
         return 0.0
     if raw.method == "separate":
-        accelerator.unscale_gradients()
         return clip_per_encoder(raw.per_encoder_parameters(), cfg.train.grad_clip)
-    return float(accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
+    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -131,3 +131,13 @@ def test_bad_flags_exit_2_with_one_line_and_write_nothing(tmp_path, flag, messag
     lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not (out / "demo_hypernet").exists()
+
+
+def test_checkpoint_of_an_earlier_hnet_is_refused_with_a_reason(tmp_path):
+    """Checkpoints whose scheduler accelerate stepped once per rank (scheduler.bin) cannot be resumed as they are."""
+    from hnet.checkpoint import CheckpointError, verify_checkpoint
+
+    io.write_json(tmp_path / "trainer_state.json", {"step": 3, "sha256": {}})
+    (tmp_path / "scheduler.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="written by an earlier hnet"):
+        verify_checkpoint(tmp_path)
