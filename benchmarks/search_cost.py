@@ -61,9 +61,9 @@ HYPER_BUDGETS = [(10, 3, 64), (20, 4, 125), (40, 4, 250), (80, 6, 500), (160, 0,
 PROXY_SAMPLES = [32, 64, 125, 250, 500, 1000]
 
 
-def zoo_config(zoo: str, data: Path, out: Path) -> Config:
+def zoo_config(zoo: str, data: Path, out: Path, extra: tuple[str, ...] = ()) -> Config:
     common = [f"out_root={out / zoo}", f"name={zoo}", "train.log_every=1000", "train.ckpt_every=100000",
-              "eval.batch_size=250", "data.embed_batch_size=50"]
+              "eval.batch_size=250", "data.embed_batch_size=50", *extra]
     if zoo == "demo":
         return load_config("configs/demo.yaml", common + ["held_out=", "train.eval_every=0"])
     cfg = load_config(None, common + [
@@ -172,21 +172,22 @@ def fraction_at(points: list[dict], full: float, kendall: float = 0.8, regret: f
     return min(good) if good else None
 
 
-def run(zoo_name: str, data: Path, out: Path) -> dict:
+def run(zoo_name: str, data: Path, out: Path, extra: tuple[str, ...] = ()) -> dict:
     start = time.perf_counter()
-    zoo = Zoo(zoo_config(zoo_name, data, out))
+    zoo = Zoo(zoo_config(zoo_name, data, out, extra))
     full = trained_point(zoo, "full_ape", "separate", None, zoo.cache.count)
     truth = zoo.top1(full["run"], "truth")
     full = _scored(full, truth)
-    methods = {"hypernet": [_scored(trained_point(zoo, f"hyper_s{s}_k{k}_m{m}", "hypernet", s, m, k), truth)
-                            for s, k, m in HYPER_BUDGETS],
+    lr = zoo.cfg.search.lr or zoo.cfg.train.lr  # the search's learning rate (tuned on the demo: --tune)
+    methods = {"hypernet": [_scored(trained_point(zoo, f"hyper_lr{lr:g}_s{s}_k{k}_m{m}", "hypernet", s, m, k, lr=lr),
+                                    truth) for s, k, m in HYPER_BUDGETS],
                "truncated_ape": [_scored(trained_point(zoo, f"ape_s{s}_m{m}", "separate", s, m), truth)
                                  for s, m in APE_BUDGETS]}
     for proxy in PROXIES:
         methods[proxy] = [_scored(proxy_point(zoo, proxy, m), truth) for m in PROXY_SAMPLES]
     methods["random"] = [random_point(truth)]
     full_cost = full["flops_with_embed"]
-    result = {"zoo": zoo_name, "encoders": zoo.names, "train_pairs": zoo.cache.count,
+    result = {"zoo": zoo_name, "hypernet_lr": lr, "encoders": zoo.names, "train_pairs": zoo.cache.count,
               "eval_images": {h: len(i) for h, i in zoo.halves.items()}, "eval_set": zoo.probe.dataset.name,
               "truth_top1": truth, "full_ape": full, "eval_embed_flops": zoo.eval_embed_flops, "methods": methods,
               "hypernet_fraction_at_kendall_0.8": fraction_at(methods["hypernet"], full_cost),
@@ -276,6 +277,7 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--zoo", choices=["real", "demo"], default="real")
     parser.add_argument("--out", default="runs/search_cost", help="where runs and caches go")
     parser.add_argument("--tune", action="store_true", help="sweep the hypernetwork's learning rate on the demo zoo")
+    parser.add_argument("overrides", nargs="*", help="config overrides for the zoo, e.g. search.lr=3e-2")
     args = parser.parse_args(argv)
     if args.tune:
         result = tune(Path(args.out))
@@ -286,7 +288,7 @@ def main(argv=None) -> dict | None:
     if args.zoo == "real" and not (data / "weights").exists():
         print(json.dumps({"skipped": f"no real data under {data}"}))
         return None
-    result = run(args.zoo, data.resolve(), Path(args.out))
+    result = run(args.zoo, data.resolve(), Path(args.out), tuple(args.overrides))
     table = markdown(result)
     print(table)
     result["plot"] = str(plot(result, RESULTS / f"search_cost_{args.zoo}.png"))

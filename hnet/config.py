@@ -125,6 +125,7 @@ class SearchConfig:
     steps: int = 0  # hypernetwork optimizer steps (0 = train's full schedule)
     encoders_per_step: int = 0  # k of N encoders per step (0 = all)
     samples_per_encoder: int = 0  # training pairs embedded and used per encoder (0 = all)
+    lr: float = 0  # the hypernetwork's learning rate at search (0 = train.lr)
     dataset: str = ""  # zero-shot set the ranking is scored on ("" = eval.datasets[0])
     grid_batch_size: int = 0  # the batch the grid search's separate runs use (0 = train.batch_size)
 

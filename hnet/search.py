@@ -29,13 +29,13 @@ from hnet.train import total_steps
 
 def has_budget(cfg: Config) -> bool:
     s = cfg.search
-    return bool(s.steps or s.encoders_per_step or s.samples_per_encoder)
+    return bool(s.steps or s.encoders_per_step or s.samples_per_encoder or s.lr)
 
 
 def search_config(cfg: Config) -> Config:
     """The hypernetwork run at the search budget (`search.*` over `train`/`data`)."""
     s = cfg.search
-    train = dataclasses.replace(cfg.train, encoders_per_step=s.encoders_per_step)
+    train = dataclasses.replace(cfg.train, encoders_per_step=s.encoders_per_step, lr=s.lr or cfg.train.lr)
     if s.steps:  # exactly this many steps, however many epochs over the budget's pairs that is
         train = dataclasses.replace(train, max_steps=s.steps, epochs=max(cfg.train.epochs, float(s.steps)))
     data = dataclasses.replace(cfg.data, samples_per_encoder=s.samples_per_encoder)
