@@ -118,8 +118,8 @@ class StopFlag:
 
 
 def step_all_reduce(accelerator: Accelerator, loss: float, stop: bool) -> tuple[float, bool]:
-    """One collective per step: the loss averaged over ranks (local_loss gives each rank its share) and
-    whether any rank was told to stop."""
+    """One collective per step: the loss averaged over ranks (local_loss gives each rank its share; non-finite
+    if it is on any rank) and whether any rank was told to stop."""
     if accelerator.num_processes == 1:
         return loss, stop
     values = torch.tensor([loss, float(stop)], dtype=torch.float64, device=accelerator.device)
@@ -198,9 +198,8 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
     with StopFlag() as stop:
         for step in bar:
             log = (step + 1) % cfg.train.log_every == 0 or step + 1 == steps
-            loss, grad_norm, layer_norms, skipped = _one_step(cfg, accelerator, model, optimizer, scheduler, feed,
-                                                              step, len(names), log)
-            loss, stopped = step_all_reduce(accelerator, loss, stop.raised)
+            loss, stopped, grad_norm, layer_norms, skipped = _one_step(cfg, accelerator, model, optimizer, scheduler,
+                                                                       feed, step, len(names), log, stop.raised)
             draws[encoder_subset(step, len(names), k, cfg.train.seed)] += 1
             skipped_total += skipped
             samples += cfg.train.batch_size * accum
@@ -208,7 +207,7 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
                        parts=step_flops | {"encoder_draws": dict(zip(names, draws.tolist()))})
             done = step + 1
             row = {}
-            if done % cfg.train.log_every == 0 or done == steps or skipped:
+            if log or skipped:
                 elapsed = time.perf_counter() - tick
                 row = {"step": done, "epoch": done * accum / data.steps_per_epoch, "loss": loss,
                        "lr": scheduler.get_last_lr()[0], "logit_scale": float(raw.logit_scale().detach().mean()),
@@ -271,13 +270,14 @@ def _probe_scores(probe, model: StitchModel, names: list[str], ledger: FlopsLedg
     return {"zeroshot_top1": sum(scores.values()) / len(scores), **scores}
 
 
-def _one_step(cfg, accelerator, model, optimizer, scheduler, feed, step, n_encoders, log=True):
-    """One optimizer step (grad_accum micro-batches) = one scheduler step, whatever the world size.
-    Returns (loss, grad norm, per-parameter grad norms (when `log`), skipped 0/1)."""
+def _one_step(cfg, accelerator, model, optimizer, scheduler, feed, step, n_encoders, log=True, stop=False):
+    """One optimizer step (grad_accum micro-batches) = one scheduler step, whatever the world size. Returns (loss
+    averaged over ranks, whether any rank was told to stop, grad norm, per-parameter grad norms (when `log`),
+    skipped 0/1)."""
     encoders = encoder_subset(step, n_encoders, cfg.train.encoders_per_step, cfg.train.seed)
     index = torch.as_tensor(encoders, device=accelerator.device)
     raw: StitchModel = accelerator.unwrap_model(model)
-    total_loss, grad_norm, layer_norms = 0.0, 0.0, {}
+    total_loss = 0.0
     for micro in range(cfg.train.grad_accum):
         image, text = feed.get(step * cfg.train.grad_accum + micro)
         image, text = image.to(accelerator.device), text.to(accelerator.device)
@@ -293,29 +293,22 @@ def _one_step(cfg, accelerator, model, optimizer, scheduler, feed, step, n_encod
     accelerator.unscale_gradients()
     layer_norms = layer_grad_norms(raw) if log else {}
     grad_norm = _clip(cfg, model, raw)
-    loss_finite = all_ranks(accelerator, math.isfinite(total_loss))  # local_loss: each rank has its own share
+    # every rank takes the same branch: a NaN/inf loss on any rank makes the mean non-finite
+    total_loss, stopped = step_all_reduce(accelerator, total_loss, stop)
     # under fp16 an overflowing gradient is the GradScaler's to skip (it then lowers the scale)
-    if not loss_finite or (not math.isfinite(grad_norm) and accelerator.scaler is None):
+    if not math.isfinite(total_loss) or (not math.isfinite(grad_norm) and accelerator.scaler is None):
         if cfg.train.nonfinite == "stop":
             raise NonFiniteError(f"non-finite loss/gradient at step {step + 1}; the last good checkpoint "
                                  f"is kept in {cfg.run_dir / 'checkpoints'} (or set train.nonfinite=skip)")
         optimizer.zero_grad()
         scheduler.step()
-        return float("nan"), grad_norm, layer_norms, 1
+        return float("nan"), stopped, grad_norm, layer_norms, 1
     unselected = torch.as_tensor(np.setdiff1d(np.arange(n_encoders), encoders), device=accelerator.device)
     with untouched_rows(optimizer.optimizer, raw.per_encoder_parameters(), unselected):
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad()
-    return total_loss, grad_norm, layer_norms, int(bool(getattr(optimizer, "step_was_skipped", False)))
-
-
-def all_ranks(accelerator: Accelerator, flag: bool) -> bool:
-    """True when `flag` holds on every rank (so that every rank takes the same branch)."""
-    if accelerator.num_processes == 1:
-        return flag
-    value = torch.tensor([float(flag)], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="sum") == accelerator.num_processes)
+    return total_loss, stopped, grad_norm, layer_norms, int(bool(getattr(optimizer, "step_was_skipped", False)))
 
 
 def _clip(cfg, model, raw: StitchModel) -> float:
