@@ -126,10 +126,18 @@ def child_train(root: str, k: int, batch: int, steps: int) -> dict:
 
     feeds = []
 
-    class Recorded(Prefetcher):  # the training loop's own Prefetcher, kept so its counters can be read
+    class Recorded(Prefetcher):  # the training loop's own Prefetcher, timing how long each get() blocks
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
+            self.waits, self.returned = [], []
             feeds.append(self)
+
+        def get(self, micro_step):
+            start = time.perf_counter()
+            batch = super().get(micro_step)
+            self.returned.append(time.perf_counter())
+            self.waits.append(self.returned[-1] - start)
+            return batch
 
     hnet.train.Prefetcher = Recorded
     names = [s.name for s in ie30_specs()]

@@ -180,13 +180,13 @@ def verify_cache(root: str | Path) -> dict[str, str]:
 class CachedFeatures:
     """Read side: memory-mapped float16 features per encoder, checked against the manifest.
 
-    verify: True (or "stat") re-hashes a file only when its size or mtime differs from the manifest;
+    verify: True re-hashes a file only when its size or mtime differs from the manifest;
     "full" re-hashes every file; False checks nothing but shapes.
     """
 
     def __init__(self, root: str | Path, names: Iterable[str] = (), verify: bool | str = True):
-        if verify not in (True, False, "stat", "full"):
-            raise ValueError(f"verify: expected True, False, 'stat' or 'full', got {verify!r}")
+        if verify not in (True, False, "full"):
+            raise ValueError(f"verify: expected True, False or 'full', got {verify!r}")
         self.root = Path(root)
         manifest = _read_manifest(self.root)
         if manifest is None:

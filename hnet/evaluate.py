@@ -90,8 +90,7 @@ def zero_shot_logits(model: StitchModel, index: int, features: torch.Tensor, cla
         params = model.source(index)
     image = F.pad(features.float(), (0, model.shape.image_width - width)).unsqueeze(0)
     a, b = project(model.shape, params, torch.tensor([width], device=features.device), image, classifier)
-    scale = model.logit_scale() if model.method == "hypernet" else model.logit_scale(index)  # APE: its own
-    return contrastive_logits(a, b, scale)[0]
+    return contrastive_logits(a, b, model.logit_scale(index))[0]  # APE: each connector's own scale
 
 
 def eval_cache(cfg: Config, dataset: ZeroShotSet, names: list[str], weights: dict[str, str],

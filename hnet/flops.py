@@ -94,7 +94,7 @@ def logits_macs(n: int, batch: int, width: int, world: int = 1, local: bool = Fa
     """Logits of one step, summed over ranks; one side (the mapped one) needs a gradient, the frozen one not.
     Without local_loss every rank computes all [n, B, B] global logits; with it, each rank computes its
     B/world rows against all B columns, once per direction."""
-    per_rank = 2 * n * (batch // world) * batch * width if local else n * batch * batch * width
+    per_rank = 2 * n * (batch // world) * batch * width if local and world > 1 else n * batch * batch * width
     return {"forward": per_rank * world, "backward": per_rank * world}
 
 
@@ -113,7 +113,7 @@ def train_step_flops(model, n: int, batch: int, world: int = 1, frozen_hypernet:
     shape = model.shape
     width = shape.dims[-1] if shape.direction == "image_to_text" else shape.image_width
     parts = {"connectors": connector_macs(shape.layers, n, batch),
-             "logits_loss": logits_macs(n, batch, width, world, local and world > 1)}
+             "logits_loss": logits_macs(n, batch, width, world, local)}
     if model.method == "hypernet":
         parts["hypernet"] = hypernet_macs(model.source, n, frozen_hypernet)
     out = {name: 2 * (p["forward"] + p["backward"]) for name, p in parts.items()}
@@ -160,11 +160,6 @@ class FlopsLedger:
             part[field] += value
             entry[field] += value
         return True
-
-    def itemise(self, phase: str, key: str, flops: float, **info) -> None:
-        """Name a cost already in the phase's total (added without parts) without adding it again."""
-        self.phases[phase].setdefault("parts", {}).setdefault(key, {"flops": int(flops), "steps": 0, "samples": 0,
-                                                                      **info})
 
     def set(self, phase: str, flops: float, samples: int = 0, parts: dict | None = None) -> None:
         self.phases[phase] = {"flops": int(flops), "steps": 0, "samples": samples, "parts": parts or {}}

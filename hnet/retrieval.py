@@ -142,7 +142,7 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
-def _captions_features(cfg: Config, names, specs, accelerator):
+def _captions_features(cfg: Config, specs, accelerator):
     ev = cfg.eval
     caps = read_captions(Path(ev.retrieval), Path(ev.retrieval_images), ev.retrieval_split, ev.max_images)
     source = [str(Path(ev.retrieval).resolve()), str(Path(ev.retrieval_images).resolve()), ev.retrieval_split]
@@ -156,7 +156,7 @@ def _captions_features(cfg: Config, names, specs, accelerator):
     return root, stats, text, torch.tensor(caps.text_image)
 
 
-def _shard_features(cfg: Config, names, specs, accelerator):
+def _shard_features(cfg: Config, specs, accelerator):
     root = cfg.cache_root / "eval" / f"retrieval_{_digest(cfg.eval.retrieval)}"
     stats = build_cache(root, shard_units(cfg.eval.retrieval), specs, cfg.text_encoder,
                         batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, accelerator=accelerator)
@@ -173,7 +173,7 @@ def evaluate_retrieval(cfg: Config, model: StitchModel, names: list[str], weight
     specs = specs_for(names, weights, cfg.image_weights)
     is_file = cfg.eval.retrieval.endswith(".json")
     features = _captions_features if is_file else _shard_features
-    root, stats, text, text_image = features(cfg, names, specs, accelerator)
+    root, stats, text, text_image = features(cfg, specs, accelerator)
     if accelerator is not None and not accelerator.is_main_process:
         return {}
     device = model.log_scale.device

@@ -53,7 +53,7 @@ def test_wnid_subset_gets_imagenet_names_its_own_label_order_and_80_templates(tm
 
 def test_wnid_full_val_keeps_the_standard_class_index(tmp_path):
     wnids = imagenet_wnids()
-    assert len(wnids) == 1000 and wnids == sorted(wnids) and wnids[0] == "n01440764"
+    assert len(wnids) == 1000 and list(wnids) == sorted(wnids) and wnids[0] == "n01440764"
     cfg = _cfg(tmp_path, f"eval.imagenet={_folder(tmp_path / 'val', {wnids[5]: 1, wnids[999]: 1})}")
     ds = load_zeroshot("imagenet", cfg)  # the eval.imagenet= key still works, and a subset is no longer refused
     assert ds.classnames == [IMAGENET_CLASSNAMES[5], IMAGENET_CLASSNAMES[999]]

@@ -5,7 +5,6 @@ The batch order is a pure function of (seed, micro-step), so a resumed run sees 
 """
 from __future__ import annotations
 
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -65,24 +64,18 @@ class FeatureBatches:
 
 class Prefetcher:
     """Gathers the next micro-step's batch in a background thread while the current step computes
-    (numpy's gather and torch's kernels both release the GIL). `waits` holds the seconds each get() blocked
-    and `returned` when each get() returned, so data wait can be set against step time."""
+    (numpy's gather and torch's kernels both release the GIL)."""
 
     def __init__(self, data: FeatureBatches, encoders_for):
         self.data, self.encoders_for = data, encoders_for  # encoders_for(micro_step) -> encoder indices
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.pending: tuple[int, Future] | None = None
-        self.waits: list[float] = []
-        self.returned: list[float] = []
 
     def get(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = time.perf_counter()
         if self.pending and self.pending[0] == micro_step:
             batch = self.pending[1].result()
         else:
             batch = self.data.batch(micro_step, self.encoders_for(micro_step))
         nxt = micro_step + 1
         self.pending = (nxt, self.pool.submit(self.data.batch, nxt, self.encoders_for(nxt)))
-        self.returned.append(time.perf_counter())
-        self.waits.append(self.returned[-1] - start)
         return batch

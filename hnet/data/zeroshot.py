@@ -15,6 +15,8 @@ otherwise; `eval.templates` (when not `auto`) overrides them all.
 """
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import io as _io
 import pickle
@@ -50,10 +52,11 @@ DEFAULT_TEMPLATES = {"cifar": "cifar", "imagenet": "imagenet", "imagenet_v2": "i
 WNID = re.compile(r"n\d{8}")
 
 
-def imagenet_wnids() -> list[str]:
-    """The 1000 ImageNet-1k wnids in the standard (sorted) class order, from timm's bundled metadata."""
+@functools.cache
+def imagenet_wnids() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k wnids in the standard (sorted) class order, from timm's bundled metadata (read once)."""
     info = ImageNetInfo()
-    return [info.index_to_label_name(i) for i in range(info.num_classes())]
+    return tuple(info.index_to_label_name(i) for i in range(info.num_classes()))
 
 
 @dataclass
