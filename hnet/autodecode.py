@@ -29,7 +29,7 @@ from hnet.connectors import Connector
 from hnet.data.features import FeatureBatches
 from hnet.data.sources import first_samples_unit, prepare_shards, shard_units
 from hnet.evaluate import ZeroShotProbe, default_accelerator
-from hnet.flops import FlopsLedger, autodecode_step_flops, connector_macs, encoder_flops, logits_macs
+from hnet.flops import FlopsLedger, autodecode_step_flops, connector_macs, forward_flops, logits_macs
 from hnet.losses import clip_loss
 from hnet.model import StitchModel, load_model, project
 from hnet.zoo import parse_spec
@@ -178,7 +178,7 @@ def decoding_data(cfg: Config, spec, budget: int, accelerator) -> tuple[FeatureB
     images = train_cache if cached else _prefix_cache(cfg, spec, count, train_cache, accelerator)
     data = FeatureBatches(PrefixFeatures(images, train_cache, spec.name, count), [spec.name],
                           cfg.autodecode.batch_size, cfg.train.seed)
-    flops = count * encoder_flops(spec.name)["gflops"] * 1e9
+    flops = forward_flops(spec.name, count)
     return data, {"samples": count, "flops": int(flops), "cached": cached}
 
 

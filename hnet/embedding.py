@@ -10,7 +10,7 @@ from hnet.cache import MANIFEST, TEXT, Unit
 from hnet.embed_pass import build_cache
 from hnet.config import Config
 from hnet.data.sources import first_samples_units, prepare_shards, shard_units
-from hnet.flops import encoder_flops
+from hnet.flops import forward_flops
 from hnet.zoo import TextEncoder, read_encoder_list
 
 FLOPS_SAMPLE = 256  # captions used to measure the text encoder's FLOPs per caption
@@ -38,7 +38,7 @@ def record_flops(cfg: Config, manifest: dict, units: list[Unit], names: list[str
     per_sample = manifest.setdefault("flops_per_sample", {})
     for name in names:
         if name not in per_sample:
-            per_sample[name] = encoder_flops(name)["gflops"] * 1e9
+            per_sample[name] = forward_flops(name)
     if TEXT not in per_sample and TEXT in manifest["encoders"]:
         captions = [s["caption"] for s in itertools.islice(units[0].samples(), FLOPS_SAMPLE)]
         text = TextEncoder(cfg.text_encoder)

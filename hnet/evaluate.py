@@ -19,7 +19,7 @@ from hnet.cache import CachedFeatures
 from hnet.embed_pass import build_cache
 from hnet.config import Config
 from hnet.data.zeroshot import ZeroShotSet, load_zeroshot, templates_for
-from hnet.flops import FlopsLedger, connector_macs, encoder_flops
+from hnet.flops import FlopsLedger, connector_macs, forward_flops
 from hnet.losses import contrastive_logits
 from hnet.model import StitchModel, load_model, project
 from hnet.report import plot_reliability
@@ -136,7 +136,7 @@ class ZeroShotProbe:
         return float((logits.argmax(dim=-1) == self.labels).float().mean()) * 100
 
     def encoder_flops(self, name: str) -> float:
-        return len(self.labels) * encoder_flops(name)["gflops"] * 1e9
+        return forward_flops(name, len(self.labels))
 
     @property
     def embed_flops(self) -> float:

@@ -80,6 +80,11 @@ def encoder_flops(name: str, img_size: int | None = None) -> dict:
             "params_m": params / 1e6, "unsupported_ops": sorted(set(unsupported) - NEGLIGIBLE_OPS)}
 
 
+def forward_flops(name: str, images: int = 1) -> float:
+    """FLOPs of `images` forwards through a zoo encoder (the embedding passes' cost)."""
+    return images * encoder_flops(name)["gflops"] * 1e9
+
+
 # ---------------------------------------------------------------- training steps, per-op formulas
 
 def connector_macs(layers: list[tuple[int, int]], n: int, batch: int) -> dict:

@@ -25,7 +25,7 @@ from hnet.cache import TEXT, CachedFeatures, Unit
 from hnet.embed_pass import build_cache
 from hnet.config import Config, ConfigError
 from hnet.data.sources import shard_units
-from hnet.flops import FlopsLedger, connector_macs, encoder_flops
+from hnet.flops import FlopsLedger, connector_macs, forward_flops
 from hnet.model import StitchModel, project
 from hnet.zoo import TextEncoder, specs_for
 
@@ -196,7 +196,7 @@ def _charge(ledger: FlopsLedger, model: StitchModel, names: list[str], key: str,
     connector over the images plus the images x captions similarity. The captions' text-encoder pass is not
     counted here."""
     for name in names:
-        ledger.charge("eval", f"embed/{key}/{name}", n * encoder_flops(name)["gflops"] * 1e9, once=True,
+        ledger.charge("eval", f"embed/{key}/{name}", forward_flops(name, n), once=True,
                       images=n, cached=name not in embedded)
     per_encoder = 2 * (connector_macs(model.shape.layers, 1, n)["forward"] + n * n_texts * _sim_width(model))
     ledger.charge("eval", f"heads/{key}", len(names) * per_encoder, steps=1, samples=n * len(names))

@@ -20,7 +20,7 @@ from hnet.connectors import ConnectorShape
 from hnet.data.shards import MANIFEST as SHARDS_MANIFEST
 from hnet.data.sources import prepare_shards
 from hnet.evaluate import evaluate_run
-from hnet.flops import encoder_flops, train_step_flops
+from hnet.flops import forward_flops, train_step_flops
 from hnet.model import StitchModel
 from hnet.ranking import agreement
 from hnet.run import train_run
@@ -67,7 +67,7 @@ def grid_search_cost(cfg: Config, names: list[str], widths: list[int], text_widt
     train = dataclasses.replace(cfg.train, encoders_per_step=0, batch_size=batch)
     steps = total_steps(dataclasses.replace(cfg, train=train), count // batch)
     per_step = train_step_flops(model, len(names), batch)["total"] * cfg.train.grad_accum
-    embed = count * (sum(encoder_flops(n)["gflops"] * 1e9 for n in names) + text_flops_per_sample)
+    embed = sum(forward_flops(n, count) for n in names) + count * text_flops_per_sample
     return {"steps": steps, "samples": count, "train": per_step * steps, "embed": embed}
 
 
