@@ -68,7 +68,7 @@ def grid_search_cost(cfg: Config, names: list[str], widths: list[int], text_widt
     steps = total_steps(dataclasses.replace(cfg, train=train), count // batch)
     per_step = train_step_flops(model, len(names), batch)["total"] * cfg.train.grad_accum
     embed = sum(forward_flops(n, count) for n in names) + count * text_flops_per_sample
-    return {"steps": steps, "samples": count, "train": per_step * steps, "embed": embed}
+    return {"steps": steps, "batch": batch, "samples": count, "train": per_step * steps, "embed": embed}
 
 
 def _spent(run_dir: Path) -> dict:

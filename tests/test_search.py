@@ -37,6 +37,11 @@ def test_search_embeds_trains_and_ranks_within_its_budget(tiny_cfg):
     assert out["flops"]["total_with_embed"] == sum(p["flops"] for p in run.values())
     assert (tmp := io.read_json(f"{out['run']}/search.json"))["ratio"] == out["ratio"] and tmp["grid_search"]
     assert "| rank | encoder |" in open(f"{out['run']}/search.md").read()
+    from hnet.report import build_table
+
+    rows = build_table([out["run"]])  # the FLOPs report: the search run, then grid search's estimate
+    assert rows[1]["run"].startswith("grid search for") and rows[1]["train_flops"] == out["grid_search"]["train"]
+    assert rows[1]["total_flops_with_embed"] == out["grid_search"]["total_with_embed"]
 
 
 def test_grid_search_estimate_equals_a_real_separate_run(tiny_cfg):
