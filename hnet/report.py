@@ -51,7 +51,8 @@ def grid_search_row(run_dir: Path, row: dict) -> dict | None:
     return {**{k: None for k in row}, "run": f"grid search for {row['run']} (APE, estimated)",
             "method": "separate (estimated)",
             "encoders": row["encoders"], "text_encoder": row["text_encoder"], "connector": row["connector"],
-            "batch": grid.get("batch", row["batch"]), "steps": grid["steps"], "flops_per_encoder": grid["train"] / row["encoders"],
+            "batch": grid.get("batch", row["batch"]), "steps": grid["steps"],
+            "flops_per_encoder": grid["train"] / row["encoders"],
             "train_flops": grid["train"], "total_flops": grid["total"],
             "total_flops_with_embed": grid["total_with_embed"], "vs_separate": ""}
 
