@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from hnet import io
-from hnet.cache import TEXT, CachedFeatures, CacheError
+from hnet.cache import TEXT, CachedFeatures, CacheError, open_training_cache
 from hnet.embed_pass import build_cache
 from hnet.config import Config, ConfigError
 from hnet.connectors import Connector
@@ -169,10 +169,7 @@ class PrefixFeatures:
 def decoding_data(cfg: Config, spec, budget: int, accelerator) -> tuple[FeatureBatches, dict]:
     """Batches over the first `budget` training samples (all the decoding and fine-tuning steps use), and what
     embedding them with the new encoder costs: {samples, flops, cached}."""
-    train_cache = CachedFeatures(cfg.cache_path, [TEXT])
-    cached_text = train_cache.manifest.get("text_encoder")
-    if cached_text and cached_text != cfg.text_encoder:
-        raise CacheError(f"{cfg.cache_path}: cached text encoder is '{cached_text}', config has '{cfg.text_encoder}'")
+    train_cache = open_training_cache(cfg, [])
     count = min(max(budget, cfg.autodecode.batch_size), train_cache.count)
     cached = spec.name in train_cache.manifest["encoders"]
     images = train_cache if cached else _prefix_cache(cfg, spec, count, train_cache, accelerator)

@@ -223,3 +223,14 @@ class CachedFeatures:
         if name not in self.arrays:
             self.arrays[name] = self._open(name)
         return self.arrays[name]
+
+
+def open_training_cache(cfg, names: list[str]) -> CachedFeatures:
+    """A run's training features (cfg.cache_path) for `names` and the captions, refusing a cache whose captions
+    were embedded by another text encoder than cfg.text_encoder."""
+    cache = CachedFeatures(cfg.cache_path, list(names) + [TEXT])
+    cached_text = cache.manifest.get("text_encoder")
+    if cached_text and cached_text != cfg.text_encoder:
+        raise CacheError(f"{cfg.cache_path}: cached text encoder is '{cached_text}', config has "
+                         f"text_encoder='{cfg.text_encoder}'")
+    return cache

@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from hnet import io
-from hnet.cache import TEXT, CachedFeatures, CacheError
+from hnet.cache import TEXT, open_training_cache
 from hnet.checkpoint import remove_unfinished, resolve_resume, save_checkpoint, verify_checkpoint
 from hnet.config import Config, dump_yaml, to_dict
 from hnet.data.features import FeatureBatches, Prefetcher
@@ -70,15 +70,6 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
 
 
 # ---------------------------------------------------------------- setup
-
-def open_cache(cfg: Config, names: list[str]) -> CachedFeatures:
-    cache = CachedFeatures(cfg.cache_path, names + [TEXT])
-    cached_text = cache.manifest.get("text_encoder")
-    if cached_text and cached_text != cfg.text_encoder:
-        raise CacheError(f"{cfg.cache_path}: cached text encoder is '{cached_text}', config has "
-                         f"text_encoder='{cfg.text_encoder}'")
-    return cache
-
 
 def make_accelerator(cfg: Config) -> Accelerator:
     # With no accelerator present, accelerate only sets up torchrun's ranks (gloo) when told cpu=True;
@@ -166,7 +157,7 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
     set_seed(cfg.train.seed)
     specs = read_encoder_list(cfg.encoders, cfg.image_weights)
     names = [s.name for s in specs]
-    cache = open_cache(cfg, names)
+    cache = open_training_cache(cfg, names)
     data = FeatureBatches(cache, names, cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle_pairs,
                           cfg.train.overfit_batches, accelerator.process_index, accelerator.num_processes)
     model = build_model(cfg, names, data.widths, cache.width(TEXT))

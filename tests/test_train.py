@@ -175,3 +175,10 @@ def test_signal_handlers_restored_after_training(synthetic_cfg):
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_cache_of_another_text_encoder_refused(synthetic_cfg):
+    from hnet.cache import CacheError
+
+    with pytest.raises(CacheError, match="cached text encoder is 'all-MiniLM-L6-v2', config has text_encoder='x'"):
+        train(dataclasses.replace(synthetic_cfg, text_encoder="x"))
