@@ -48,6 +48,7 @@ def phase_devices(summary: dict) -> dict:
     for method, run_dir in summary["runs"].items():
         run_dir = Path(run_dir)
         evals = io.read_json(run_dir / "eval.json")
+        devices[f"{method}/train"] = io.read_json(run_dir / "flops.json")["phases"]["train"]["parts"]["device"]
         devices[f"{method}/eval_model"] = evals["device"]
         devices.update({f"{method}/eval_features/{d}": r["features_device"] for d, r in evals["datasets"].items()})
         for path in sorted((run_dir / "autodecode").glob("*.json")):

@@ -174,7 +174,8 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
     n_enc = len(encoder_subset(0, len(names), cfg.train.encoders_per_step, cfg.train.seed))
     world = accelerator.num_processes
     step_flops = (train_step_flops(raw, n_enc, cfg.train.batch_size, world=world, local=cfg.train.local_loss)
-                  | {"grad_accum": cfg.train.grad_accum, "world": world, "local_loss": cfg.train.local_loss})
+                  | {"grad_accum": cfg.train.grad_accum, "world": world, "local_loss": cfg.train.local_loss,
+                     "device": str(accelerator.device)})
     accum, k = cfg.train.grad_accum, cfg.train.encoders_per_step
     feed = Prefetcher(data, lambda micro: encoder_subset(micro // accum, len(names), k, cfg.train.seed))
     probe = None

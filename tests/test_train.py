@@ -35,6 +35,7 @@ def test_metrics_and_run_files(tiny_cfg):
     for name in ("config.yaml", "flops.json", "model.safetensors", "cond_embeddings.safetensors", "model.json"):
         assert (run / name).exists(), name
     assert sorted(load_file(str(run / "cond_embeddings.safetensors"))) == sorted(io.read_json(run / "model.json")["names"])
+    assert io.read_json(run / "flops.json")["phases"]["train"]["parts"]["device"] == "cpu"  # where it trained
 
 
 def test_resume_latest_equals_uninterrupted(tiny_cfg):
