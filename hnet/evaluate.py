@@ -146,9 +146,8 @@ class ZeroShotProbe:
 
     def charge_embedding(self, ledger: FlopsLedger) -> None:
         """Charge each encoder's forwards over the images once per run (`cached`: reused, not computed now)."""
-        for n in self.features:
-            ledger.charge("eval", f"embed/{self.key}/{n}", self.encoder_flops(n), once=True,
-                          images=len(self.labels), cached=self.cached[n])
+        ledger.charge_embedding(self.key, self.features, len(self.labels),
+                                [n for n in self.features if not self.cached[n]])
 
     def flops(self, model: StitchModel) -> float:
         """Connector + logits of one encoder over the dataset."""

@@ -116,7 +116,7 @@ def train_step_flops(model, n: int, batch: int, world: int = 1, frozen_hypernet:
                      local: bool = False) -> dict:
     """FLOPs of one optimizer step (forward + backward) over all ranks, split by part; `batch` is global."""
     shape = model.shape
-    width = shape.dims[-1] if shape.direction == "image_to_text" else shape.image_width
+    width = shape.dims[-1]  # the mapped side's width: text for image_to_text, image for text_to_image
     parts = {"connectors": connector_macs(shape.layers, n, batch),
              "logits_loss": logits_macs(n, batch, width, world, local)}
     if model.method == "hypernet":
@@ -165,6 +165,13 @@ class FlopsLedger:
             part[field] += value
             entry[field] += value
         return True
+
+    def charge_embedding(self, key: str, names, images: int, embedded) -> None:
+        """Encoders' forwards over an evaluation set, once per run, `cached` when this call reused them: a run's
+        evaluation costs the same whichever run filled the cache first."""
+        for name in names:
+            self.charge("eval", f"embed/{key}/{name}", forward_flops(name, images), once=True, images=images,
+                        cached=name not in embedded)
 
     def set(self, phase: str, flops: float, samples: int = 0, parts: dict | None = None) -> None:
         self.phases[phase] = {"flops": int(flops), "steps": 0, "samples": samples, "parts": parts or {}}

@@ -9,7 +9,6 @@ Ties are counted pessimistically: an item scoring the same as the right one is r
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,11 +20,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from hnet import io
-from hnet.cache import TEXT, CachedFeatures, Unit
+from hnet.cache import TEXT, CachedFeatures, Unit, keys_digest
 from hnet.embed_pass import build_cache
 from hnet.config import Config, ConfigError
 from hnet.data.sources import shard_units
-from hnet.flops import FlopsLedger, connector_macs, forward_flops
+from hnet.flops import FlopsLedger, connector_macs
 from hnet.model import StitchModel, project
 from hnet.zoo import TextEncoder, specs_for
 
@@ -139,7 +138,7 @@ def caption_embeddings(text_encoder: str, texts: list[str], path: Path, accelera
 # ---- evaluation ------------------------------------------------------------------------------------------------
 
 def _digest(*parts: str) -> str:
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+    return keys_digest(list(parts))[:12]
 
 
 def _captions_features(cfg: Config, specs, accelerator):
@@ -195,13 +194,7 @@ def _charge(ledger: FlopsLedger, model: StitchModel, names: list[str], key: str,
     """Image encoders' forwards over the images (once per run, `cached` when reused), and per encoder the
     connector over the images plus the images x captions similarity. The captions' text-encoder pass is not
     counted here."""
-    for name in names:
-        ledger.charge("eval", f"embed/{key}/{name}", forward_flops(name, n), once=True,
-                      images=n, cached=name not in embedded)
-    per_encoder = 2 * (connector_macs(model.shape.layers, 1, n)["forward"] + n * n_texts * _sim_width(model))
+    ledger.charge_embedding(key, names, n, embedded)
+    per_encoder = 2 * (connector_macs(model.shape.layers, 1, n)["forward"] + n * n_texts * model.shape.dims[-1])
     ledger.charge("eval", f"heads/{key}", len(names) * per_encoder, steps=1, samples=n * len(names))
 
-
-def _sim_width(model: StitchModel) -> int:
-    shape = model.shape
-    return shape.dims[-1] if shape.direction == "image_to_text" else shape.image_width
