@@ -1,18 +1,23 @@
-"""Auto-decoding: a connector for an encoder the hypernetwork never saw, by optimising ONLY a new cond embedding.
+"""Auto-decoding: connectors for an encoder the hypernetwork never saw, by optimising ONLY a new cond embedding.
 
-The hypernetwork (and logit scale) are frozen: `requires_grad_(False)` and the optimiser holds nothing but the new
-embedding, so its weights stay bit-identical (tests/test_autodecode.py checks). The budget is steps, samples or
-FLOPs, whichever runs out first; accuracy is logged against FLOPs spent along the way. The embedding is saved
-into the run, so `evaluate.py` and `connector_for()` treat the new encoder like a trained one.
+Either side: a new image encoder (`--encoder`) is paired with the run's text encoders, a new text encoder
+(`--text-encoder`, runs trained with several) with the run's image encoders; one new vector generates every one of
+those pairs' connectors, and the loss is their mean. The hypernetwork (and logit scale) are frozen:
+`requires_grad_(False)` and the optimiser holds nothing but the new embedding, so its weights stay bit-identical
+(tests/test_autodecode.py checks). The budget is steps, samples or FLOPs, whichever runs out first; accuracy is
+logged against FLOPs spent along the way. The embedding is saved into the run, so `evaluate.py` and
+`connector_for()` treat the new encoder's pairs like trained ones.
 
 Only the samples the budget uses are embedded with the new encoder (the first (steps + finetune_steps) x batch
 training samples; the training cache's features when it already holds the encoder). Ledger of the run: the
 decoding (and fine-tuning) steps in `autodecode`; the new encoder's forwards over those samples as an `embed` part
-named after it; the zero-shot probes along the curve (connector + logits over the eval set each call) and the eval
-set's embedding for the new encoder in `eval`, like every other evaluation.
+named after it; the zero-shot probes along the curve (connectors + logits over the eval set each call) and the
+eval set's embedding for a new image encoder in `eval`, like every other evaluation.
 """
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,23 +27,48 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from hnet import io
-from hnet.cache import TEXT, CachedFeatures, CacheError, open_training_cache
+from hnet.cache import CachedFeatures, CacheError, cached_name, open_training_cache, text_key
 from hnet.embed_pass import build_cache
 from hnet.config import Config, ConfigError
 from hnet.connectors import Connector
 from hnet.data.features import FeatureBatches
 from hnet.data.sources import first_samples_unit, prepare_shards, shard_units
+from hnet.embedding import FLOPS_SAMPLE, text_flops_per_caption
 from hnet.evaluate import ZeroShotProbe, default_accelerator
 from hnet.flops import FlopsLedger, autodecode_step_flops, connector_macs, forward_flops, logits_macs
 from hnet.losses import clip_loss
-from hnet.model import StitchModel, load_model, project
+from hnet.model import TEXT_COND, StitchModel, load_model, project, run_encoders
+from hnet.pairs import pair_label
 from hnet.zoo import parse_spec
 
 
-def initial_cond(model: StitchModel, width: int, how: str, seed: int) -> torch.Tensor:
-    conds = model.source.cond.detach()
+@dataclass
+class Side:
+    """What is decoded: a new image (`text=False`) or text encoder, and the run's encoders it is paired with."""
+    name: str
+    text: bool
+    width: int
+    partners: list[str]  # the other side's encoders (present in the training cache), one pair each
+    partner_index: list[int]  # their positions in the model's image (or text) encoders
+    partner_widths: list[int]
+
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(p, self.name) if self.text else (self.name, p) for p in self.partners]
+
+    def widths(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image widths, text widths) of the pairs."""
+        mine = torch.full((len(self.partners),), self.width, device=device)
+        theirs = torch.tensor(self.partner_widths, device=device)
+        return (theirs, mine) if self.text else (mine, theirs)
+
+
+def initial_cond(model: StitchModel, width: int, how: str, seed: int, text: bool = False) -> torch.Tensor:
+    """The new vector's start: the mean of the trained ones (image or text side), of those of the same width, or
+    random at their scale."""
+    conds = (model.source.text_cond if text else model.source.cond).detach()
+    widths = torch.tensor(model.text_encoder_widths if text else model.encoder_widths, device=conds.device)
     if how == "same_width":
-        same = model.widths == width
+        same = widths == width
         if same.any():
             return conds[same].mean(dim=0)
     if how == "random":
@@ -47,46 +77,94 @@ def initial_cond(model: StitchModel, width: int, how: str, seed: int) -> torch.T
     return conds.mean(dim=0)
 
 
-def _check(model: StitchModel, names: list[str], trained: list[str], encoder: str) -> None:
+def pair_params(model: StitchModel, side: Side, cond: torch.Tensor):
+    """The connectors of every pair of `side`, generated from the new vector `cond` and the partners' vectors."""
+    source, n = model.source, len(side.partners)
+    index = torch.tensor(side.partner_index, device=cond.device)
+    if side.text:
+        conds = source.combine(source.cond[index], cond.expand(n, -1))
+    else:
+        text = None if source.text_cond is None else source.text_cond[index]
+        conds = source.combine(cond.expand(n, -1), text)
+    widths, text_widths = side.widths(cond.device)
+    scales = torch.cat([source.scales_for(int(w), int(t)) for w, t in zip(widths, text_widths)])
+    return source.generate(conds, scales)
+
+
+def _check(model: StitchModel, decoded: list[str], encoder: str, text: bool) -> None:
+    """A hypernetwork run, a side it is conditioned on, and an encoder it did not train with (one decoded before
+    may be decoded again)."""
     if model.method != "hypernet":
         raise ConfigError("--run: auto-decoding needs a hypernetwork run (learn_multi_mapper.py), not 'separate'")
-    if encoder in trained:
-        raise ConfigError(f"--encoder: '{encoder}' was trained in this run; auto-decoding is for unseen encoders")
+    if text and model.source.text_cond is None:
+        raise ConfigError("--text-encoder: this run was trained with one text encoder, so its hypernetwork is not "
+                          "conditioned on the text side; train with several `text_encoders` to decode a new one")
+    known = model.text_names if text else model.image_names
+    if encoder in known and encoder not in decoded:
+        flag = "--text-encoder" if text else "--encoder"
+        raise ConfigError(f"{flag}: '{encoder}' was trained in this run; auto-decoding is for unseen encoders")
 
 
-def _check_width(model: StitchModel, width: int, encoder: str) -> None:
-    if model.shape.direction == "image_to_text" and width > model.shape.image_width:
-        raise ConfigError(f"--encoder: '{encoder}' is {width} wide; this run's connectors take at most "
-                          f"{model.shape.image_width}")
+def _check_width(model: StitchModel, side: Side) -> None:
+    shape = model.shape
+    if side.text and side.width > shape.text_width:
+        raise ConfigError(f"--text-encoder: '{side.name}' is {side.width} wide; this run's connectors take text of at "
+                          f"most {shape.text_width}")
+    if not side.text and side.width > shape.image_width:
+        raise ConfigError(f"--encoder: '{side.name}' is {side.width} wide; this run's connectors take at most "
+                          f"{shape.image_width}")
 
 
-def autodecode(cfg: Config, run_dir, encoder: str, weights: str | None = None, accelerator=None) -> dict:
-    """Decode a cond embedding for `encoder` on the accelerator's device. Every rank takes part in embedding;
-    the main process decodes, writes the files and the ledger; the others wait and read its result."""
+def autodecode(cfg: Config, run_dir, encoder: str, weights: str | None = None, accelerator=None,
+               text: bool = False) -> dict:
+    """Decode a cond embedding for image encoder `encoder` (or text encoder, `text=True`) on the accelerator's
+    device. Every rank takes part in embedding; the main process decodes, writes the files and the ledger; the
+    others wait and read its result."""
     accelerator = accelerator or default_accelerator(cfg)
     run_dir = Path(run_dir)
     model, names = load_model(run_dir)
     meta = io.read_json(run_dir / "model.json")
-    _check(model, names, meta.get("trained", names), encoder)
-    spec = parse_spec({"name": encoder, "weights": weights or cfg.image_weights})
+    _check(model, meta.get("autodecoded", []), encoder, text)
     ad = cfg.autodecode
     model = model.to(accelerator.device).requires_grad_(False)
-    step_flops = autodecode_step_flops(model, ad.batch_size)
+    train_cache = open_training_cache(cfg, [])
+    spec = None if text else parse_spec({"name": encoder, "weights": weights or cfg.image_weights})
+    side = _side(model, train_cache, encoder, text)
+    step_flops = autodecode_step_flops(model, ad.batch_size, len(side.partners))
     steps = planned_steps(ad, step_flops)
-    data, embedded = decoding_data(cfg, spec, (steps + ad.finetune_steps) * ad.batch_size, accelerator)
-    _check_width(model, data.widths[0], encoder)
-    probe = ZeroShotProbe(cfg, cfg.eval.datasets[0], [encoder], {encoder: spec.weights}, accelerator)
+    data, embedded = decoding_data(cfg, spec or encoder, side, (steps + ad.finetune_steps) * ad.batch_size,
+                                   train_cache, accelerator)
+    _check_width(model, side)
+    run_weights = meta.get("weights", {})
+    probe = (ZeroShotProbe(cfg, cfg.eval.datasets[0], side.partners, run_weights, accelerator, texts=[encoder])
+             if text else ZeroShotProbe(cfg, cfg.eval.datasets[0], [encoder], {encoder: spec.weights}, accelerator,
+                                        texts=side.partners))
     out = run_dir / "autodecode" / f"{io.slug(encoder)}.json"
     if accelerator.is_main_process:
         ledger = FlopsLedger(run_dir)
-        result = _decode(cfg, model, data, probe, spec, steps, step_flops, run_dir, meta, ledger)
+        result = _decode(cfg, model, data, probe, side, steps, step_flops, run_dir, meta,
+                         spec.weights if spec else "", ledger)
         result["embed"] = embedded
-        ledger.charge("embed", encoder, embedded["flops"], images=embedded["samples"], cached=embedded["cached"])
-        probe.charge_embedding(ledger)
+        ledger.charge("embed", text_key(encoder) if text else encoder, embedded["flops"], images=embedded["samples"],
+                      cached=embedded["cached"])
+        if not text:
+            probe.charge_embedding(ledger)
         ledger.save()
         io.write_json(out, result)
     accelerator.wait_for_everyone()
     return io.read_json(out)
+
+
+def _side(model: StitchModel, train_cache: CachedFeatures, encoder: str, text: bool) -> Side:
+    """The new encoder's partners: the other side's encoders whose training features the cache holds (width of the
+    new encoder: filled in once its features are there)."""
+    others = model.image_names if text else model.text_names
+    widths = model.encoder_widths if text else model.text_encoder_widths
+    has = lambda n: cached_name(train_cache.manifest, n if text else text_key(n)) is not None
+    index = [i for i, n in enumerate(others) if has(n)]
+    if not index:
+        raise CacheError(f"{train_cache.root}: holds none of the run's {'image' if text else 'text'} encoders")
+    return Side(encoder, text, 0, [others[i] for i in index], index, [widths[i] for i in index])
 
 
 def planned_steps(ad, step_flops: int) -> int:
@@ -99,49 +177,67 @@ def planned_steps(ad, step_flops: int) -> int:
     return max(0, min(caps))
 
 
-def _decode(cfg: Config, model: StitchModel, data: FeatureBatches, probe: ZeroShotProbe, spec, steps: int,
-            step_flops: int, run_dir: Path, meta: dict, ledger: FlopsLedger) -> dict:
-    ad, encoder, device = cfg.autodecode, spec.name, probe.device
-    width = data.widths[0]
-    cond = torch.nn.Parameter(initial_cond(model, width, ad.init, cfg.train.seed).clone().to(device))
+def _top1(model: StitchModel, probe: ZeroShotProbe, side: Side, params) -> dict[str, float]:
+    """Zero-shot top-1 of each of the side's pairs, by pair name."""
+    multi = side.text or len(model.text_names) > 1
+    return {pair_label(image, text, multi): probe.top1_of_params(model, [(w[p:p + 1], b[p:p + 1]) for w, b in params],
+                                                                  image, text)
+            for p, (image, text) in enumerate(side.pairs())}
+
+
+def _decode(cfg: Config, model: StitchModel, data: FeatureBatches, probe: ZeroShotProbe, side: Side, steps: int,
+            step_flops: int, run_dir: Path, meta: dict, weights: str, ledger: FlopsLedger) -> dict:
+    ad, device = cfg.autodecode, probe.device
+    cond = torch.nn.Parameter(initial_cond(model, side.width, ad.init, cfg.train.seed, side.text).clone().to(device))
     optimizer = torch.optim.Adam([cond], lr=ad.lr)
-    scales = model.source.scales_for(width)
-    probe_key = f"autodecode_probe/{probe.key}/{encoder}"
+    probe_key = f"autodecode_probe/{probe.key}/{side.name}"
 
-    def top1() -> float:
-        probe.charge_heads(ledger, model, probe_key)
-        return probe.top1_of_params(model, model.source.generate(cond[None].detach(), scales), encoder)
+    def top1() -> dict[str, float]:
+        probe.charge_heads(ledger, model, probe_key, len(side.partners))
+        return _top1(model, probe, side, pair_params(model, side, cond.detach()))
 
-    curve = [{"step": 0, "flops": 0, "samples": 0, "top1": top1()}]
+    def point(step: int, scores: dict, **extra) -> dict:
+        return {"step": step, "flops": step * step_flops, "samples": step * ad.batch_size,
+                "top1": sum(scores.values()) / len(scores), "pairs_top1": scores, **extra}
+
+    curve = [point(0, top1())]
     loss = torch.tensor(float("nan"))
-    for step in tqdm(range(1, steps + 1), desc=f"autodecode {encoder}"):
-        params = model.source.generate(cond[None], scales)
-        loss = _clip_step(model, params, data, step - 1, width, optimizer)
+    for step in tqdm(range(1, steps + 1), desc=f"autodecode {side.name}"):
+        loss = _clip_step(model, pair_params(model, side, cond), data, step - 1, side, optimizer)
         if (ad.eval_every and step % ad.eval_every == 0) or step == steps:
-            curve.append({"step": step, "flops": step * step_flops, "samples": step * ad.batch_size,
-                          "top1": top1(), "loss": float(loss)})
-    _save_into_run(run_dir, meta, encoder, width, spec.weights, cond.detach())
+            curve.append(point(step, top1(), loss=float(loss)))
+    _save_into_run(run_dir, meta, side, weights, cond.detach())
     spent = steps * step_flops
-    ledger.charge("autodecode", f"decode/{encoder}", spent, steps=steps, samples=steps * ad.batch_size,
+    ledger.charge("autodecode", f"decode/{side.name}", spent, steps=steps, samples=steps * ad.batch_size,
                   per_step=step_flops)
-    result = {"encoder": encoder, "width": width, "init": ad.init, "steps": steps, "samples": steps * ad.batch_size,
-              "flops": spent, "top1": curve[-1]["top1"], "curve": curve, "dataset": cfg.eval.datasets[0],
+    result = {"encoder": side.name, "side": "text" if side.text else "image", "width": side.width, "init": ad.init,
+              "steps": steps, "samples": steps * ad.batch_size, "flops": spent, "top1": curve[-1]["top1"],
+              "pairs_top1": curve[-1]["pairs_top1"], "curve": curve, "dataset": cfg.eval.datasets[0],
               "device": str(cond.device), "features_device": str(probe.labels.device)}
     if ad.finetune_steps > 0:
-        params = model.source.generate(cond[None].detach(), scales)
-        result["finetune"] = finetune(cfg, model, params, width, data, probe, encoder, run_dir)
-        probe.charge_heads(ledger, model, probe_key)
-        ledger.charge("autodecode", f"finetune/{encoder}", result["finetune"]["flops"], steps=ad.finetune_steps,
+        params = pair_params(model, side, cond.detach())
+        result["finetune"] = finetune(cfg, model, params, side, data, probe, run_dir)
+        probe.charge_heads(ledger, model, probe_key, len(side.partners))
+        ledger.charge("autodecode", f"finetune/{side.name}", result["finetune"]["flops"], steps=ad.finetune_steps,
                       samples=ad.finetune_steps * ad.batch_size)
     return result
 
 
-def _clip_step(model: StitchModel, params, data: FeatureBatches, micro_step: int, width: int, optimizer):
-    """One contrastive step on the frozen model's device through connector `params`; returns the loss."""
+def _clip_step(model: StitchModel, params, data: FeatureBatches, micro_step: int, side: Side, optimizer):
+    """One contrastive step over the side's pairs (loss: their mean) on the frozen model's device."""
     device = model.log_scale.device
-    image, text = data.batch(micro_step, np.array([0]))
-    image = F.pad(image.to(device), (0, model.shape.image_width - width))
-    a, b = project(model.shape, params, torch.tensor([width], device=device), image, text.to(device))
+    n = len(side.partners)
+    if side.text:  # the run's image encoders, the new text encoder's captions
+        image, text = data.batch(micro_step, np.arange(n), np.array([0]))
+    else:  # the new image encoder, the run's text encoders' captions
+        image, text = data.batch(micro_step, np.array([0]), np.arange(n))
+        image = image.expand(n, -1, -1)
+    text = text[0] if text.shape[0] == 1 else text
+    # the batch is padded to its own widest encoder; the connectors take the run's D_max and T_max
+    image = F.pad(image.to(device), (0, model.shape.image_width - image.shape[-1]))
+    text = F.pad(text.to(device), (0, model.shape.text_width - text.shape[-1]))
+    widths, text_widths = side.widths(device)
+    a, b = project(model.shape, params, widths, text_widths, image, text)
     loss = clip_loss(a, b, model.logit_scale(), gather=False)
     optimizer.zero_grad()
     loss.backward()
@@ -150,14 +246,14 @@ def _clip_step(model: StitchModel, params, data: FeatureBatches, micro_step: int
 
 
 class PrefixFeatures:
-    """The first `count` samples of the training data, read the way FeatureBatches reads a cache: the new
-    encoder's features (from a cache of only the shards those samples are in, or the training cache when it
-    already holds the encoder) with the captions' embeddings of the training cache."""
+    """The first `count` samples of the training data, read the way FeatureBatches reads a cache: each name's
+    features from the cache given for it (the new encoder's from a cache of only the samples the budget uses, or
+    the training cache when it already holds the encoder)."""
 
-    def __init__(self, images: CachedFeatures, text: CachedFeatures, name: str, count: int):
-        self.count, self.name = count, name
-        self.arrays = {name: images[name], TEXT: text[TEXT]}  # only rows < count are ever read
-        self.widths = {name: images.width(name)}
+    def __init__(self, sources: dict[str, CachedFeatures], count: int):
+        self.count = count
+        self.arrays = {name: cache[name] for name, cache in sources.items()}  # only rows < count are ever read
+        self.widths = {name: cache.width(name) for name, cache in sources.items()}
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.arrays[name]
@@ -166,61 +262,95 @@ class PrefixFeatures:
         return self.widths[name]
 
 
-def decoding_data(cfg: Config, spec, budget: int, accelerator) -> tuple[FeatureBatches, dict]:
-    """Batches over the first `budget` training samples (all the decoding and fine-tuning steps use), and what
-    embedding them with the new encoder costs: {samples, flops, cached}."""
-    train_cache = open_training_cache(cfg, [])
+def decoding_data(cfg: Config, spec, side: Side, budget: int, train_cache: CachedFeatures,
+                  accelerator) -> tuple[FeatureBatches, dict]:
+    """Batches over the first `budget` training samples (all the decoding and fine-tuning steps use) for the side's
+    pairs, and what embedding them with the new encoder costs: {samples, flops, cached}. Sets side.width."""
     count = min(max(budget, cfg.autodecode.batch_size), train_cache.count)
-    cached = spec.name in train_cache.manifest["encoders"]
-    images = train_cache if cached else _prefix_cache(cfg, spec, count, train_cache, accelerator)
-    data = FeatureBatches(PrefixFeatures(images, train_cache, spec.name, count), [spec.name],
-                          cfg.autodecode.batch_size, cfg.train.seed)
-    flops = forward_flops(spec.name, count)
+    key = text_key(side.name) if side.text else side.name
+    cached = cached_name(train_cache.manifest, key) is not None
+    new = train_cache if cached else _prefix_cache(cfg, spec, side.text, count, train_cache, accelerator)
+    partners = [text_key(p) if not side.text else p for p in side.partners]
+    features = PrefixFeatures({key: new} | {p: train_cache for p in partners}, count)
+    images, texts = (side.partners, [side.name]) if side.text else ([side.name], side.partners)
+    data = FeatureBatches(features, images, texts, cfg.autodecode.batch_size, cfg.train.seed)
+    side.width = features.width(key)
+    if side.text:
+        per_caption = train_cache.manifest.get("flops_per_sample", {}).get(key) if cached else None
+        flops = (per_caption or text_flops_per_caption(side.name, _captions(cfg))) * count
+    else:
+        flops = forward_flops(side.name, count)
     return data, {"samples": count, "flops": int(flops), "cached": cached}
 
 
-def _prefix_cache(cfg: Config, spec, count: int, train_cache: CachedFeatures, accelerator) -> CachedFeatures:
+def _captions(cfg: Config) -> list[str]:
+    """A sample of training captions to measure a text encoder's FLOPs on."""
+    return [s["caption"] for s in itertools.islice(shard_units(prepare_shards(cfg))[0].samples(), FLOPS_SAMPLE)]
+
+
+def _prefix_cache(cfg: Config, spec, text: bool, count: int, train_cache: CachedFeatures,
+                  accelerator) -> CachedFeatures:
     """Embed the new encoder over exactly the first `count` training samples: one unit reading the shards in
     order and stopping there (later shards are never opened; small by construction, so not split over ranks)."""
     with accelerator.main_process_first():
         pattern = prepare_shards(cfg)
     unit = first_samples_unit(shard_units(pattern), count)
-    root = cfg.cache_path / "autodecode" / f"{io.slug(spec.name)}_first{count}"
-    build_cache(root, [unit], [spec], None, batch_size=cfg.data.embed_batch_size, num_workers=0,
-                accelerator=accelerator)
-    cache = CachedFeatures(root, [spec.name])
+    name = spec if text else spec.name
+    root = cfg.cache_path / "autodecode" / f"{io.slug(text_key(name) if text else name)}_first{count}"
+    build_cache(root, [unit], [] if text else [spec], [name] if text else None,
+                batch_size=cfg.data.embed_batch_size, num_workers=0, accelerator=accelerator)
+    cache = CachedFeatures(root, [text_key(name) if text else name])
     if cache.keys() != train_cache.keys()[:count]:
         raise CacheError(f"{root}: its samples are not the first {count} of the training cache {cfg.cache_path}")
     return cache
 
 
-def finetune(cfg: Config, model: StitchModel, params, width: int, data: FeatureBatches, probe: ZeroShotProbe,
-             encoder: str, run_dir) -> dict:
-    """Optionally fine-tune the decoded connector's weights directly (the hypernetwork is not involved);
-    saved as a plain connector at RUN_DIR/autodecode/<encoder>.finetuned.safetensors."""
+def finetune(cfg: Config, model: StitchModel, params, side: Side, data: FeatureBatches, probe: ZeroShotProbe,
+             run_dir) -> dict:
+    """Optionally fine-tune the decoded connectors' weights directly (the hypernetwork is not involved); each
+    pair's saved as a plain connector at RUN_DIR/autodecode/<pair>.finetuned.safetensors."""
     ad = cfg.autodecode
     params = [(w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()) for w, b in params]
     optimizer = torch.optim.Adam([t for pair in params for t in pair], lr=ad.finetune_lr)
     for step in range(ad.finetune_steps):
-        _clip_step(model, params, data, 10_000_000 + step, width, optimizer)  # batches after the decoding ones
-    connector = Connector.from_params(model.shape, [(w.detach().cpu(), b.detach().cpu()) for w, b in params], width)
-    io.write_safetensors(run_dir / "autodecode" / f"{io.slug(encoder)}.finetuned.safetensors", connector.state_dict())
-    step_flops = 2 * sum(sum(p.values()) for p in (connector_macs(model.shape.layers, 1, ad.batch_size),
-                                                      logits_macs(1, ad.batch_size, model.shape.dims[-1])))
+        _clip_step(model, params, data, 10_000_000 + step, side, optimizer)  # batches after the decoding ones
+    widths, text_widths = side.widths("cpu")
+    multi = side.text or len(model.text_names) > 1
+    for p, (image, text) in enumerate(side.pairs()):
+        one = [(w[p:p + 1].detach().cpu(), b[p:p + 1].detach().cpu()) for w, b in params]
+        connector = Connector.from_params(model.shape, one, int(widths[p]), int(text_widths[p]))
+        path = run_dir / "autodecode" / f"{io.slug(pair_label(image, text, multi))}.finetuned.safetensors"
+        io.write_safetensors(path, connector.state_dict())
+    n = len(side.partners)
+    step_flops = 2 * sum(sum(p.values()) for p in (connector_macs(model.shape.layers, n, ad.batch_size),
+                                                      logits_macs(n, ad.batch_size, model.shape.dims[-1])))
+    scores = _top1(model, probe, side, [(w.detach(), b.detach()) for w, b in params])
     return {"steps": ad.finetune_steps, "flops": step_flops * ad.finetune_steps,
-            "top1": probe.top1_of_params(model, [(w.detach(), b.detach()) for w, b in params], encoder)}
+            "top1": sum(scores.values()) / len(scores), "pairs_top1": scores}
 
 
-def _save_into_run(run_dir, meta: dict, encoder: str, width: int, weights: str, cond: torch.Tensor) -> None:
+def _save_into_run(run_dir, meta: dict, side: Side, weights: str, cond: torch.Tensor) -> None:
+    """The new encoder joins the run: its vector, and a pair with every encoder of the other side."""
     path = run_dir / "cond_embeddings.safetensors"
     conds = load_file(str(path))
-    conds[encoder] = cond.cpu().contiguous()
+    conds[TEXT_COND + side.name if side.text else side.name] = cond.cpu().contiguous()
     io.write_safetensors(path, conds)
+    images, image_widths, texts, text_widths, pairs = run_encoders(run_dir, meta)
     meta.setdefault("trained", list(meta["names"]))
-    if encoder not in meta["names"]:
-        meta["names"].append(encoder)
-        meta["widths"].append(width)
-    meta.setdefault("weights", {})[encoder] = weights
+    if side.name in (texts if side.text else images):  # decoded again: a new vector, the same pairs
+        return
+    meta["autodecoded"] = meta.get("autodecoded", []) + [side.name]
+    if side.text:
+        texts, text_widths = texts + [side.name], text_widths + [side.width]
+        new = [[i, len(texts) - 1] for i in range(len(images))]
+    else:
+        images, image_widths = images + [side.name], image_widths + [side.width]
+        new = [[len(images) - 1, j] for j in range(len(texts))]
+        meta.setdefault("weights", {})[side.name] = weights
+    meta.update(image_encoders=images, image_widths=image_widths, text_encoders=texts, text_widths=text_widths,
+                pairs=pairs.as_list() + new)
+    meta["names"] += [pair_label(images[i], texts[j], len(texts) > 1) for i, j in new]
+    meta["widths"] += [image_widths[i] for i, _ in new]
     io.write_json(run_dir / "model.json", meta)
 
 

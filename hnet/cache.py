@@ -5,8 +5,9 @@ Layout of a cache folder:
     manifest.json        encoders {name: file, width, dtype, count, sha256, size, mtime_ns}, text, keys_sha256,
                          count, units done
     keys.json            sample keys in cache order (shard order, then file order)
-    <slug>.f16.npy       float16 [count, width] per image encoder (np.load(..., mmap_mode="r"))
-    text.f16.npy         the text encoder's caption embeddings (training caches)
+    <slug>.f16.npy       float16 [count, width] per image encoder (np.load(..., mmap_mode="r")), and per text
+                         encoder its caption embeddings under the name `text:NAME` (training caches; caches from
+                         before several text encoders hold one `text` array + manifest `text_encoder`)
     labels.npy           int64 class labels (zero-shot caches)
     parts/<unit>/        per-unit results of an unfinished pass (resume point), removed once consolidated
 
@@ -36,7 +37,27 @@ from hnet import io
 from hnet.io import slug
 
 MANIFEST = "manifest.json"
-TEXT = "text"
+TEXT = "text"  # the one text array of a cache written before text encoders had names in it
+TEXT_PREFIX = "text:"
+
+
+def text_key(name: str) -> str:
+    """The cache name of a text encoder's caption embeddings."""
+    return TEXT_PREFIX + name
+
+
+def cached_name(manifest: dict, name: str) -> str | None:
+    """The manifest entry holding `name`'s features, or None: `text:NAME` is also found in an older cache's one
+    `text` array when that was embedded by NAME (or by an unrecorded text encoder: synthetic caches)."""
+    encoders = manifest.get("encoders", {})
+    if name in encoders:
+        return name
+    if name.startswith(TEXT_PREFIX) and TEXT in encoders and \
+            manifest.get("text_encoder") in (None, "", name[len(TEXT_PREFIX):]):
+        return TEXT
+    return None
+
+
 class CacheError(ValueError):
     """Cache missing, incomplete, corrupted or not matching the config; the message names the file."""
 
@@ -199,7 +220,8 @@ class CachedFeatures:
             self.arrays[name] = self._open(name)
 
     def _open(self, name: str) -> np.ndarray:
-        entry = self.manifest["encoders"].get(name)
+        key = cached_name(self.manifest, name)
+        entry = self.manifest["encoders"][key] if key else None
         if entry is None:
             raise CacheError(f"{self.root}/{MANIFEST}: no features for '{name}' "
                              f"(cached: {sorted(self.manifest['encoders'])}); run scripts/embed.py with it")
@@ -214,7 +236,7 @@ class CachedFeatures:
         return array
 
     def width(self, name: str) -> int:
-        return int(self.manifest["encoders"][name]["width"])
+        return int(self.manifest["encoders"][cached_name(self.manifest, name)]["width"])
 
     def keys(self) -> list[str]:
         return json.loads((self.root / "keys.json").read_text())
@@ -226,11 +248,6 @@ class CachedFeatures:
 
 
 def open_training_cache(cfg, names: list[str]) -> CachedFeatures:
-    """A run's training features (cfg.cache_path) for `names` and the captions, refusing a cache whose captions
-    were embedded by another text encoder than cfg.text_encoder."""
-    cache = CachedFeatures(cfg.cache_path, list(names) + [TEXT])
-    cached_text = cache.manifest.get("text_encoder")
-    if cached_text and cached_text != cfg.text_encoder:
-        raise CacheError(f"{cfg.cache_path}: cached text encoder is '{cached_text}', config has "
-                         f"text_encoder='{cfg.text_encoder}'")
-    return cache
+    """A run's training features (cfg.cache_path) for image encoders `names` and the captions of every text
+    encoder of the run (cfg.texts); a text encoder the cache lacks is named in the error."""
+    return CachedFeatures(cfg.cache_path, list(names) + [text_key(t) for t in cfg.texts])

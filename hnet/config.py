@@ -73,7 +73,8 @@ class ConnectorConfig:
 
 @dataclass
 class HypernetConfig:
-    cond_dim: int = 32
+    cond_dim: int = 32  # per image encoder
+    text_cond_dim: int = 16  # per text encoder (runs with several text encoders)
     hidden: int = 256
     chunk_size: int = 4096
     layer_emb_dim: int = 16
@@ -153,8 +154,10 @@ class Config:
     out_root: str = "runs"
     encoders: Any = field(default_factory=list)  # list of names/dicts, or a path to configs/encoders/*.yaml
     image_weights: str = "pretrained"  # pretrained | random; per-encoder `weights:` overrides
-    text_encoder: str = "all-MiniLM-L6-v2"
+    text_encoder: str = "all-MiniLM-L6-v2"  # the one-element case of `text_encoders`
+    text_encoders: list[str] = field(default_factory=list)  # several: every (image, text) pair is stitched
     held_out: str = ""  # pipeline: an encoder of `encoders` left out of the hypernetwork and auto-decoded after
+    held_out_pairs: list[str] = field(default_factory=list)  # "IMAGE + TEXT" pairs the hypernetwork never trains
     method: str = "hypernet"  # hypernet | separate (set by the script)
     device: str = ""  # "" = accelerate's choice
     data: DataConfig = field(default_factory=DataConfig)
@@ -168,6 +171,11 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_root) / f"{self.name}_{self.method}"
+
+    @property
+    def texts(self) -> list[str]:
+        """The run's text encoders: `text_encoders`, else the one `text_encoder`."""
+        return list(self.text_encoders) or [self.text_encoder]
 
     @property
     def cache_root(self) -> Path:
@@ -334,6 +342,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"connector.depth: an mlp connector needs depth >= 2, got {cfg.connector.depth}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr: must be > 0, got {cfg.train.lr}")
+    twice = sorted({t for t in cfg.text_encoders if cfg.text_encoders.count(t) > 1})
+    if twice:
+        raise ConfigError(f"text_encoders: listed twice: {twice}")
     _validate_eval(cfg.eval)
 
 

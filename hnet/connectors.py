@@ -1,9 +1,10 @@
 """Functional connectors: parameters in as tensors, batched over N encoders in one call (bmm, no Python loop).
 
-Encoders of different widths share one call: image features are zero-padded to the widest width D_max. For
-`image_to_text` the padded input rows meet zeros, so the extra weight rows contribute nothing; for
-`text_to_image` the output columns past an encoder's width are masked to zero. Either way a padded encoder's
-output equals its unpadded connector's output (tests/test_connectors.py proves it).
+Pairs of different widths share one call: image features are zero-padded to the widest image width D_max, text
+features to the widest text width T_max. Padded input rows meet zeros, so the extra weight rows contribute
+nothing, and the output columns past the pair's own output width (text for `image_to_text`, image for
+`text_to_image`) are masked to zero. Either way a padded connector's output equals its unpadded connector's output
+(tests/test_connectors.py proves it).
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ Params = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: W [N, in, out], b
 class ConnectorShape:
     kind: str  # linear | mlp
     direction: str  # image_to_text | text_to_image
-    image_width: int  # D_max, the widest encoder
-    text_width: int  # T
+    image_width: int  # D_max, the widest image encoder
+    text_width: int  # T_max, the widest text encoder
     depth: int = 2
     hidden: int = 1024
 
@@ -39,14 +40,20 @@ class ConnectorShape:
         dims = self.dims
         return list(zip(dims[:-1], dims[1:]))
 
-    def true_layers(self, width: int) -> list[tuple[int, int]]:
-        """Layer shapes of the unpadded connector of an encoder of this width."""
+    def true_layers(self, width: int, text_width: int | None = None) -> list[tuple[int, int]]:
+        """Layer shapes of the unpadded connector of a pair of these widths (text: T_max when not given)."""
         dims = list(self.dims)
-        dims[0 if self.direction == "image_to_text" else -1] = width
+        image_end, text_end = (0, -1) if self.direction == "image_to_text" else (-1, 0)
+        dims[image_end] = width
+        dims[text_end] = text_width or self.text_width
         return list(zip(dims[:-1], dims[1:]))
 
-    def num_params(self, width: int) -> int:
-        return sum(i * o + o for i, o in self.true_layers(width))
+    def num_params(self, width: int, text_width: int | None = None) -> int:
+        return sum(i * o + o for i, o in self.true_layers(width, text_width))
+
+    def out_widths(self, widths: torch.Tensor, text_widths: torch.Tensor) -> torch.Tensor:
+        """Each connector's true output width (the side it maps into)."""
+        return text_widths if self.direction == "image_to_text" else widths
 
 
 def init_std(fan_in: int) -> float:
@@ -54,11 +61,9 @@ def init_std(fan_in: int) -> float:
     return 1.0 / math.sqrt(3.0 * fan_in)
 
 
-def output_mask(shape: ConnectorShape, widths: torch.Tensor) -> torch.Tensor | None:
-    """[N, D_max] 1/0 mask of each encoder's real feature columns (text_to_image only)."""
-    if shape.direction == "image_to_text":
-        return None
-    cols = torch.arange(shape.image_width, device=widths.device)
+def width_mask(padded: int, widths: torch.Tensor) -> torch.Tensor:
+    """[n, padded] 1/0 mask of each connector's real output columns."""
+    cols = torch.arange(padded, device=widths.device)
     return (cols[None, :] < widths[:, None]).float()
 
 
@@ -72,28 +77,30 @@ def connector_forward(x: torch.Tensor, params: Params, mask: torch.Tensor | None
         if i < len(params) - 1:
             x = F.gelu(x)
     if mask is not None:
-        x = x * mask.unsqueeze(1)
+        x = x * mask.unsqueeze(1).to(x.dtype)
     return x
 
 
 class SeparateConnectors(nn.Module):
     """APE baseline: one independent connector per encoder, stored stacked so all train in one batched call.
 
-    Each encoder's connector is drawn at its TRUE size from its own seed (PyTorch's nn.Linear init) and
+    Each connector (one per pair) is drawn at its TRUE size from its own seed (PyTorch's nn.Linear init) and
     zero-padded: padded entries get zero gradients and stay zero, so a connector trained beside others equals
-    one trained alone."""
+    one trained alone. `widths`, `text_widths`: per connector."""
 
-    def __init__(self, shape: ConnectorShape, widths: list[int], seeds: list[int] | None = None):
+    def __init__(self, shape: ConnectorShape, widths: list[int], seeds: list[int] | None = None,
+                 text_widths: list[int] | None = None):
         super().__init__()
         self.shape = shape
         seeds = list(range(len(widths))) if seeds is None else seeds
+        text_widths = text_widths or [shape.text_width] * len(widths)
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for layer, (fan_in, fan_out) in enumerate(shape.layers):
             weight, bias = torch.zeros(len(widths), fan_in, fan_out), torch.zeros(len(widths), fan_out)
-            for i, (width, gen) in enumerate(zip(widths, gens)):
-                true_in, true_out = shape.true_layers(width)[layer]
+            for i, (width, text_width, gen) in enumerate(zip(widths, text_widths, gens)):
+                true_in, true_out = shape.true_layers(width, text_width)[layer]
                 bound = 1.0 / math.sqrt(true_in)
                 weight[i, :true_in, :true_out] = (torch.rand(true_in, true_out, generator=gen) * 2 - 1) * bound
                 bias[i, :true_out] = (torch.rand(true_out, generator=gen) * 2 - 1) * bound
@@ -115,9 +122,10 @@ class Connector(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in layers)
 
     @classmethod
-    def from_params(cls, shape: ConnectorShape, params: Params, width: int) -> "Connector":
-        """Slice the padded parameters of one encoder (N = 1) down to its true width."""
-        layers = shape.true_layers(width)
+    def from_params(cls, shape: ConnectorShape, params: Params, width: int,
+                    text_width: int | None = None) -> "Connector":
+        """Slice the padded parameters of one connector (N = 1) down to its pair's true widths."""
+        layers = shape.true_layers(width, text_width)
         module = cls(layers, shape.direction)
         with torch.no_grad():
             for linear, (i, o), (weight, bias) in zip(module.layers, layers, params):

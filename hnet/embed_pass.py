@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from hnet import io
-from hnet.cache import MANIFEST, TEXT, Unit, _read_manifest, consolidate
+from hnet.cache import MANIFEST, Unit, _read_manifest, cached_name, consolidate, text_key
 from hnet.io import slug
 from hnet.zoo import EncoderSpec, ImageEncoder, TextEncoder
 
@@ -139,7 +139,7 @@ def _write_unit(folder: Path, buf: _UnitBuffer, names: list[str], skipped: int =
     io.write_json(folder / "done.json", {"keys": buf.keys, "names": names, "skipped": skipped})
 
 
-def embed_pass(root: Path, units: list[Unit], encoders: dict[str, ImageEncoder], text: TextEncoder | None,
+def embed_pass(root: Path, units: list[Unit], encoders: dict[str, ImageEncoder], texts: dict[str, TextEncoder] | None,
                batch_size: int, num_workers: int, device: torch.device, rank: int = 0, world: int = 1,
                has_labels: bool = False, barrier: Callable[[], None] | None = None,
                item_bytes: int | None = ITEM_BYTES) -> dict:
@@ -148,7 +148,8 @@ def embed_pass(root: Path, units: list[Unit], encoders: dict[str, ImageEncoder],
     `barrier` (accelerator.wait_for_everyone) is required when world > 1: rank 0 removes temp files left by a
     killed pass while every other rank waits, so no rank can delete a file another rank is writing.
     """
-    names = list(encoders) + ([TEXT] if text else []) + (["labels"] if has_labels else [])
+    texts = texts or {}
+    names = list(encoders) + [text_key(t) for t in texts] + (["labels"] if has_labels else [])
     parts = root / "parts"
     _clean_temps(parts, rank, world, barrier)
     mine = units[rank::world]
@@ -170,7 +171,7 @@ def embed_pass(root: Path, units: list[Unit], encoders: dict[str, ImageEncoder],
                 _write_unit(parts / item["unit"], buffers.pop(item["unit"]), names, item["skipped"])
                 bar.update(1)
                 continue
-            _embed_item(item, buf, encoders, groups, text, device)
+            _embed_item(item, buf, encoders, groups, texts, device)
             if "keys" in item:
                 stats["samples"] += len(item["keys"])
             bar.set_postfix(samples_s=f"{stats['samples'] / (time.perf_counter() - start):.0f}")
@@ -189,7 +190,7 @@ def _clean_temps(parts: Path, rank: int, world: int, barrier: Callable[[], None]
 
 
 def _embed_item(item: dict, buf: _UnitBuffer, encoders: dict[str, ImageEncoder], groups: dict[object, list[str]],
-                text: TextEncoder | None, device: torch.device) -> None:
+                texts: dict[str, TextEncoder], device: torch.device) -> None:
     if "keys" in item:
         buf.keys.extend(item["keys"])
     for key, images in item["images"].items():
@@ -200,8 +201,9 @@ def _embed_item(item: dict, buf: _UnitBuffer, encoders: dict[str, ImageEncoder],
             with _autocast(device):
                 feats = encoders[name](images)
             buf.add(name, feats.half().cpu().numpy())
-    if text is not None and "captions" in item:
-        buf.add(TEXT, text.encode(item["captions"]).half().numpy())
+    if "captions" in item:
+        for name, text in texts.items():
+            buf.add(text_key(name), text.encode(item["captions"]).half().numpy())
     if "labels" in item:
         buf.add("labels", item["labels"].numpy())
 
@@ -211,32 +213,31 @@ def _unit_done(folder: Path, names: list[str]) -> bool:
     return done.exists() and set(names) <= set(io.read_json(done)["names"])
 
 
-def build_cache(root: str | Path, units: list[Unit], specs: list[EncoderSpec], text_encoder: str | None,
+def build_cache(root: str | Path, units: list[Unit], specs: list[EncoderSpec], text_encoders: list[str] | None,
                 batch_size: int = 64, num_workers: int = 0, accelerator=None, has_labels: bool = False) -> dict:
-    """Embed whatever `specs`/text the cache lacks over `units`; resumable; safe under `accelerate launch`."""
+    """Embed whatever image encoders (`specs`) and text encoders (names; captions) the cache lacks over `units`;
+    resumable; safe under `accelerate launch`."""
     root = Path(root)
     device = accelerator.device if accelerator else torch.device("cpu")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     manifest = _read_manifest(root) or {"encoders": {}}
     missing = [s for s in specs if s.name not in manifest["encoders"]]
-    want_text = bool(text_encoder) and TEXT not in manifest["encoders"]
-    if not missing and not want_text and (not has_labels or "labels" in manifest["encoders"]):
+    want_texts = [t for t in text_encoders or [] if cached_name(manifest, text_key(t)) is None]
+    if not missing and not want_texts and (not has_labels or "labels" in manifest["encoders"]):
         return {"manifest": manifest, "samples": 0, "seconds": 0.0, "embedded": []}
     encoders = {s.name: ImageEncoder(s, device) for s in missing}
     if device.type == "cuda":  # convolutions run faster in NHWC on GPUs
         encoders = {n: e.to(memory_format=torch.channels_last) for n, e in encoders.items()}
-    text = TextEncoder(text_encoder, device) if want_text else None
+    texts = {t: TextEncoder(t, device) for t in want_texts}
     has_labels = has_labels and "labels" not in manifest["encoders"]
-    stats = embed_pass(root, units, encoders, text, batch_size, num_workers, device, rank, world, has_labels,
+    stats = embed_pass(root, units, encoders, texts, batch_size, num_workers, device, rank, world, has_labels,
                        barrier=accelerator.wait_for_everyone if accelerator else None)
     if accelerator:
         accelerator.wait_for_everyone()
     widths = {n: e.width for n, e in encoders.items()}
-    if text:
-        widths[TEXT] = text.width
+    widths |= {text_key(t): text.width for t, text in texts.items()}
     if rank == 0:
         manifest = consolidate(root, units, widths, has_labels)
-        manifest.setdefault("text_encoder", text_encoder)
         for name in widths:  # how many processes computed these features (checked by the 2-rank tests)
             manifest["encoders"][name]["world"] = world
         io.write_json(root / MANIFEST, manifest)

@@ -1,6 +1,7 @@
-"""Zero-shot classification of every encoder in a run, through its (generated or trained) connector.
+"""Zero-shot classification of every (image encoder, text encoder) pair of a run, through its (generated or
+trained) connector.
 
-Class embeddings: for each class, every template is filled in, embedded by the run's text encoder, normalised,
+Class embeddings: for each class, every template is filled in, embedded by the pair's text encoder, normalised,
 averaged, and normalised again (prompt ensembling); computed once per (text encoder, dataset, templates) and
 cached. Evaluation images are embedded once per encoder into an embedding cache like the training data.
 """
@@ -21,7 +22,7 @@ from hnet.config import Config
 from hnet.data.zeroshot import ZeroShotSet, load_zeroshot, templates_for
 from hnet.flops import FlopsLedger, connector_macs, forward_flops
 from hnet.losses import contrastive_logits
-from hnet.model import StitchModel, load_model, project
+from hnet.model import StitchModel, load_model, padded_pair, project
 from hnet.report import plot_reliability
 from hnet.retrieval import KS, evaluate_retrieval
 from hnet.zoo import TextEncoder, specs_for
@@ -82,14 +83,13 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n_classes
 @torch.no_grad()
 def zero_shot_logits(model: StitchModel, index: int, features: torch.Tensor, classifier: torch.Tensor,
                      params=None) -> torch.Tensor:
-    """Scaled logits [M, C] through encoder `index`'s connector, or through given connector `params`
-    (auto-decoding, fine-tuning) for features of any width."""
-    width = features.shape[1]
+    """Scaled logits [M, C] through pair `index`'s connector, or through given connector `params` (one pair:
+    auto-decoding, fine-tuning) for features and class embeddings of any widths."""
     index = torch.tensor([index], device=model.widths.device)
     if params is None:
         params = model.source(index)
-    image = F.pad(features.float(), (0, model.shape.image_width - width)).unsqueeze(0)
-    a, b = project(model.shape, params, torch.tensor([width], device=features.device), image, classifier)
+    image, text, widths, text_widths = padded_pair(model, features, classifier)
+    a, b = project(model.shape, params, widths, text_widths, image, text)
     return contrastive_logits(a, b, model.logit_scale(index))[0]  # APE: each connector's own scale
 
 
@@ -105,11 +105,12 @@ def eval_cache(cfg: Config, dataset: ZeroShotSet, names: list[str], weights: dic
 
 
 class ZeroShotProbe:
-    """One zero-shot dataset, embedded for a set of encoders, ready to score connectors quickly (also mid-run).
-    Build it on every rank (the embedding pass is split across them); features, labels and class embeddings
-    live on the accelerator's device."""
+    """One zero-shot dataset, embedded for a set of image encoders, with class embeddings from each text encoder
+    (default cfg.texts), ready to score connectors quickly (also mid-run). Build it on every rank (the embedding
+    pass is split across them); features, labels and class embeddings live on the accelerator's device."""
 
-    def __init__(self, cfg: Config, dataset_name: str, names: list[str], weights: dict[str, str], accelerator=None):
+    def __init__(self, cfg: Config, dataset_name: str, names: list[str], weights: dict[str, str], accelerator=None,
+                 texts: list[str] | None = None):
         accelerator = accelerator or default_accelerator(cfg)
         self.device = accelerator.device
         with accelerator.main_process_first():  # the demo set writes its images on first use
@@ -120,19 +121,22 @@ class ZeroShotProbe:
         self.features = {n: torch.from_numpy(np.asarray(cache[n], np.float32)).to(self.device) for n in names}
         self.templates_name, templates = templates_for(cfg, self.dataset)
         self.n_templates = len(templates)
-        self.classifier = class_embeddings(cfg.text_encoder, self.dataset.classnames, templates,
-                                           cfg.cache_root / "eval", accelerator)
+        self.classifiers = {t: class_embeddings(t, self.dataset.classnames, templates, cfg.cache_root / "eval",
+                                                accelerator) for t in (texts or cfg.texts)}
 
     @property
     def key(self) -> str:
         return self.dataset.key
 
-    def metrics(self, model: StitchModel, index: int, name: str) -> dict:
-        logits = zero_shot_logits(model, index, self.features[name], self.classifier)
+    def metrics(self, model: StitchModel, index: int) -> dict:
+        """Pair `index` of the model."""
+        image, text = model.pair_names(index)
+        logits = zero_shot_logits(model, index, self.features[image], self.classifiers[text])
         return classification_metrics(logits, self.labels, len(self.dataset.classnames))
 
-    def top1_of_params(self, model: StitchModel, params, name: str) -> float:
-        logits = zero_shot_logits(model, -1, self.features[name], self.classifier, params=params)
+    def top1_of_params(self, model: StitchModel, params, image: str, text: str) -> float:
+        """Top-1 of one pair's connector `params` (not a pair of the model: auto-decoding, fine-tuning)."""
+        logits = zero_shot_logits(model, -1, self.features[image], self.classifiers[text], params=params)
         return float((logits.argmax(dim=-1) == self.labels).float().mean()) * 100
 
     def encoder_flops(self, name: str) -> float:
@@ -150,11 +154,11 @@ class ZeroShotProbe:
                                 [n for n in self.features if not self.cached[n]])
 
     def flops(self, model: StitchModel) -> float:
-        """Connector + logits of one encoder over the dataset."""
-        return len(self.labels) * _head_flops(model, self.classifier)
+        """Connector + logits of one pair over the dataset."""
+        return len(self.labels) * _head_flops(model, len(self.dataset.classnames))
 
     def charge_heads(self, ledger: FlopsLedger, model: StitchModel, key: str, encoders: int = 1) -> None:
-        """One scoring call of `encoders` connectors over the dataset."""
+        """One scoring call of `encoders` connectors (pairs) over the dataset."""
         ledger.charge("eval", key, encoders * self.flops(model), steps=1, samples=encoders * len(self.labels))
 
 
@@ -163,7 +167,7 @@ def model_device(model: StitchModel) -> str:
 
 
 def evaluate_run(cfg: Config, run_dir: Path, datasets: list[str], accelerator=None) -> dict:
-    """Zero-shot (and retrieval) metrics of every encoder of a run on the accelerator's device. Every rank
+    """Zero-shot (and retrieval) metrics of every pair of a run on the accelerator's device. Every rank
     takes part in embedding; the main process scores and writes eval.json, eval.md, eval.csv, eval/<dataset>.json,
     plots and the ledger. `datasets`: names or NAME=PATH specs (hnet.data.zeroshot)."""
     accelerator = accelerator or default_accelerator(cfg)
@@ -173,10 +177,11 @@ def evaluate_run(cfg: Config, run_dir: Path, datasets: list[str], accelerator=No
     weights = io.read_json(run_dir / "model.json").get("weights", {})
     main = accelerator.is_main_process
     ledger = FlopsLedger(run_dir)
-    results: dict = {"templates": cfg.eval.templates, "text_encoder": cfg.text_encoder, "datasets": {},
-                     "device": model_device(model)}
+    results: dict = {"templates": cfg.eval.templates, "text_encoder": ", ".join(model.text_names),
+                     "text_encoders": model.text_names, "datasets": {}, "device": model_device(model),
+                     "pairs": {label: list(model.pair_names(p)) for p, label in enumerate(names)}}
     for spec in datasets:
-        probe = ZeroShotProbe(cfg, spec, names, weights, accelerator)
+        probe = ZeroShotProbe(cfg, spec, model.image_names, weights, accelerator, model.text_names)
         if main:
             results["datasets"][probe.dataset.name] = _score(probe, model, names, run_dir, ledger)
         del probe
@@ -195,7 +200,7 @@ def _score(probe: ZeroShotProbe, model: StitchModel, names: list[str], run_dir: 
         raise RuntimeError(f"evaluation features on {probe.labels.device}, model on {model_device(model)}")
     dataset = probe.dataset
     name, classes = dataset.name, dataset.classnames
-    per_encoder = {enc: probe.metrics(model, i, enc) for i, enc in enumerate(names)}
+    per_encoder = {label: probe.metrics(model, p) for p, label in enumerate(names)}
     probe.charge_embedding(ledger)
     probe.charge_heads(ledger, model, f"heads/{probe.key}", len(names))
     out = {"classes": classes, "encoders": per_encoder, "chance_top1": 100.0 / len(classes),
@@ -206,9 +211,9 @@ def _score(probe: ZeroShotProbe, model: StitchModel, names: list[str], run_dir: 
     return out
 
 
-def _head_flops(model: StitchModel, classifier: torch.Tensor) -> float:
+def _head_flops(model: StitchModel, n_classes: int) -> float:
     """Per-image FLOPs of connector + class logits (the class side is amortised and left out)."""
-    macs = connector_macs(model.shape.layers, 1, 1)["forward"] + classifier.numel()
+    macs = connector_macs(model.shape.layers, 1, 1)["forward"] + n_classes * model.shape.text_width
     return 2.0 * macs
 
 

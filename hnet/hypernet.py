@@ -1,4 +1,9 @@
-"""Hypernetwork: a cond embedding per encoder -> that encoder's connector parameters.
+"""Hypernetwork: a cond embedding per (image encoder, text encoder) pair -> that pair's connector parameters.
+
+The pair's embedding joins a learned vector per image encoder with one per text encoder (concatenated; the text
+part exists when the run has several text encoders: with one it would be a constant, i.e. a bias). So a new image
+encoder, or a new text encoder, is auto-decoded by learning one new vector, and a combination of seen encoders
+that never trained together is generated as it is.
 
 Generation is layer-wise and chunked: every connector layer's flat parameter vector (weights then bias) is cut
 into chunks of `chunk_size`; one small MLP maps [cond embedding, layer embedding, chunk embedding] to a chunk.
@@ -8,7 +13,7 @@ a 0.8M-parameter connector needs about 1M hypernetwork parameters, not 400M.
 Initialisation (the hyperfan-in idea of Chang et al. 2020, done explicitly): the trunk ends in a LayerNorm
 without affine, so each hidden unit has unit variance; the head is N(0, 1/hidden), so raw outputs have unit
 variance; each generated layer is then multiplied by a fixed per-encoder, per-layer scale equal to the std of
-PyTorch's default nn.Linear init for that layer's TRUE fan-in (an encoder's own width, not the padded width).
+PyTorch's default nn.Linear init for that layer's TRUE fan-in (the pair's own widths, not the padded ones).
 Generated connectors therefore start where a standard init would, whatever the encoder's width.
 """
 from __future__ import annotations
@@ -20,13 +25,22 @@ from torch import nn
 
 from hnet.config import HypernetConfig
 from hnet.connectors import ConnectorShape, Params, init_std
+from hnet.pairs import Pairs
 
 
 class HyperNetwork(nn.Module):
-    def __init__(self, shape: ConnectorShape, widths: list[int], cfg: HypernetConfig):
+    """`widths`: per image encoder; `text_widths`: per text encoder (default: one, of T_max); `pairs`: which
+    (image, text) pairs `forward(index)` generates (default: every image encoder with the one text encoder)."""
+
+    def __init__(self, shape: ConnectorShape, widths: list[int], cfg: HypernetConfig,
+                 text_widths: list[int] | None = None, pairs: Pairs | None = None):
         super().__init__()
+        text_widths = text_widths or [shape.text_width]
+        pairs = pairs or Pairs.grid(len(widths), len(text_widths))
         self.shape, self.chunk_size = shape, cfg.chunk_size
         self.cond = nn.Parameter(torch.randn(len(widths), cfg.cond_dim))
+        multi_text = len(text_widths) > 1
+        self.text_cond = nn.Parameter(torch.randn(len(text_widths), cfg.text_cond_dim)) if multi_text else None
         sizes = [i * o + o for i, o in shape.layers]
         self.chunks_per_layer = [math.ceil(s / cfg.chunk_size) for s in sizes]
         total_chunks = sum(self.chunks_per_layer)
@@ -34,17 +48,27 @@ class HyperNetwork(nn.Module):
         self.chunk_emb = nn.Parameter(torch.randn(total_chunks, cfg.chunk_emb_dim))
         chunk_layer = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(self.chunks_per_layer))
         self.register_buffer("chunk_layer", chunk_layer, persistent=False)
-        in_dim = cfg.cond_dim + cfg.layer_emb_dim + cfg.chunk_emb_dim
+        in_dim = cfg.cond_dim + (cfg.text_cond_dim if multi_text else 0) + cfg.layer_emb_dim + cfg.chunk_emb_dim
         self.trunk = nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.hidden),
                                    nn.GELU(), nn.LayerNorm(cfg.hidden, elementwise_affine=False))
         self.head = nn.Linear(cfg.hidden, cfg.chunk_size)
         nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(cfg.hidden))
         nn.init.zeros_(self.head.bias)
-        scales = torch.tensor([[init_std(shape.true_layers(w)[l][0]) for l in range(len(sizes))] for w in widths])
-        self.register_buffer("scales", scales, persistent=False)  # [N_encoders, n_layers]
+        scales = torch.cat([self.scales_for(widths[i], text_widths[j]) for i, j in zip(pairs.image, pairs.text)])
+        self.register_buffer("scales", scales, persistent=False)  # [pairs, n_layers]
+        self.register_buffer("pair_image", torch.tensor(pairs.image), persistent=False)
+        self.register_buffer("pair_text", torch.tensor(pairs.text), persistent=False)
+
+    def combine(self, image_cond: torch.Tensor, text_cond: torch.Tensor | None) -> torch.Tensor:
+        """Per-pair cond inputs [n, c (+ c_text)] from an image encoder's and a text encoder's vectors."""
+        return image_cond if text_cond is None else torch.cat([image_cond, text_cond], dim=-1)
+
+    def pair_cond(self, index: torch.Tensor) -> torch.Tensor:
+        text = None if self.text_cond is None else self.text_cond[self.pair_text[index]]
+        return self.combine(self.cond[self.pair_image[index]], text)
 
     def generate(self, cond: torch.Tensor, scales: torch.Tensor) -> Params:
-        """cond [n, c], scales [n, n_layers] -> per-layer (W [n, in, out], b [n, out])."""
+        """cond [n, c (+ c_text)], scales [n, n_layers] -> per-layer (W [n, in, out], b [n, out])."""
         n, chunks = cond.shape[0], self.chunk_emb.shape[0]
         inputs = torch.cat([cond.unsqueeze(1).expand(n, chunks, -1),
                             self.layer_emb[self.chunk_layer].unsqueeze(0).expand(n, -1, -1),
@@ -59,12 +83,12 @@ class HyperNetwork(nn.Module):
         return params
 
     def forward(self, index: torch.Tensor) -> Params:
-        return self.generate(self.cond[index], self.scales[index])
+        return self.generate(self.pair_cond(index), self.scales[index])
 
-    def scales_for(self, width: int) -> torch.Tensor:
-        """Per-layer init scales of a (possibly new) encoder of this width: [1, n_layers]."""
-        layers = self.shape.true_layers(width)
+    def scales_for(self, width: int, text_width: int | None = None) -> torch.Tensor:
+        """Per-layer init scales of a (possibly new) pair of these widths: [1, n_layers]."""
+        layers = self.shape.true_layers(width, text_width)
         return torch.tensor([[init_std(i) for i, _ in layers]], device=self.cond.device)
 
     def hypernet_params(self) -> int:
-        return sum(p.numel() for name, p in self.named_parameters() if name != "cond")
+        return sum(p.numel() for name, p in self.named_parameters() if name not in ("cond", "text_cond"))

@@ -39,9 +39,9 @@ def _train_and_eval(cfg: Config, datasets: list[str], show: bool = True, train: 
     return result
 
 
-def _curve(run_dir, encoder: str) -> list[dict]:
-    """Accuracy vs training FLOPs of one encoder along a run (rows logged with train.eval_every)."""
-    key = f"zeroshot_top1/{encoder}"
+def _curve(run_dir, key: str = "zeroshot_top1") -> list[dict]:
+    """Accuracy vs training FLOPs along a run (rows logged with train.eval_every): of one pair
+    (`zeroshot_top1/NAME`), or the mean over the run's pairs."""
     return [{"flops": r["train_flops_cum"], "top1": r[key]} for r in io.read_jsonl(run_dir / "metrics.jsonl")
             if key in r]
 
@@ -54,7 +54,8 @@ def held_out_study(cfg: Config, specs, dataset: str) -> dict:
     alone = _variant(cfg, "_heldout", "separate", encoders=[{"name": held.name, "weights": held.weights}],
                      train=dataclasses.replace(cfg.train, eval_every=max(1, cfg.autodecode.eval_every)))
     train_run(alone)
-    comparison = compare_to_separate(decoded, _curve(alone.run_dir, held.name))
+    # the mean over the held-out encoder's pairs (one per text encoder) on both sides
+    comparison = compare_to_separate(decoded, _curve(alone.run_dir))
     comparison.update(flops_with_embed(decoded, alone.run_dir))
     print(f"\n== auto-decoding {held.name} (never seen by the hypernetwork) ==\n"
           f"auto-decoded: {decoded['top1']:.1f}% top-1 for {decoded['flops']:.3g} FLOPs ({decoded['steps']} steps)\n"

@@ -1,4 +1,5 @@
-"""Encoder ranking: does the hypernetwork rank encoders like the separate grid search, and at what cost?"""
+"""Encoder ranking: does the hypernetwork rank encoders (pairs of image and text encoders) like the separate grid
+search, and at what cost?"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,7 +29,8 @@ def rank_encoders(hypernet_run: str | Path, separate_run: str | Path, dataset: s
     flops = {k: io.read_json(d / "flops.json")["phases"]["train"]["flops"] for k, d in
              (("hypernet", hyper_dir), ("separate", sep_dir))}
     best_h, best_s = max(common, key=hyper.get), max(common, key=sep.get)
-    return {"dataset": dataset, "encoders": common, "hypernet_top1": h, "separate_top1": s,
+    pairs = io.read_json(hyper_dir / "eval.json").get("pairs", {})
+    return {"dataset": dataset, "encoders": common, "pairs": {n: pairs[n] for n in common if n in pairs}, "hypernet_top1": h, "separate_top1": s,
             "spearman": float(spearmanr(h, s).statistic), "kendall": float(kendalltau(h, s).statistic),
             "top1_agreement": best_h == best_s, "best_hypernet": best_h, "best_separate": best_s,
             "hypernet_train_flops": flops["hypernet"], "separate_train_flops": flops["separate"],
@@ -50,9 +52,43 @@ def agreement(predicted: dict[str, float], truth: dict[str, float]) -> dict:
             "predicted_best": best_pred, "true_best": best_true, "encoders": len(common)}
 
 
+def pair_grid(pairs: dict[str, list[str]], scores: dict[str, dict[str, float]]) -> dict:
+    """The N x M view of pair scores ({method: {pair: top-1}}): per method the best pair, and per image encoder
+    the best text encoder."""
+    images = list(dict.fromkeys(i for i, _ in pairs.values()))
+    texts = list(dict.fromkeys(t for _, t in pairs.values()))
+    cell = {(i, t): label for label, (i, t) in pairs.items()}
+    out = {"images": images, "texts": texts, "best_pair": {}, "best_text": {}}
+    for method, score in scores.items():
+        out["best_pair"][method] = max(pairs, key=score.get)
+        out["best_text"][method] = {i: max((t for t in texts if (i, t) in cell), key=lambda t: score[cell[i, t]])
+                                    for i in images}
+    return out
+
+
+def pair_grid_markdown(pairs: dict[str, list[str]], scores: dict[str, dict[str, float]]) -> list[str]:
+    """Rows: image encoders; columns: text encoders; cells: top-1 per method (hypernet / separate)."""
+    grid = pair_grid(pairs, scores)
+    cell = {(i, t): label for label, (i, t) in pairs.items()}
+    methods = list(scores)
+    lines = [f"| image encoder \\ text encoder ({' / '.join(methods)}) | " + " | ".join(grid["texts"])
+             + " | best text encoder |", "|---|" + "---:|" * len(grid["texts"]) + "---|"]
+    for i in grid["images"]:
+        cells = [" / ".join(f"{scores[m][cell[i, t]]:.1f}" for m in methods) if (i, t) in cell else "-"
+                 for t in grid["texts"]]
+        best = " / ".join(grid["best_text"][m][i] for m in methods)
+        lines.append(f"| {i} | " + " | ".join(cells) + f" | {best} |")
+    lines += ["", "Best pair: " + "; ".join(f"{m} {grid['best_pair'][m]}" for m in methods)]
+    return lines
+
+
 def ranking_markdown(r: dict) -> str:
-    lines = [f"### Encoder ranking on {r['dataset']}", "", "| encoder | hypernet top-1 | separate top-1 |",
-             "|---|---:|---:|"]
+    lines = [f"### Encoder ranking on {r['dataset']}", ""]
+    pairs = r.get("pairs", {})
+    if len({t for _, t in pairs.values()}) > 1:
+        scores = {m: dict(zip(r["encoders"], r[f"{m}_top1"])) for m in ("hypernet", "separate")}
+        lines += pair_grid_markdown(pairs, scores) + [""]
+    lines += ["| encoder | hypernet top-1 | separate top-1 |", "|---|---:|---:|"]
     lines += [f"| {n} | {h:.1f} | {s:.1f} |" for n, h, s in zip(r["encoders"], r["hypernet_top1"], r["separate_top1"])]
     lines += ["", f"Spearman {r['spearman']:.3f}, Kendall {r['kendall']:.3f}, same best encoder: "
                   f"{'yes' if r['top1_agreement'] else 'no'} ({r['best_hypernet']} vs {r['best_separate']}); "

@@ -28,7 +28,7 @@ def run_row(run_dir: str | Path) -> dict:
     metrics = io.read_jsonl(run_dir / "metrics.jsonl")
     train_flops = phases["train"]["flops"] + phases["autodecode"]["flops"]
     row = {"run": run_dir.name, "method": cfg["method"], "encoders": len(meta["names"]),
-           "text_encoder": cfg["text_encoder"],
+           "text_encoder": ", ".join(cfg.get("text_encoders") or [cfg["text_encoder"]]),
            "connector": f"{cfg['connector']['kind']} {cfg['connector']['direction']}",
            "batch": cfg["train"]["batch_size"], "steps": phases["train"]["steps"],
            "epochs": round(metrics[-1]["epoch"], 2) if metrics else 0,

@@ -1,4 +1,4 @@
-"""Image <-> text retrieval R@1/5/10 through each encoder's connector, with the standard (COCO / Flickr30k) protocol.
+"""Image <-> text retrieval R@1/5/10 through each pair's connector, with the standard (COCO / Flickr30k) protocol.
 
 Sources (`eval.retrieval`):
   a shard pattern of a captioned set: one caption per image (caption i belongs to image i);
@@ -15,17 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
 from hnet import io
-from hnet.cache import TEXT, CachedFeatures, Unit, keys_digest
+from hnet.cache import CachedFeatures, Unit, keys_digest, text_key
 from hnet.embed_pass import build_cache
 from hnet.config import Config, ConfigError
 from hnet.data.sources import shard_units
 from hnet.flops import FlopsLedger, connector_macs
-from hnet.model import StitchModel, project
+from hnet.model import StitchModel, padded_pair, project
 from hnet.zoo import TextEncoder, specs_for
 
 KS = (1, 5, 10)
@@ -53,11 +52,11 @@ def recall_multi(similarity: torch.Tensor, positive: torch.Tensor, ks=KS) -> dic
 @torch.no_grad()
 def retrieval_metrics(model: StitchModel, index: int, image: torch.Tensor, text: torch.Tensor,
                       text_image: torch.Tensor | None = None) -> dict:
-    """`text_image[j]`: the image caption j describes (default: caption j <-> image j)."""
-    width = int(model.widths[index])
-    padded = F.pad(image.float(), (0, model.shape.image_width - width)).unsqueeze(0)
+    """Pair `index`: its image encoder's features `image`, its text encoder's captions `text` (true widths).
+    `text_image[j]`: the image caption j describes (default: caption j <-> image j)."""
+    padded, text, widths, text_widths = padded_pair(model, image, text)
     params = model.source(torch.tensor([index], device=model.widths.device))
-    a, b = project(model.shape, params, model.widths[index:index + 1], padded, text.float())
+    a, b = project(model.shape, params, widths, text_widths, padded, text)
     b = b[0] if b.dim() == 3 else b
     sim = a[0] @ b.T  # [images, texts]
     if text_image is None:
@@ -141,7 +140,7 @@ def _digest(*parts: str) -> str:
     return keys_digest(list(parts))[:12]
 
 
-def _captions_features(cfg: Config, specs, accelerator):
+def _captions_features(cfg: Config, specs, texts: list[str], accelerator):
     ev = cfg.eval
     caps = read_captions(Path(ev.retrieval), Path(ev.retrieval_images), ev.retrieval_split, ev.max_images)
     source = [str(Path(ev.retrieval).resolve()), str(Path(ev.retrieval_images).resolve()), ev.retrieval_split]
@@ -150,51 +149,58 @@ def _captions_features(cfg: Config, specs, accelerator):
              for i in range(0, len(caps.images), CHUNK)]
     stats = build_cache(root, units, specs, None, batch_size=ev.batch_size, num_workers=cfg.data.num_workers,
                         accelerator=accelerator, has_labels=True)
-    text_path = root / f"captions_{_digest(cfg.text_encoder, *caps.texts)}.safetensors"
-    text = caption_embeddings(cfg.text_encoder, caps.texts, text_path, accelerator)
+    text = {t: caption_embeddings(t, caps.texts, root / f"captions_{_digest(t, *caps.texts)}.safetensors", accelerator)
+            for t in texts}
     return root, stats, text, torch.tensor(caps.text_image)
 
 
-def _shard_features(cfg: Config, specs, accelerator):
+def _shard_features(cfg: Config, specs, texts: list[str], accelerator):
     root = cfg.cache_root / "eval" / f"retrieval_{_digest(cfg.eval.retrieval)}"
-    stats = build_cache(root, shard_units(cfg.eval.retrieval), specs, cfg.text_encoder,
+    stats = build_cache(root, shard_units(cfg.eval.retrieval), specs, texts,
                         batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, accelerator=accelerator)
     if accelerator is not None and not accelerator.is_main_process:
         return root, stats, None, None
-    text = torch.from_numpy(np.asarray(CachedFeatures(root, [TEXT])[TEXT], np.float32))
-    return root, stats, text, torch.arange(len(text))
+    cache = CachedFeatures(root, [text_key(t) for t in texts])
+    text = {t: torch.from_numpy(np.asarray(cache[text_key(t)], np.float32)) for t in texts}
+    return root, stats, text, torch.arange(cache.count)
 
 
 def evaluate_retrieval(cfg: Config, model: StitchModel, names: list[str], weights: dict[str, str],
                        accelerator=None, ledger: FlopsLedger | None = None) -> dict:
-    """R@K of every encoder on cfg.eval.retrieval. Every rank embeds its share of the images; the main process
-    (or the only one) scores on the model's device and charges the ledger's eval phase."""
-    specs = specs_for(names, weights, cfg.image_weights)
+    """R@K of every pair (`names`: the model's pair names) on cfg.eval.retrieval. Every rank embeds its share of
+    the images; the main process (or the only one) scores on the model's device and charges the ledger's eval
+    phase."""
+    images = model.image_names
+    specs = specs_for(images, weights, cfg.image_weights)
     is_file = cfg.eval.retrieval.endswith(".json")
     features = _captions_features if is_file else _shard_features
-    root, stats, text, text_image = features(cfg, specs, accelerator)
+    root, stats, texts, text_image = features(cfg, specs, model.text_names, accelerator)
     if accelerator is not None and not accelerator.is_main_process:
         return {}
     device = model.log_scale.device
-    cache = CachedFeatures(root, names + (["labels"] if is_file else []))
+    cache = CachedFeatures(root, images + (["labels"] if is_file else []))
     if is_file and not np.array_equal(np.asarray(cache["labels"]), np.arange(cache.count)):
         raise RuntimeError(f"{root}: cached images are not in the captions file's order")
-    text, text_image = text.to(device), text_image.to(device)
-    results = {n: retrieval_metrics(model, i, torch.from_numpy(np.asarray(cache[n], np.float32)).to(device), text,
-                                    text_image) for i, n in enumerate(names)}
+    texts, text_image = {t: v.to(device) for t, v in texts.items()}, text_image.to(device)
+    image_features = {n: torch.from_numpy(np.asarray(cache[n], np.float32)).to(device) for n in images}
+    results = {}
+    for p, label in enumerate(names):
+        image, text = model.pair_names(p)
+        results[label] = retrieval_metrics(model, p, image_features[image], texts[text], text_image)
+    n_texts = len(next(iter(texts.values())))
     for r in results.values():
         r["dataset"] = Path(cfg.eval.retrieval).stem if is_file else "retrieval"
     if ledger is not None:
-        _charge(ledger, model, names, root.name, cache.count, len(text), stats["embedded"])
+        _charge(ledger, model, images, len(names), root.name, cache.count, n_texts, stats["embedded"])
     return results
 
 
-def _charge(ledger: FlopsLedger, model: StitchModel, names: list[str], key: str, n: int, n_texts: int,
+def _charge(ledger: FlopsLedger, model: StitchModel, images: list[str], pairs: int, key: str, n: int, n_texts: int,
             embedded: list[str]) -> None:
-    """Image encoders' forwards over the images (once per run, `cached` when reused), and per encoder the
+    """Image encoders' forwards over the images (once per run, `cached` when reused), and per pair the
     connector over the images plus the images x captions similarity. The captions' text-encoder pass is not
     counted here."""
-    ledger.charge_embedding(key, names, n, embedded)
-    per_encoder = 2 * (connector_macs(model.shape.layers, 1, n)["forward"] + n * n_texts * model.shape.dims[-1])
-    ledger.charge("eval", f"heads/{key}", len(names) * per_encoder, steps=1, samples=n * len(names))
+    ledger.charge_embedding(key, images, n, embedded)
+    per_pair = 2 * (connector_macs(model.shape.layers, 1, n)["forward"] + n * n_texts * model.shape.dims[-1])
+    ledger.charge("eval", f"heads/{key}", pairs * per_pair, steps=1, samples=n * pairs)
 

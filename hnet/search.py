@@ -1,6 +1,7 @@
-"""The search: rank every encoder of a zoo by the zero-shot accuracy of its hypernetwork-generated connector, at a
-search budget (steps, k of N encoders per step, training pairs per encoder), and say what that cost next to what a
-grid search (one separate connector per encoder, APE, at the config's full `train` settings) would cost.
+"""The search: rank every (image encoder, text encoder) pair of a zoo by the zero-shot accuracy of its
+hypernetwork-generated connector, at a search budget (steps, k of the N x M encoder pairs per step, training
+samples per encoder), and say what that cost next to what a grid search (one separate connector per encoder pair,
+APE, at the config's full `train` settings) would cost.
 
 The grid search's cost is computed with the same per-op formulas the ledger uses for a real APE run (tested: the
 estimate equals a finished separate run's ledger), so the ratio compares like with like.
@@ -14,7 +15,7 @@ import torch
 from accelerate import PartialState
 
 from hnet import io
-from hnet.cache import MANIFEST, TEXT
+from hnet.cache import MANIFEST, text_key
 from hnet.config import Config, ConfigError, HypernetConfig, dataset_name
 from hnet.connectors import ConnectorShape
 from hnet.data.shards import MANIFEST as SHARDS_MANIFEST
@@ -22,7 +23,8 @@ from hnet.data.sources import prepare_shards
 from hnet.evaluate import evaluate_run
 from hnet.flops import forward_flops, train_step_flops
 from hnet.model import StitchModel
-from hnet.ranking import agreement
+from hnet.pairs import Pairs
+from hnet.ranking import agreement, pair_grid_markdown
 from hnet.run import train_run
 from hnet.train import total_steps
 
@@ -40,7 +42,7 @@ def search_config(cfg: Config) -> Config:
         train = dataclasses.replace(train, max_steps=s.steps, epochs=max(cfg.train.epochs, float(s.steps)))
     data = dataclasses.replace(cfg.data, samples_per_encoder=s.samples_per_encoder)
     return dataclasses.replace(cfg, name=f"{cfg.name}_search", method="hypernet", train=train, data=data,
-                               held_out="")
+                               held_out="", held_out_pairs=[])
 
 
 def training_sample_count(cfg: Config) -> int:
@@ -55,18 +57,20 @@ def training_sample_count(cfg: Config) -> int:
                       f"embed the full data once or make the shards with scripts/make_shards.py")
 
 
-def grid_search_cost(cfg: Config, names: list[str], widths: list[int], text_width: int, count: int,
-                     text_flops_per_sample: float) -> dict:
-    """FLOPs of training one separate connector per encoder at cfg.train's settings (batch: search.grid_batch_size
-    when set) over `count` pairs in one process, and of embedding those pairs with every encoder and the text."""
-    c = cfg.connector
-    shape = ConnectorShape(c.kind, c.direction, max(widths), text_width, c.depth, c.hidden)
+def grid_search_cost(cfg: Config, meta: dict, count: int, text_flops_per_sample: float) -> dict:
+    """FLOPs of training one separate connector per encoder pair of `meta` (a model.json: image_encoders,
+    image_widths, text_widths, pairs) at cfg.train's settings (batch: search.grid_batch_size when set) over `count`
+    samples in one process, and of embedding those samples with every image encoder and every text encoder
+    (`text_flops_per_sample`: all text encoders together, per caption)."""
+    c, names, widths = cfg.connector, meta["image_encoders"], meta["image_widths"]
+    shape = ConnectorShape(c.kind, c.direction, max(widths), max(meta["text_widths"]), c.depth, c.hidden)
+    pairs = Pairs.from_list(meta["pairs"])
     with torch.device("meta"):
-        model = StitchModel("separate", shape, widths, HypernetConfig())
+        model = StitchModel("separate", shape, widths, HypernetConfig(), text_widths=meta["text_widths"], pairs=pairs)
     batch = cfg.search.grid_batch_size or cfg.train.batch_size
     train = dataclasses.replace(cfg.train, encoders_per_step=0, batch_size=batch)
     steps = total_steps(dataclasses.replace(cfg, train=train), count // batch)
-    per_step = train_step_flops(model, len(names), batch)["total"] * cfg.train.grad_accum
+    per_step = train_step_flops(model, len(pairs), batch)["total"] * cfg.train.grad_accum
     embed = sum(forward_flops(n, count) for n in names) + count * text_flops_per_sample
     return {"steps": steps, "batch": batch, "samples": count, "train": per_step * steps, "embed": embed}
 
@@ -93,14 +97,14 @@ def run_search(cfg: Config, separate_run: str | Path | None = None) -> dict:
     meta = io.read_json(search.run_dir / "model.json")
     manifest = io.read_json(search.cache_path / MANIFEST)
     spent = _spent(search.run_dir)
-    grid = grid_search_cost(cfg, meta["names"], meta["widths"], meta["shape"]["text_width"],
-                            training_sample_count(cfg), manifest["flops_per_sample"][TEXT])
+    text_flops = sum(manifest["flops_per_sample"][text_key(t)] for t in meta["text_encoders"])
+    grid = grid_search_cost(cfg, meta, training_sample_count(cfg), text_flops)
     # the same final evaluation (not the search run's mid-run probes, which a grid search need not run)
     grid["eval_heads"], grid["eval_embed"] = spent["final_eval_heads"], spent["eval_embed"]
     out = {"dataset": dataset, "run": str(search.run_dir), "budget": dataclasses.asdict(cfg.search),
            "ranking": [{"rank": i + 1, "encoder": n, "predicted_top1": top1[n]}
                        for i, n in enumerate(sorted(top1, key=top1.get, reverse=True))],
-           "flops": _totals(spent), "grid_search": _totals(grid)}
+           "flops": _totals(spent), "grid_search": _totals(grid), "pairs": results.get("pairs", {})}
     out["ratio"] = {k: out["grid_search"][k] / out["flops"][k] for k in ("train", "total", "total_with_embed")}
     if separate_run:
         evaluated = io.read_json(Path(separate_run) / "eval.json")["datasets"]
@@ -127,6 +131,10 @@ def search_markdown(r: dict) -> str:
              f"k={b['encoders_per_step'] or 'all'}, {f['samples_embedded']} pairs embedded per encoder)", "",
              "| rank | encoder | predicted zero-shot top-1 |", "|---:|---|---:|"]
     lines += [f"| {row['rank']} | {row['encoder']} | {row['predicted_top1']:.1f} |" for row in r["ranking"]]
+    pairs = r.get("pairs", {})
+    if len({t for _, t in pairs.values()}) > 1:
+        lines += ["", *pair_grid_markdown(pairs, {"search": {row["encoder"]: row["predicted_top1"]
+                                                             for row in r["ranking"]}})]
     lines += ["", "| FLOPs | search (hypernetwork) | grid search (APE, estimated) | grid / search |",
               "|---|---:|---:|---:|"]
     for key, label in (("train", "training"), ("total", "training + evaluation heads"),

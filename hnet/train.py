@@ -2,7 +2,8 @@
 
 accelerate provides devices, DDP, AMP, gradient accumulation, checkpoint state and trackers. A step draws one
 global batch and a set of encoders (all, or k of N), runs every selected encoder's connector in one batched call,
-and applies a symmetric InfoNCE over [N, B, B] logits. Batch order and encoder choice are pure functions of
+and applies a symmetric InfoNCE over [N, B, B] logits. The unit trained is an (image encoder, text encoder) pair
+(hnet/pairs.py): with one text encoder, simply an encoder. Batch order and pair choice are pure functions of
 (seed, step), so `resume=latest` continues exactly where a killed run stopped.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from hnet import io
-from hnet.cache import TEXT, open_training_cache
+from hnet.cache import open_training_cache
 from hnet.checkpoint import remove_unfinished, resolve_resume, save_checkpoint, verify_checkpoint
 from hnet.config import Config, dump_yaml, to_dict
 from hnet.data.features import FeatureBatches, Prefetcher
@@ -31,6 +32,7 @@ from hnet.evaluate import ZeroShotProbe
 from hnet.flops import FlopsLedger, train_step_flops
 from hnet.losses import encoder_chunk, loss_and_surrogate
 from hnet.model import StitchModel, build_model, param_groups, save_model
+from hnet.pairs import resolve_pairs
 from hnet.zoo import read_encoder_list
 
 
@@ -48,15 +50,16 @@ def lr_lambda(warmup: int, total: int):
 
 
 def encoder_subset(step: int, n: int, k: int, seed: int) -> np.ndarray:
-    """Encoders trained at this step: all, or k of n drawn from (seed, step) so every rank agrees."""
+    """Positions (of n trainable pairs) trained at this step: all, or k of n drawn from (seed, step) so every rank
+    agrees."""
     if k <= 0 or k >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng([seed, step, 17]).choice(n, size=k, replace=False))
 
 
 def draw_counts(cfg: Config, n: int, steps: int) -> np.ndarray:
-    """How many of the first `steps` optimizer steps trained each encoder (draws are pure functions of seed and
-    step, so a resumed run starts from the same counts)."""
+    """How many of the first `steps` optimizer steps trained each of n trainable pairs (draws are pure functions of
+    seed and step, so a resumed run starts from the same counts)."""
     counts = np.zeros(n, dtype=np.int64)
     for step in range(steps):
         counts[encoder_subset(step, n, cfg.train.encoders_per_step, cfg.train.seed)] += 1
@@ -119,20 +122,20 @@ def step_all_reduce(accelerator: Accelerator, loss: float, stop: bool) -> tuple[
 
 
 @contextlib.contextmanager
-def untouched_rows(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], rows: torch.Tensor):
-    """Rows (encoders) not drawn at this step keep their parameters and optimizer moments bit for bit: with
-    zero gradients AdamW would still decay them and move them along their stale moments."""
-    if len(rows) == 0:
-        yield
-        return
+def untouched_rows(optimizer: torch.optim.Optimizer, untouched: list[tuple[torch.Tensor, np.ndarray]], device):
+    """Rows (pairs, or encoders' cond embeddings) no drawn pair uses keep their parameters and optimizer moments
+    bit for bit: with zero gradients AdamW would still decay them and move them along their stale moments."""
     saved = []
-    for p in params:
+    for p, rows in untouched:
+        if len(rows) == 0:
+            continue
+        rows = torch.as_tensor(rows, device=device)
         moments = {k: v[rows].clone() for k, v in optimizer.state.get(p, {}).items()
                    if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == p.shape[0]}
-        saved.append((p, p.detach()[rows].clone(), moments))
+        saved.append((p, rows, p.detach()[rows].clone(), moments))
     yield
     with torch.no_grad():
-        for p, values, moments in saved:
+        for p, rows, values, moments in saved:
             p[rows] = values
             for key, value in moments.items():
                 optimizer.state[p][key][rows] = value
@@ -158,9 +161,11 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
     specs = read_encoder_list(cfg.encoders, cfg.image_weights)
     names = [s.name for s in specs]
     cache = open_training_cache(cfg, names)
-    data = FeatureBatches(cache, names, cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle_pairs,
+    data = FeatureBatches(cache, names, cfg.texts, cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle_pairs,
                           cfg.train.overfit_batches, accelerator.process_index, accelerator.num_processes)
-    model = build_model(cfg, names, data.widths, cache.width(TEXT))
+    model = build_model(cfg, names, data.widths, cfg.texts, data.text_widths)
+    labels = model.pairs.labels(names, cfg.texts)
+    trained = trainable_pairs(cfg, model, names)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
     steps = total_steps(cfg, data.steps_per_epoch)
     # Not prepared by accelerate: a prepared scheduler steps once per rank per optimizer step (split_batches=False)
@@ -171,13 +176,14 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
     start = _start_or_resume(cfg, accelerator, run_dir)
     ledger = FlopsLedger(run_dir)
     raw: StitchModel = accelerator.unwrap_model(model)
-    n_enc = len(encoder_subset(0, len(names), cfg.train.encoders_per_step, cfg.train.seed))
+    n_enc = len(encoder_subset(0, len(trained), cfg.train.encoders_per_step, cfg.train.seed))
     world = accelerator.num_processes
     step_flops = (train_step_flops(raw, n_enc, cfg.train.batch_size, world=world, local=cfg.train.local_loss)
                   | {"grad_accum": cfg.train.grad_accum, "world": world, "local_loss": cfg.train.local_loss,
                      "device": str(accelerator.device)})
     accum, k = cfg.train.grad_accum, cfg.train.encoders_per_step
-    feed = Prefetcher(data, lambda micro: encoder_subset(micro // accum, len(names), k, cfg.train.seed))
+    pairs_at = lambda step: trained[encoder_subset(step, len(trained), k, cfg.train.seed)]
+    feed = Prefetcher(data, lambda micro: raw.pairs.members(pairs_at(micro // accum))[:2])
     probe = None
     if cfg.train.eval_every > 0:  # built and scored on every rank: no rank waits alone in a collective
         probe = ZeroShotProbe(cfg, cfg.eval.datasets[0], names, {s.name: s.weights for s in specs}, accelerator)
@@ -185,18 +191,18 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {cfg.method}",
                disable=not accelerator.is_main_process)
     last, stopped = {}, False
-    draws = draw_counts(cfg, len(names), start)
+    draws = draw_counts(cfg, len(trained), start)
     tick, samples, skipped_total = time.perf_counter(), 0, 0
     with StopFlag() as stop:
         for step in bar:
             log = (step + 1) % cfg.train.log_every == 0 or step + 1 == steps
             loss, stopped, grad_norm, layer_norms, skipped = _one_step(cfg, accelerator, model, optimizer, scheduler,
-                                                                       feed, step, len(names), log, stop.raised)
-            draws[encoder_subset(step, len(names), k, cfg.train.seed)] += 1
+                                                                       feed, step, pairs_at(step), log, stop.raised)
+            draws[encoder_subset(step, len(trained), k, cfg.train.seed)] += 1
             skipped_total += skipped
             samples += cfg.train.batch_size * accum
             ledger.add("train", step_flops["total"] * accum, steps=1, samples=cfg.train.batch_size * accum,
-                       parts=step_flops | {"encoder_draws": dict(zip(names, draws.tolist()))})
+                       parts=step_flops | {"encoder_draws": dict(zip([labels[p] for p in trained], draws.tolist()))})
             done = step + 1
             row = {}
             if log or skipped:
@@ -208,7 +214,7 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
                 bar.set_postfix(loss=f"{loss:.4f}")
                 tick, samples = time.perf_counter(), 0
             if probe is not None and (done % cfg.train.eval_every == 0 or done == steps):
-                row = {"step": done, **row, **_probe_scores(probe, raw, names, ledger)}
+                row = {"step": done, **row, **_probe_scores(probe, raw, labels, ledger)}
             if row:
                 last = row | {"flops_cum": ledger.total(), "train_flops_cum": ledger.phases["train"]["flops"]}
                 if accelerator.is_main_process:
@@ -221,7 +227,8 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
                 accelerator.print(f"stopped by signal after step {done}; resume with train.resume=latest")
                 break
     if accelerator.is_main_process and not stopped:
-        save_model(run_dir, raw, names, cfg.hypernet, {s.name: s.weights for s in specs})
+        save_model(run_dir, raw, names, cfg.texts, cfg.hypernet, {s.name: s.weights for s in specs},
+                   [labels[p] for p in trained])
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:  # not end_training(): it would take the process group down with it,
         tracker.finish()                  # and evaluation / search run after training in the same processes
@@ -255,30 +262,38 @@ def _start_or_resume(cfg: Config, accelerator: Accelerator, run_dir: Path) -> in
     return step
 
 
+def trainable_pairs(cfg: Config, model: StitchModel, names: list[str]) -> np.ndarray:
+    """Positions of the model's pairs that train: all but cfg.held_out_pairs (a separate run has no others)."""
+    if model.method == "separate":
+        return np.arange(len(model.pairs))
+    return np.asarray(resolve_pairs(names, cfg.texts, cfg.held_out_pairs)[1])
+
+
 def _probe_scores(probe, model: StitchModel, names: list[str], ledger: FlopsLedger) -> dict:
-    """Mid-run zero-shot top-1 per encoder; its FLOPs go to the eval phase."""
-    scores = {f"zeroshot_top1/{n}": probe.metrics(model, i, n)["top1"] for i, n in enumerate(names)}
+    """Mid-run zero-shot top-1 per pair (`names`: the model's pair names); its FLOPs go to the eval phase."""
+    scores = {f"zeroshot_top1/{n}": probe.metrics(model, i)["top1"] for i, n in enumerate(names)}
     probe.charge_heads(ledger, model, f"train_probe/{probe.key}", len(names))
     return {"zeroshot_top1": sum(scores.values()) / len(scores), **scores}
 
 
-def _one_step(cfg, accelerator, model, optimizer, scheduler, feed, step, n_encoders, log=True, stop=False):
-    """One optimizer step (grad_accum micro-batches) = one scheduler step, whatever the world size. Returns (loss
-    averaged over ranks, whether any rank was told to stop, grad norm, per-parameter grad norms (when `log`),
-    skipped 0/1)."""
-    encoders = encoder_subset(step, n_encoders, cfg.train.encoders_per_step, cfg.train.seed)
-    index = torch.as_tensor(encoders, device=accelerator.device)
+def _one_step(cfg, accelerator, model, optimizer, scheduler, feed, step, pairs, log=True, stop=False):
+    """One optimizer step (grad_accum micro-batches) of the model's pairs `pairs` = one scheduler step, whatever the
+    world size. Returns (loss averaged over ranks, whether any rank was told to stop, grad norm, per-parameter
+    grad norms (when `log`), skipped 0/1)."""
     raw: StitchModel = accelerator.unwrap_model(model)
+    index = torch.as_tensor(pairs, device=accelerator.device)
+    _, _, image_slot, text_slot = raw.pairs.members(pairs)
+    slots = [None if s is None else torch.as_tensor(s, device=accelerator.device) for s in (image_slot, text_slot)]
     total_loss = 0.0
     for micro in range(cfg.train.grad_accum):
         image, text = feed.get(step * cfg.train.grad_accum + micro)
         image, text = image.to(accelerator.device), text.to(accelerator.device)
         with accelerator.accumulate(model):
-            a, b, scale = model(index, image, text)
+            a, b, scale = model(index, image, text, *slots)
             loss, surrogate = loss_and_surrogate(a.float(), b.float(), scale, encoder_chunk(cfg.train.batch_size),
                                                  local=cfg.train.local_loss)
             if raw.method == "separate":  # a sum over connectors: each gets the gradient it would get alone
-                surrogate = surrogate * len(encoders)
+                surrogate = surrogate * len(pairs)
             accelerator.backward(surrogate)
         total_loss += float(loss.detach()) / cfg.train.grad_accum
     # the last micro-batch synchronised the gradients; fp16: unscale them once, before norms and clipping
@@ -295,8 +310,7 @@ def _one_step(cfg, accelerator, model, optimizer, scheduler, feed, step, n_encod
         optimizer.zero_grad()
         scheduler.step()
         return float("nan"), stopped, grad_norm, layer_norms, 1
-    unselected = torch.as_tensor(np.setdiff1d(np.arange(n_encoders), encoders), device=accelerator.device)
-    with untouched_rows(optimizer.optimizer, raw.per_encoder_parameters(), unselected):
+    with untouched_rows(optimizer.optimizer, raw.untouched(pairs), accelerator.device):
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad()
@@ -309,7 +323,7 @@ def _clip(cfg, model, raw: StitchModel) -> float:
     if cfg.train.grad_clip <= 0:
         return 0.0
     if raw.method == "separate":
-        return clip_per_encoder(raw.per_encoder_parameters(), cfg.train.grad_clip)
+        return clip_per_encoder(raw.per_pair_parameters(), cfg.train.grad_clip)
     return float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
 
 

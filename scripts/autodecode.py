@@ -1,7 +1,10 @@
-"""Auto-decode a connector for an encoder the run never saw: optimise only a new cond embedding.
+"""Auto-decode connectors for an encoder the run never saw: optimise only a new cond embedding.
 
     python scripts/autodecode.py --encoder vit_small_patch16_224 --run RUN_DIR [key=value ...]
-    (budget: autodecode.steps / autodecode.samples / autodecode.flops; init: autodecode.init=mean|same_width|random)
+    python scripts/autodecode.py --text-encoder all-MiniLM-L6-v2@layers=4 --run RUN_DIR [key=value ...]
+    (--encoder: a new image encoder, paired with the run's text encoders; --text-encoder: a new text encoder,
+    paired with the run's image encoders, for runs trained with several text encoders.
+    budget: autodecode.steps / autodecode.samples / autodecode.flops; init: autodecode.init=mean|same_width|random)
 """
 import argparse
 import json
@@ -15,16 +18,23 @@ from hnet.config import ConfigError, load_config
 @main_guard
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", required=True, help="timm name (zoo syntax, e.g. deit_tiny_patch16_224@depth=10)")
+    side = parser.add_mutually_exclusive_group(required=True)
+    side.add_argument("--encoder", help="image encoder: timm name (zoo syntax, e.g. deit_tiny_patch16_224@depth=10)")
+    side.add_argument("--text-encoder", help="text encoder: sentence-transformers name (e.g. all-MiniLM-L6-v2@layers=4)"
+                                             " or open_clip:ARCH/TAG")
     parser.add_argument("--run", required=True, help="a hypernetwork run dir")
-    parser.add_argument("--weights", help="pretrained | random | path to .safetensors/.pth (default: the run's)")
+    parser.add_argument("--weights", help="image encoder: pretrained | random | path to .safetensors/.pth "
+                                          "(default: the run's)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"--run: {run} is not a run dir (no config.yaml)")
+    if args.text_encoder and args.weights:
+        raise ConfigError("--weights: only for an image encoder (--encoder)")
     cfg = load_config(run / "config.yaml", args.overrides)
-    result = autodecode(cfg, run, args.encoder, args.weights)
+    text = args.text_encoder is not None
+    result = autodecode(cfg, run, args.text_encoder if text else args.encoder, args.weights, text=text)
     print(json.dumps({k: v for k, v in result.items() if k != "curve"}))
 
 

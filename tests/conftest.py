@@ -47,11 +47,11 @@ def synthetic_cfg(tmp_path):
     """Config over a synthetic cache: random unit features, unique random captions (no duplicate pairs)."""
     import numpy as np
 
-    from hnet.cache import TEXT, write_cache
+    from hnet.cache import text_key, write_cache
 
     rng = np.random.default_rng(0)
     widths = {"resnet10t@img_size=32": 48, "vit_tiny_patch16_224@img_size=32": 16, "convnext_atto@img_size=32": 32}
     unit = lambda n, d: (lambda x: x / np.linalg.norm(x, axis=1, keepdims=True))(rng.normal(size=(n, d)))
-    arrays = {name: unit(128, w) for name, w in widths.items()} | {TEXT: unit(128, 24)}
-    write_cache(tmp_path / "cache", [f"k{i}" for i in range(128)], arrays, "all-MiniLM-L6-v2")
+    arrays = {name: unit(128, w) for name, w in widths.items()} | {text_key("all-MiniLM-L6-v2"): unit(128, 24)}
+    write_cache(tmp_path / "cache", [f"k{i}" for i in range(128)], arrays)
     return load_config(None, tiny_overrides(tmp_path) + [f"data.cache_dir={tmp_path}/cache"])

@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from hnet import io
-from hnet.cache import TEXT, CachedFeatures, CacheError, verify_cache, write_cache
+from hnet.cache import text_key, CachedFeatures, CacheError, verify_cache, write_cache
 from hnet.embed_pass import _UnitDataset, build_cache, embed_pass
 from hnet.config import load_config
 from hnet.data.sources import prepare_shards, shard_units
 from hnet.zoo import ImageEncoder, read_encoder_list
 from tests.conftest import tiny_overrides
+
+TEXT = text_key("all-MiniLM-L6-v2")  # the tiny configs' text encoder
 
 
 def _tiny(root):
@@ -201,3 +203,16 @@ def test_bad_samples_in_shards_are_counted_in_the_manifest(tiny_root, tmp_path):
                                None)["manifest"]
     assert manifest["count"] == 3 and manifest["skipped_samples"] == {"000000": 1}
     assert [s["key"] for s in iter_shard(str(tmp_path / "000000.tar"))] == [s["key"] for s in good]
+
+
+def test_older_cache_text_array_serves_its_own_text_encoder_only(tmp_path):
+    """A cache from before text encoders had names in it (one `text` array + manifest text_encoder) reads as that
+    encoder's captions, and as no other's."""
+    from hnet.cache import TEXT as OLD_TEXT
+
+    text = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float16)
+    write_cache(tmp_path, ["a", "b", "c", "d"], {OLD_TEXT: text}, text_encoder="all-MiniLM-L6-v2")
+    cache = CachedFeatures(tmp_path, [TEXT])
+    assert np.array_equal(cache[TEXT], text) and cache.width(TEXT) == 8
+    with pytest.raises(CacheError, match="no features for 'text:other'"):
+        CachedFeatures(tmp_path, [text_key("other")])

@@ -3,31 +3,52 @@ import torch
 import torch.nn.functional as F
 
 from hnet.config import HypernetConfig
-from hnet.connectors import Connector, ConnectorShape, SeparateConnectors, connector_forward, output_mask
+from hnet.connectors import Connector, ConnectorShape, SeparateConnectors, connector_forward, init_std, width_mask
 from hnet.hypernet import HyperNetwork
 from hnet.model import project
 
 WIDTHS = [24, 40, 64]
+TEXT_WIDTHS = [20, 32]
 
 
+@pytest.mark.parametrize("source", ["separate", "hypernet"])
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 @pytest.mark.parametrize("direction", ["image_to_text", "text_to_image"])
-def test_padded_equals_unpadded(kind, direction):
+def test_padded_pairs_equal_unpadded(source, kind, direction):
+    """Every (image width, text width) pair padded on both sides (D_max, T_max) in one batched call gives what its
+    own unpadded connector gives (generated connectors have non-zero padding: the masks must do the work)."""
     torch.manual_seed(0)
-    shape = ConnectorShape(kind, direction, max(WIDTHS), 32, depth=3, hidden=48)
-    params = SeparateConnectors(shape, WIDTHS)(torch.arange(3))
-    widths = torch.tensor(WIDTHS)
-    images = [F.normalize(torch.randn(5, w), dim=-1) for w in WIDTHS]
+    pairs = [(w, t) for w in WIDTHS for t in TEXT_WIDTHS]
+    shape = ConnectorShape(kind, direction, max(WIDTHS), max(TEXT_WIDTHS), depth=3, hidden=48)
+    if source == "separate":
+        params = SeparateConnectors(shape, [w for w, _ in pairs], text_widths=[t for _, t in pairs])(torch.arange(6))
+    else:
+        params = HyperNetwork(shape, WIDTHS, HypernetConfig(chunk_size=512), text_widths=TEXT_WIDTHS)(torch.arange(6))
+    widths, text_widths = torch.tensor([w for w, _ in pairs]), torch.tensor([t for _, t in pairs])
+    images = [F.normalize(torch.randn(5, w), dim=-1) for w, _ in pairs]
+    texts = [F.normalize(torch.randn(5, t), dim=-1) for _, t in pairs]
     padded = torch.stack([F.pad(x, (0, max(WIDTHS) - x.shape[1])) for x in images])
-    text = F.normalize(torch.randn(5, 32), dim=-1)
-    a, b = project(shape, params, widths, padded, text)
-    for i, w in enumerate(WIDTHS):
-        single = Connector.from_params(shape, [(W[i:i + 1], bb[i:i + 1]) for W, bb in params], w)
+    padded_text = torch.stack([F.pad(x, (0, max(TEXT_WIDTHS) - x.shape[1])) for x in texts])
+    a, b = project(shape, params, widths, text_widths, padded, padded_text)
+    for i, (w, t) in enumerate(pairs):
+        single = Connector.from_params(shape, [(W[i:i + 1], bb[i:i + 1]) for W, bb in params], w, t)
         if direction == "image_to_text":
-            torch.testing.assert_close(a[i], F.normalize(single(images[i]), dim=-1))
+            torch.testing.assert_close(a[i, :, :t], F.normalize(single(images[i]), dim=-1))
+            assert not a[i, :, t:].any()
+            torch.testing.assert_close(a[i] @ b[i].T, F.normalize(single(images[i]), dim=-1) @ texts[i].T)
         else:
-            torch.testing.assert_close(b[i, :, :w], F.normalize(single(text), dim=-1))
+            torch.testing.assert_close(b[i, :, :w], F.normalize(single(texts[i]), dim=-1))
             assert not b[i, :, w:].any()
+            torch.testing.assert_close(a[i] @ b[i].T, images[i] @ F.normalize(single(texts[i]), dim=-1).T)
+
+
+def test_hypernet_init_scales_use_true_fan_in_of_both_sides():
+    shape = ConnectorShape("linear", "text_to_image", 64, 32)
+    hyper = HyperNetwork(shape, [24, 64], HypernetConfig(), text_widths=[20, 32])
+    assert hyper.text_cond is not None and hyper.text_cond.shape == (2, HypernetConfig().text_cond_dim)
+    expected = [init_std(t) for _ in (24, 64) for t in (20, 32)]  # text_to_image: the text side is the fan-in
+    assert hyper.scales[:, 0].tolist() == pytest.approx(expected)
+    assert HyperNetwork(shape, [24, 64], HypernetConfig()).text_cond is None  # one text encoder: no text vector
 
 
 def test_one_batched_call_equals_per_encoder_loop():
@@ -72,8 +93,5 @@ def test_hypernet_is_small_for_a_big_connector():
     assert hyper.hypernet_params() < 2.5e6  # the research code used 400M for this job
 
 
-def test_output_mask_only_for_text_to_image():
-    shape = ConnectorShape("linear", "text_to_image", 8, 4)
-    mask = output_mask(shape, torch.tensor([3, 8]))
-    assert mask.tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1] * 8]
-    assert output_mask(ConnectorShape("linear", "image_to_text", 8, 4), torch.tensor([3])) is None
+def test_width_mask():
+    assert width_mask(8, torch.tensor([3, 8])).tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1] * 8]

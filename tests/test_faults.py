@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from hnet import io
-from hnet.cache import TEXT, write_cache
+from hnet.cache import text_key, write_cache
 from hnet.checkpoint import CheckpointError, checkpoint_dirs
 from hnet.config import dump_yaml
 from hnet.train import NonFiniteError, train
@@ -93,7 +93,7 @@ def test_unfinished_checkpoint_cleaned_and_previous_one_used(synthetic_cfg):
 def _nan_cfg(synthetic_cfg, tmp_path):
     rng = np.random.default_rng(1)
     arrays = {n: rng.normal(size=(128, 16)) / 4 for n in synthetic_cfg.encoders}
-    arrays[TEXT] = rng.normal(size=(128, 24)) / 5
+    arrays[text_key("all-MiniLM-L6-v2")] = rng.normal(size=(128, 24)) / 5
     arrays[synthetic_cfg.encoders[0]][5] = np.nan
     write_cache(tmp_path / "nan_cache", [f"k{i}" for i in range(128)], arrays, "all-MiniLM-L6-v2")
     return dataclasses.replace(synthetic_cfg, data=dataclasses.replace(synthetic_cfg.data,

@@ -112,8 +112,8 @@ def test_pipeline_ledger_equals_an_independent_recount(tiny_cfg, monkeypatch):
     gflops = {n: encoder_flops(n)["gflops"] * 1e9 for n in TINY_ENCODERS}
     # embedding: the two trained encoders + captions over the cache; the held-out one over its 3 x 64 samples
     assert phases["embed"]["flops"] == pytest.approx(
-        count * (gflops[seen[0]] + gflops[seen[1]] + manifest["flops_per_sample"]["text"]) + 3 * batch * gflops[held],
-        rel=1e-6)
+        count * (gflops[seen[0]] + gflops[seen[1]] + manifest["flops_per_sample"]["text:all-MiniLM-L6-v2"])
+        + 3 * batch * gflops[held], rel=1e-6)
     # training: 2 epochs x 240 // 64 steps; linear connectors (fwd + weight grads), [2,B,B] logits (fwd + one
     # side's grad), hypernetwork trunk + head over every chunk row (fwd + input grads + weight grads)
     hyper = load_model_for(run)

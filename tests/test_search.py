@@ -5,10 +5,12 @@ from pathlib import Path
 import numpy as np
 
 from hnet import io
-from hnet.cache import TEXT, CachedFeatures
+from hnet.cache import text_key, CachedFeatures
 from hnet.flops import encoder_flops
 from hnet.search import run_search
 from hnet.train import encoder_subset, train
+
+TEXT = text_key("all-MiniLM-L6-v2")  # the tiny configs' text encoder
 
 
 def _budget(cfg, **search):

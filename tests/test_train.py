@@ -154,7 +154,7 @@ def test_weight_decay_only_on_weight_matrices(synthetic_cfg):
     from hnet.model import build_model, param_groups
 
     for method in ("hypernet", "separate"):
-        model = build_model(dataclasses.replace(synthetic_cfg, method=method), ["a", "b"], [16, 32], 24)
+        model = build_model(dataclasses.replace(synthetic_cfg, method=method), ["a", "b"], [16, 32], ["t"], [24])
         decay, no_decay = param_groups(model, 0.5)
         ids = {id(p) for p in decay["params"]}
         names = {n for n, p in model.named_parameters() if id(p) in ids}
@@ -181,5 +181,5 @@ def test_signal_handlers_restored_after_training(synthetic_cfg):
 def test_cache_of_another_text_encoder_refused(synthetic_cfg):
     from hnet.cache import CacheError
 
-    with pytest.raises(CacheError, match="cached text encoder is 'all-MiniLM-L6-v2', config has text_encoder='x'"):
+    with pytest.raises(CacheError, match="no features for 'text:x'"):
         train(dataclasses.replace(synthetic_cfg, text_encoder="x"))

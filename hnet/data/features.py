@@ -1,4 +1,5 @@
-"""Training batches from the memory-mapped embedding cache: shuffled indices, padded to the widest encoder.
+"""Training batches from the memory-mapped embedding cache: shuffled indices, image features padded to the widest
+image encoder, caption embeddings to the widest text encoder.
 
 Memory stays flat with the data set size: only the rows of the current batch are read from the memmaps.
 The batch order is a pure function of (seed, micro-step), so a resumed run sees exactly the same batches.
@@ -10,16 +11,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from hnet.cache import TEXT, CachedFeatures
+from hnet.cache import CachedFeatures, text_key
 from hnet.config import ConfigError
 
 
 class FeatureBatches:
-    def __init__(self, cache: CachedFeatures, names: list[str], batch_size: int, seed: int = 0,
+    def __init__(self, cache: CachedFeatures, names: list[str], texts: list[str], batch_size: int, seed: int = 0,
                  shuffle_pairs: bool = False, overfit_batches: int = 0, rank: int = 0, world: int = 1):
         self.images = [cache[n] for n in names]
         self.widths = [cache.width(n) for n in names]
-        self.text = cache[TEXT]
+        self.texts = [cache[text_key(t)] for t in texts]
+        self.text_widths = [cache.width(text_key(t)) for t in texts]
         self.count = cache.count
         if batch_size > self.count:
             raise ConfigError(f"train.batch_size: {batch_size} is larger than the data ({self.count} samples)")
@@ -45,8 +47,10 @@ class FeatureBatches:
             self._perm_epoch = epoch
         return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
 
-    def batch(self, micro_step: int, encoders: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's share: image features [n_enc, B_local, D_max] (zero-padded), text [B_local, T]."""
+    def batch(self, micro_step: int, encoders: np.ndarray,
+              texts: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share: image features [n_enc, B_local, D_max] of image encoders `encoders`, caption
+        embeddings [n_text, B_local, T_max] of text encoders `texts` (default: the first), zero-padded."""
         local = self.batch_size // self.world
         rows = self.indices(micro_step)[self.rank * local:(self.rank + 1) * local]
         order = np.argsort(rows)  # read memmaps in file order, then restore the batch order
@@ -58,7 +62,11 @@ class FeatureBatches:
         for slot, e in enumerate(encoders):
             image[slot, :, : self.widths[e]] = self.images[e][sorted_rows][inverse]
         text_rows = sorted_rows if self.text_rows is None else self.text_rows[sorted_rows]
-        text = np.asarray(self.text[text_rows], np.float32)[inverse]
+        texts = np.zeros(1, np.int64) if texts is None else texts
+        t_max = max(self.text_widths)
+        text = np.zeros((len(texts), local, t_max), np.float32)
+        for slot, t in enumerate(texts):
+            text[slot, :, : self.text_widths[t]] = self.texts[t][text_rows][inverse]
         return torch.from_numpy(image), torch.from_numpy(text)
 
 
@@ -67,7 +75,7 @@ class Prefetcher:
     (numpy's gather and torch's kernels both release the GIL)."""
 
     def __init__(self, data: FeatureBatches, encoders_for):
-        self.data, self.encoders_for = data, encoders_for  # encoders_for(micro_step) -> encoder indices
+        self.data, self.encoders_for = data, encoders_for  # encoders_for(micro_step) -> (image, text) indices
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.pending: tuple[int, Future] | None = None
 
@@ -75,7 +83,7 @@ class Prefetcher:
         if self.pending and self.pending[0] == micro_step:
             batch = self.pending[1].result()
         else:
-            batch = self.data.batch(micro_step, self.encoders_for(micro_step))
+            batch = self.data.batch(micro_step, *self.encoders_for(micro_step))
         nxt = micro_step + 1
-        self.pending = (nxt, self.pool.submit(self.data.batch, nxt, self.encoders_for(nxt)))
+        self.pending = (nxt, self.pool.submit(self.data.batch, nxt, *self.encoders_for(nxt)))
         return batch
