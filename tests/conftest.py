@@ -55,3 +55,30 @@ def synthetic_cfg(tmp_path):
     arrays = {name: unit(128, w) for name, w in widths.items()} | {text_key("all-MiniLM-L6-v2"): unit(128, 24)}
     write_cache(tmp_path / "cache", [f"k{i}" for i in range(128)], arrays)
     return load_config(None, tiny_overrides(tmp_path) + [f"data.cache_dir={tmp_path}/cache"])
+
+
+PAIR_TEXTS = ["all-MiniLM-L6-v2", "other-text"]  # captions of both are synthetic: no text encoder is loaded
+
+
+@pytest.fixture
+def pairs_cfg(tmp_path):
+    """3 image x 2 text encoders (text widths 24 and 16) over a synthetic cache in which every encoder sees one
+    shared latent through its own random linear map, so every pair (also one never trained) can be stitched."""
+    import numpy as np
+
+    from hnet import io
+    from hnet.cache import text_key, write_cache
+
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(256, 12))
+    view = lambda d: (lambda x: x / np.linalg.norm(x, axis=1, keepdims=True))(
+        latent @ rng.normal(size=(12, d)) + 0.1 * rng.normal(size=(256, d)))
+    widths = {"resnet10t@img_size=32": 48, "vit_tiny_patch16_224@img_size=32": 16, "convnext_atto@img_size=32": 32}
+    arrays = {name: view(w) for name, w in widths.items()}
+    arrays |= {text_key(PAIR_TEXTS[0]): view(24), text_key(PAIR_TEXTS[1]): view(16)}
+    manifest = write_cache(tmp_path / "cache", [f"k{i}" for i in range(256)], arrays)
+    # FLOPs per caption, as embedding would have measured them (the synthetic text encoders cannot be loaded)
+    manifest["flops_per_sample"] = {text_key(PAIR_TEXTS[0]): 2.0e7, text_key(PAIR_TEXTS[1]): 1.0e7}
+    io.write_json(tmp_path / "cache" / "manifest.json", manifest)
+    return load_config(None, tiny_overrides(tmp_path) + [f"data.cache_dir={tmp_path}/cache",
+                                                         f"text_encoders={PAIR_TEXTS}"])

@@ -38,8 +38,11 @@ def _wait_for_checkpoint(cfg, step, proc, timeout=120):
         time.sleep(0.05)
 
 
-def test_sigkill_then_resume_equals_uninterrupted(synthetic_cfg, tmp_path):
-    cfg = with_train(synthetic_cfg, max_steps=120, epochs=1000, ckpt_every=20, log_every=20)
+@pytest.mark.parametrize("zoo,k", [("synthetic_cfg", 0), ("pairs_cfg", 3)])
+def test_sigkill_then_resume_equals_uninterrupted(zoo, k, request, tmp_path):
+    """Also for 3 x 2 (image, text) pairs, 3 of 6 drawn per step (pair draws and untouched rows resume too)."""
+    cfg = with_train(request.getfixturevalue(zoo), max_steps=120, epochs=1000, ckpt_every=20, log_every=20,
+                     encoders_per_step=k)
     straight = dataclasses.replace(cfg, name="straight")
     train(straight)
     killed = dataclasses.replace(cfg, name="killed")
