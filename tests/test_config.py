@@ -31,6 +31,21 @@ def test_missing_config_file(tmp_path):
 
 
 def test_shipped_configs_load():
-    for name in ("demo", "cc595k_ie12", "cc595k_ie30"):
+    for name in ("demo", "cc595k_ie12", "cc595k_ie30", "cc595k_9x3"):
         cfg = load_config(f"configs/{name}.yaml")
         assert cfg.train.batch_size > 0
+
+
+def test_research_zoo_is_9_image_by_3_text_encoders():
+    from hnet.zoo import read_encoder_list
+
+    cfg = load_config("configs/cc595k_9x3.yaml")
+    assert len(read_encoder_list(cfg.encoders)) == 9
+    assert cfg.texts == [f"sentence-transformers/{n}" for n in
+                         ("all-MiniLM-L12-v2", "all-mpnet-base-v2", "all-roberta-large-v1")]
+    assert load_config("configs/cc595k_ie12.yaml").texts == ["all-MiniLM-L6-v2"]  # text_encoder: one text encoder
+
+
+def test_text_encoders_listed_twice_refused():
+    with pytest.raises(ConfigError, match="text_encoders: listed twice"):
+        load_config(None, ["text_encoders=[a,b,a]"])
