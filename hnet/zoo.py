@@ -177,12 +177,53 @@ def resolve_sentence_model(name: str) -> str:
     return name
 
 
+TEXT_OPTIONS = {"layers": int, "pool": str}  # sentence-transformers: first N transformer layers; pooling mode
+TEXT_POOLS = ("mean", "cls", "max")
+
+
+def parse_text_spec(name: str) -> tuple[str, dict]:
+    """`all-MiniLM-L6-v2@layers=3,pool=cls` -> ("all-MiniLM-L6-v2", {"layers": 3, "pool": "cls"}); the whole spec
+    stays the text encoder's name. Raises ConfigError naming the spec."""
+    base, _, opts = name.partition("@")
+    options: dict[str, Any] = {}
+    for item in filter(None, opts.split(",")):
+        key, _, value = item.partition("=")
+        if key not in TEXT_OPTIONS:
+            raise ConfigError(f"text encoder '{name}': unknown option '{key}' (valid: {sorted(TEXT_OPTIONS)})")
+        try:
+            options[key] = TEXT_OPTIONS[key](value)
+        except ValueError:
+            raise ConfigError(f"text encoder '{name}': option {key}={value!r} is not a valid {key}") from None
+    if options.get("pool", "mean") not in TEXT_POOLS:
+        raise ConfigError(f"text encoder '{name}': pool must be one of {list(TEXT_POOLS)}")
+    if options and base.startswith(OPEN_CLIP_PREFIX):
+        raise ConfigError(f"text encoder '{name}': options are for sentence-transformers models, not open_clip towers")
+    return base, options
+
+
+def _apply_text_options(model, name: str, options: dict) -> None:
+    """Truncate a sentence-transformers model to its first `layers` transformer layers; swap its pooling."""
+    from sentence_transformers.models import Pooling
+
+    if "layers" in options:
+        layers = model[0].auto_model.encoder.layer
+        if not 0 < options["layers"] <= len(layers):
+            raise ConfigError(f"text encoder '{name}': layers must be 1..{len(layers)}, got {options['layers']}")
+        model[0].auto_model.encoder.layer = layers[: options["layers"]]
+    if "pool" in options:
+        key = next(k for k, m in model._modules.items() if isinstance(m, Pooling))
+        model._modules[key] = Pooling(model._modules[key].get_config_dict()["embedding_dimension"],
+                                      pooling_mode=options["pool"])
+
+
 class TextEncoder:
-    """Frozen sentence-transformers model or open_clip text tower -> L2-normalised embeddings."""
+    """Frozen sentence-transformers model (optionally `@layers=N,pool=mean|cls|max`) or open_clip text tower ->
+    L2-normalised embeddings."""
 
     def __init__(self, name: str, device: str | torch.device = "cpu"):
         self.name = name
         self.device = torch.device(device)
+        base, options = parse_text_spec(name)
         if name.startswith(OPEN_CLIP_PREFIX):
             import open_clip
 
@@ -195,7 +236,8 @@ class TextEncoder:
         else:
             from sentence_transformers import SentenceTransformer
 
-            self._st = SentenceTransformer(resolve_sentence_model(name), device=str(self.device))
+            self._st = SentenceTransformer(resolve_sentence_model(base), device=str(self.device))
+            _apply_text_options(self._st, name, options)
             self._st.eval()
             dim = getattr(self._st, "get_embedding_dimension", None) or self._st.get_sentence_embedding_dimension
             self.width = int(dim())

