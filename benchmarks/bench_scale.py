@@ -38,7 +38,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from hnet import io  # noqa: E402
-from hnet.cache import TEXT, CachedFeatures, Unit, write_cache  # noqa: E402
+from hnet.cache import CachedFeatures, Unit, text_key, write_cache  # noqa: E402
+
+TEXT = text_key("all-MiniLM-L6-v2")  # the configs' text encoder
 from hnet.embed_pass import ITEM_BYTES, _UnitDataset, transform_groups  # noqa: E402
 from hnet.zoo import EncoderSpec, ImageEncoder, image_encoder_width, read_encoder_list  # noqa: E402
 

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hnet import io  # noqa: E402
-from hnet.cache import TEXT, CachedFeatures, write_cache  # noqa: E402
+from hnet.cache import CachedFeatures, text_key, write_cache  # noqa: E402
+
+TEXT_ENCODER = "all-MiniLM-L6-v2"
 from hnet.config import HypernetConfig  # noqa: E402
 from hnet.connectors import ConnectorShape, connector_forward  # noqa: E402
 from hnet.data.features import FeatureBatches, Prefetcher  # noqa: E402
@@ -114,17 +116,17 @@ def synthetic_cache(root: Path, rows: int, width: int, chunk: int = 100_000) -> 
     array.flush()
     del array
     big = np.load(path, mmap_mode="r")
-    write_cache(root, [f"k{i}" for i in range(rows)], {"enc": big, TEXT: big[:, :384]})
+    write_cache(root, [f"k{i}" for i in range(rows)], {"enc": big, text_key(TEXT_ENCODER): big[:, :384]})
 
 
 def feeding(tmp: Path, rows: int, width: int, batch: int, step, steps: int) -> dict:
     """Data wait while training from a large memmapped cache through the training loop's Prefetcher (10
     encoders per batch), and heap memory before/after streaming (must not grow with the data set)."""
     synthetic_cache(tmp, rows, width)
-    cache = CachedFeatures(tmp, ["enc", TEXT], verify=False)
-    data = FeatureBatches(cache, ["enc"] * len(WIDTHS_10), batch)
+    cache = CachedFeatures(tmp, ["enc", text_key(TEXT_ENCODER)], verify=False)
+    data = FeatureBatches(cache, ["enc"] * len(WIDTHS_10), [TEXT_ENCODER], batch)
     everyone = np.arange(len(WIDTHS_10))
-    feed = Prefetcher(data, lambda micro: everyone)
+    feed = Prefetcher(data, lambda micro: (everyone, np.zeros(1, np.int64)))
     before = rss_anon_mb()
     gather = timed(lambda: data.batch(int(np.random.default_rng().integers(1 << 20)), everyone), 3)
     wait = total = 0.0

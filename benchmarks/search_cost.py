@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from hnet import io  # noqa: E402
-from hnet.cache import MANIFEST, TEXT, CachedFeatures, write_cache  # noqa: E402
+from hnet.cache import MANIFEST, CachedFeatures, text_key, write_cache  # noqa: E402
 from hnet.config import Config, load_config  # noqa: E402
 from hnet.embedding import embed_training_data  # noqa: E402
 from hnet.evaluate import ZeroShotProbe, zero_shot_logits  # noqa: E402
@@ -85,7 +85,8 @@ class Zoo:
         embed_training_data(cfg, accelerator)
         specs = read_encoder_list(cfg.encoders, cfg.image_weights)
         self.names = [s.name for s in specs]
-        self.cache = CachedFeatures(cfg.cache_path, self.names + [TEXT])
+        self.text = text_key(cfg.text_encoder)
+        self.cache = CachedFeatures(cfg.cache_path, self.names + [self.text])
         self.per_sample = self.cache.manifest["flops_per_sample"]
         self.probe = ZeroShotProbe(cfg, cfg.eval.datasets[0], self.names, {s.name: s.weights for s in specs},
                                    accelerator)
@@ -95,15 +96,15 @@ class Zoo:
 
     def embed_flops(self, samples: int) -> float:
         """Embedding `samples` training pairs with every encoder and the text encoder."""
-        return samples * sum(self.per_sample[n] for n in self.names + [TEXT])
+        return samples * sum(self.per_sample[n] for n in self.names + [self.text])
 
     def prefix(self, samples: int) -> None:
         """The training cache of the first `samples` pairs (data.samples_per_encoder), cut from the full one."""
         root = self.cfg.cache_root / f"first_{samples}"
         if samples >= self.cache.count or (root / MANIFEST).exists():
             return
-        arrays = {n: np.asarray(self.cache[n][:samples]) for n in self.names + [TEXT]}
-        manifest = write_cache(root, self.cache.keys()[:samples], arrays, self.cfg.text_encoder)
+        arrays = {n: np.asarray(self.cache[n][:samples]) for n in self.names + [self.text]}
+        manifest = write_cache(root, self.cache.keys()[:samples], arrays)
         io.write_json(root / MANIFEST, manifest | {"flops_per_sample": self.per_sample})
 
     def top1(self, run_dir: Path, half: str) -> dict[str, float]:
@@ -112,7 +113,7 @@ class Zoo:
         labels = self.probe.labels.cpu()[index]
         out = {}
         for i, name in enumerate(names):
-            logits = zero_shot_logits(model, i, self.probe.features[name].cpu()[index], self.probe.classifier.cpu())
+            logits = zero_shot_logits(model, i, self.probe.features[name].cpu()[index], self.probe.classifiers[self.cfg.text_encoder].cpu())
             out[name] = float((logits.argmax(dim=1) == labels).float().mean()) * 100
         return out
 
@@ -140,7 +141,7 @@ def trained_point(zoo: Zoo, name: str, method: str, steps: int | None, samples: 
 
 def proxy_point(zoo: Zoo, proxy: str, samples: int) -> dict:
     samples = min(samples, zoo.cache.count)
-    text = torch.from_numpy(np.asarray(zoo.cache[TEXT][:samples], np.float32))
+    text = torch.from_numpy(np.asarray(zoo.cache[zoo.text][:samples], np.float32))
     scores, flops = {}, 0.0
     for name in zoo.names:
         x = torch.from_numpy(np.asarray(zoo.cache[name][:samples], np.float32))
