@@ -124,7 +124,9 @@ def autodecode(cfg: Config, run_dir, encoder: str, weights: str | None = None, a
     run_dir = Path(run_dir)
     model, names = load_model(run_dir)
     meta = io.read_json(run_dir / "model.json")
-    _check(model, meta.get("autodecoded", []), encoder, text)
+    # runs from before `autodecoded` was recorded: the names that did not train
+    decoded = meta.get("autodecoded") or [n for n in meta["names"] if n not in meta.get("trained", meta["names"])]
+    _check(model, decoded, encoder, text)
     ad = cfg.autodecode
     model = model.to(accelerator.device).requires_grad_(False)
     train_cache = open_training_cache(cfg, [])
@@ -337,7 +339,10 @@ def _save_into_run(run_dir, meta: dict, side: Side, weights: str, cond: torch.Te
     io.write_safetensors(path, conds)
     images, image_widths, texts, text_widths, pairs = run_encoders(run_dir, meta)
     meta.setdefault("trained", list(meta["names"]))
+    if not side.text:
+        meta.setdefault("weights", {})[side.name] = weights
     if side.name in (texts if side.text else images):  # decoded again: a new vector, the same pairs
+        io.write_json(run_dir / "model.json", meta)
         return
     meta["autodecoded"] = meta.get("autodecoded", []) + [side.name]
     if side.text:
@@ -346,7 +351,6 @@ def _save_into_run(run_dir, meta: dict, side: Side, weights: str, cond: torch.Te
     else:
         images, image_widths = images + [side.name], image_widths + [side.width]
         new = [[len(images) - 1, j] for j in range(len(texts))]
-        meta.setdefault("weights", {})[side.name] = weights
     meta.update(image_encoders=images, image_widths=image_widths, text_encoders=texts, text_widths=text_widths,
                 pairs=pairs.as_list() + new)
     meta["names"] += [pair_label(images[i], texts[j], len(texts) > 1) for i, j in new]

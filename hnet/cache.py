@@ -250,4 +250,9 @@ class CachedFeatures:
 def open_training_cache(cfg, names: list[str]) -> CachedFeatures:
     """A run's training features (cfg.cache_path) for image encoders `names` and the captions of every text
     encoder of the run (cfg.texts); a text encoder the cache lacks is named in the error."""
-    return CachedFeatures(cfg.cache_path, list(names) + [text_key(t) for t in cfg.texts])
+    cache = CachedFeatures(cfg.cache_path, list(names) + [text_key(t) for t in cfg.texts])
+    unnamed = cache.manifest.get("text_encoder") in (None, "") and TEXT in cache.manifest["encoders"]
+    if unnamed and len(cfg.texts) > 1 and any(cached_name(cache.manifest, text_key(t)) == TEXT for t in cfg.texts):
+        raise CacheError(f"{cfg.cache_path}/{MANIFEST}: its one `text` array names no text encoder, so it cannot "
+                         f"stand for one of several ({cfg.texts}); embed the captions again")
+    return cache

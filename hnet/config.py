@@ -333,7 +333,7 @@ def _validate(cfg: Config) -> None:
         if value < 0:
             raise ConfigError(f"{where}: must be >= 0, got {value}")
     positive = {"train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
-                "hypernet.cond_dim": cfg.hypernet.cond_dim, "hypernet.chunk_size": cfg.hypernet.chunk_size,
+                "hypernet.cond_dim": cfg.hypernet.cond_dim, "hypernet.text_cond_dim": cfg.hypernet.text_cond_dim, "hypernet.chunk_size": cfg.hypernet.chunk_size,
                 "connector.hidden": cfg.connector.hidden, "data.shard_size": cfg.data.shard_size}
     for where, value in positive.items():
         if value <= 0:
@@ -342,10 +342,22 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"connector.depth: an mlp connector needs depth >= 2, got {cfg.connector.depth}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr: must be > 0, got {cfg.train.lr}")
+    _validate_texts(cfg)
+    _validate_eval(cfg.eval)
+
+
+def _validate_texts(cfg: Config) -> None:
     twice = sorted({t for t in cfg.text_encoders if cfg.text_encoders.count(t) > 1})
     if twice:
         raise ConfigError(f"text_encoders: listed twice: {twice}")
-    _validate_eval(cfg.eval)
+    default = Config.text_encoder
+    if cfg.text_encoders and cfg.text_encoder not in (default, *cfg.text_encoders):
+        raise ConfigError(f"text_encoder: '{cfg.text_encoder}' is not one of text_encoders {cfg.text_encoders}; set "
+                          f"one of the two (text_encoders wins)")
+    for i, name in enumerate(cfg.text_encoders):
+        if "=" in name and "@" not in name:
+            raise ConfigError(f"text_encoders[{i}]: '{name}' is an option without its encoder: a list split it off "
+                              f"at a comma; quote specs with several options, e.g. [\"A@layers=3,pool=cls\"]")
 
 
 def _validate_eval(ev: EvalConfig) -> None:

@@ -122,7 +122,7 @@ class StitchModel(nn.Module):
         params = self.source(index)
         if image_slot is not None:
             image = image[image_slot]
-        if text.dim() == 3:  # [B, T_max] as it is: one text encoder shared by every pair
+        if text.dim() == 3:  # (a [B, T_max] text is one text encoder's, shared by every pair, as it is)
             text = text[0] if text.shape[0] == 1 else text[text_slot]
         a, b = project(self.shape, params, self.widths[index], self.text_widths[index], image, text)
         return a, b, self.logit_scale(index)

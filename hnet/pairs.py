@@ -69,8 +69,16 @@ def resolve_pairs(images: list[str], texts: list[str], held_out: list[str]) -> t
         if pair_label(image, text, True) not in {pair_label(images[a], texts[b], True)
                                                  for a, b in zip(pairs.image, pairs.text)}:
             raise ConfigError(f"held_out_pairs[{i}]: '{label}' is not a pair of the configured encoders")
-    held = {pair_label(*split_label(label, "held_out_pairs"), len(texts) > 1) for label in held_out}
+    held = set(held_labels(held_out, len(texts) > 1))
     trained = [p for p, label in enumerate(labels) if label not in held]
-    if not trained:
-        raise ConfigError("held_out_pairs: every pair is held out; nothing to train")
+    for side, names, of_pair in (("image", images, pairs.image), ("text", texts, pairs.text)):
+        alone = sorted(set(range(len(names))) - {of_pair[p] for p in trained})
+        if alone:  # its vector would never train: it stays at its random init
+            raise ConfigError(f"held_out_pairs: every pair of {side} encoder '{names[alone[0]]}' is held out, so it "
+                              f"never trains; keep one of its pairs (to leave out an image encoder, use held_out)")
     return pairs, trained
+
+
+def held_labels(held_out: list[str], multi_text: bool) -> list[str]:
+    """The run's names of `held_out_pairs` entries (`IMAGE + TEXT`; the image's name alone with one text encoder)."""
+    return [pair_label(*split_label(label, f"held_out_pairs[{i}]"), multi_text) for i, label in enumerate(held_out)]

@@ -11,9 +11,11 @@ import dataclasses
 from pathlib import Path
 
 from hnet import io
+from hnet.cache import TEXT_PREFIX
 from hnet.autodecode import autodecode, compare_to_separate
 from hnet.config import Config, ConfigError, dataset_name
 from hnet.evaluate import evaluate_run
+from hnet.pairs import held_labels, resolve_pairs
 from hnet.ranking import rank_encoders, ranking_markdown
 from hnet.report import build_table, plot_accuracy_vs_flops, render
 from hnet.run import train_run
@@ -73,14 +75,16 @@ def flops_with_embed(decoded: dict, separate_run) -> dict:
     """Auto-decoding vs the separate connector, training only and with the embedding each side needs.
 
     Training only: the separate run's train phase / the decoding steps (+ fine-tuning when there was some).
-    With embedding: the separate connector trains on every cached sample, so it pays its run's embed phase
-    (held-out encoder + text over the whole cache); auto-decoding pays the held-out encoder over the samples its
-    budget used (the captions' text embeddings are the hypernetwork run's, already paid there).
+    With embedding: the separate connector trains on every cached sample, so it pays the held-out encoder over the
+    whole cache; auto-decoding pays it over the samples its budget used. The captions' text embeddings are left out
+    on both sides (auto-decoding reuses the hypernetwork run's; a separate connector would reuse them too).
     """
     phases = io.read_json(separate_run / "flops.json")["phases"]
     separate = phases["train"]["flops"]
     decoding = decoded["flops"] + decoded.get("finetune", {}).get("flops", 0)
-    with_embed = {"separate": separate + phases["embed"]["flops"], "autodecode": decoding + decoded["embed"]["flops"]}
+    # the captions' text embeddings are left out on both sides: auto-decoding reuses the hypernetwork run's
+    image_embed = sum(p for name, p in phases["embed"]["parts"].items() if not name.startswith(TEXT_PREFIX))
+    with_embed = {"separate": separate + image_embed, "autodecode": decoding + decoded["embed"]["flops"]}
     return {"flops_ratio": separate / decoding if decoding else None,
             "flops_ratio_with_embed": with_embed["separate"] / with_embed["autodecode"],
             "separate_flops_with_embed": with_embed["separate"], "autodecode_flops_with_embed": with_embed["autodecode"],
@@ -102,6 +106,7 @@ def run_pipeline(cfg: Config, control: bool = True) -> dict:
     if cfg.held_out and cfg.held_out not in names:
         raise ConfigError(f"held_out: '{cfg.held_out}' is not one of the configured encoders")
     dataset = dataset_name(cfg.eval.datasets[0])
+    resolve_pairs([n for n in names if n != cfg.held_out], cfg.texts, cfg.held_out_pairs)  # before any training
     separate = _variant(cfg, "", "separate", held_out_pairs=[])  # the grid search: every pair
     evals = {"separate": _train_and_eval(separate, cfg.eval.datasets)}
     seen = [{"name": s.name, "weights": s.weights} for s in specs if s.name != cfg.held_out]
@@ -126,7 +131,8 @@ def run_pipeline(cfg: Config, control: bool = True) -> dict:
         for name in map(dataset_name, cfg.eval.datasets):
             summary["datasets"][name]["shuffled_control"] = mean_top1(result, name)
     if cfg.held_out_pairs:
-        summary["held_out_pairs"] = unseen_pairs(evals, dataset, cfg.held_out_pairs, shared)
+        summary["held_out_pairs"] = unseen_pairs(evals, dataset, held_labels(cfg.held_out_pairs, len(cfg.texts) > 1),
+                                                 shared)
     _print_summary(summary, control)
     run_dirs = [hyper.run_dir, separate.run_dir]
     search = run_search(cfg, separate.run_dir) if has_budget(cfg) else None
@@ -149,8 +155,7 @@ def unseen_pairs(evals: dict, dataset: str, held: list[str], trained: list[str])
     separate connector trained on the pair."""
     top1 = {m: {n: r["top1"] for n, r in evals[m]["datasets"][dataset]["encoders"].items()} for m in evals}
     out = {}
-    for label in held:
-        name = next(n for n in top1["hypernet"] if n.replace(" ", "") == label.replace(" ", ""))
+    for name in held:
         out[name] = {"hypernet_untrained": top1["hypernet"][name], "separate": top1["separate"][name]}
         print(f"\n== pair never trained by the hypernetwork: {name} ==\ngenerated from its encoders' vectors: "
               f"{out[name]['hypernet_untrained']:.1f}% top-1 | its separate connector: {out[name]['separate']:.1f}% "

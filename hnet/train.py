@@ -214,7 +214,7 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
                 bar.set_postfix(loss=f"{loss:.4f}")
                 tick, samples = time.perf_counter(), 0
             if probe is not None and (done % cfg.train.eval_every == 0 or done == steps):
-                row = {"step": done, **row, **_probe_scores(probe, raw, labels, ledger)}
+                row = {"step": done, **row, **_probe_scores(probe, raw, labels, ledger, [labels[p] for p in trained])}
             if row:
                 last = row | {"flops_cum": ledger.total(), "train_flops_cum": ledger.phases["train"]["flops"]}
                 if accelerator.is_main_process:
@@ -269,11 +269,13 @@ def trainable_pairs(cfg: Config, model: StitchModel, names: list[str]) -> np.nda
     return np.asarray(resolve_pairs(names, cfg.texts, cfg.held_out_pairs)[1])
 
 
-def _probe_scores(probe, model: StitchModel, names: list[str], ledger: FlopsLedger) -> dict:
-    """Mid-run zero-shot top-1 per pair (`names`: the model's pair names); its FLOPs go to the eval phase."""
-    scores = {f"zeroshot_top1/{n}": probe.metrics(model, i)["top1"] for i, n in enumerate(names)}
+def _probe_scores(probe, model: StitchModel, names: list[str], ledger: FlopsLedger, trained: list[str]) -> dict:
+    """Mid-run zero-shot top-1 per pair (`names`: the model's pair names), and the mean over the pairs that train;
+    its FLOPs go to the eval phase."""
+    scores = {n: probe.metrics(model, i)["top1"] for i, n in enumerate(names)}
     probe.charge_heads(ledger, model, f"train_probe/{probe.key}", len(names))
-    return {"zeroshot_top1": sum(scores.values()) / len(scores), **scores}
+    return {"zeroshot_top1": sum(scores[n] for n in trained) / len(trained),
+            **{f"zeroshot_top1/{n}": v for n, v in scores.items()}}
 
 
 def _one_step(cfg, accelerator, model, optimizer, scheduler, feed, step, pairs, log=True, stop=False):

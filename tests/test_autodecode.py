@@ -180,6 +180,9 @@ def test_text_encoder_autodecoded_alone_with_the_hypernetwork_frozen(pairs_run):
     image = autodecode(pairs_run, run, NEW, "random")
     assert list(image["pairs_top1"]) == [f"{NEW} + {t}" for t in TWO_TEXTS]
     assert io.read_json(run / "model.json")["names"][-3:] == [f"{NEW} + {t}" for t in TWO_TEXTS + [new]]
+    names = io.read_json(run / "model.json")["names"]
+    again = autodecode(pairs_run, run, new, text=True)  # decoded again: a new vector, the same pairs
+    assert io.read_json(run / "model.json")["names"] == names and again["side"] == "text"
 
 
 def test_text_side_needs_a_run_with_several_text_encoders(hyper_run):

@@ -216,3 +216,20 @@ def test_older_cache_text_array_serves_its_own_text_encoder_only(tmp_path):
     assert np.array_equal(cache[TEXT], text) and cache.width(TEXT) == 8
     with pytest.raises(CacheError, match="no features for 'text:other'"):
         CachedFeatures(tmp_path, [text_key("other")])
+
+
+def test_unnamed_text_array_cannot_stand_for_several_text_encoders(synthetic_cfg):
+    """A synthetic cache's one `text` array (no text encoder recorded) serves a one-text run, not an N x M one,
+    where every text encoder would silently read the same captions."""
+    import dataclasses
+
+    from hnet import io
+    from hnet.cache import TEXT as OLD_TEXT, open_training_cache
+
+    manifest = io.read_json(synthetic_cfg.cache_path / "manifest.json")
+    key = text_key("all-MiniLM-L6-v2")
+    manifest["encoders"][OLD_TEXT] = manifest["encoders"].pop(key)
+    io.write_json(synthetic_cfg.cache_path / "manifest.json", manifest)
+    assert open_training_cache(synthetic_cfg, []).width(key) == 24
+    with pytest.raises(CacheError, match="names no text encoder"):
+        open_training_cache(dataclasses.replace(synthetic_cfg, text_encoders=["a", "b"]), [])

@@ -46,6 +46,18 @@ def test_research_zoo_is_9_image_by_3_text_encoders():
     assert load_config("configs/cc595k_ie12.yaml").texts == ["all-MiniLM-L6-v2"]  # text_encoder: one text encoder
 
 
+def test_text_encoder_conflicting_with_text_encoders_refused():
+    with pytest.raises(ConfigError, match="text_encoder: 'c' is not one of text_encoders"):
+        load_config(None, ["text_encoders=[a,b]", "text_encoder=c"])
+    assert load_config(None, ["text_encoders=[a,b]", "text_encoder=b"]).texts == ["a", "b"]
+
+
+def test_text_spec_split_at_its_comma_refused():
+    with pytest.raises(ConfigError, match=r"text_encoders\[2\]: 'pool=cls' is an option without its encoder"):
+        load_config(None, ["text_encoders=[a, a@layers=3,pool=cls]"])
+    assert load_config(None, ['text_encoders=[a, "a@layers=3,pool=cls"]']).texts == ["a", "a@layers=3,pool=cls"]
+
+
 def test_text_encoders_listed_twice_refused():
     with pytest.raises(ConfigError, match="text_encoders: listed twice"):
         load_config(None, ["text_encoders=[a,b,a]"])

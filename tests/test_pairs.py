@@ -83,6 +83,19 @@ def test_held_out_pair_must_be_a_pair_of_the_run(pairs_cfg):
         train(dataclasses.replace(pairs_cfg, held_out_pairs=["resnet10t@img_size=32 + nope"]))
 
 
+def test_an_encoder_with_every_pair_held_out_is_refused():
+    """Its vector would never train; held_out is the way to leave an image encoder out."""
+    from hnet.pairs import resolve_pairs
+
+    with pytest.raises(ConfigError, match="every pair of image encoder 'a' is held out"):
+        resolve_pairs(["a", "b"], ["t", "u"], ["a + t", "a + u"])
+    with pytest.raises(ConfigError, match="every pair of text encoder 'u' is held out"):
+        resolve_pairs(["a", "b"], ["t", "u"], ["a + u", "b + u"])
+    assert resolve_pairs(["a", "b"], ["t", "u"], ["a + u"])[1] == [0, 2, 3]
+    with pytest.raises(ConfigError, match="image encoder 'b'"):  # one text encoder: its one pair is all of b
+        resolve_pairs(["a", "b"], ["t"], ["b + t"])
+
+
 def test_batches_pad_each_text_encoder_to_the_widest(pairs_cfg):
     cache = CachedFeatures(pairs_cfg.cache_path)
     data = FeatureBatches(cache, pairs_cfg.encoders, PAIR_TEXTS, 8)
