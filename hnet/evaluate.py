@@ -213,7 +213,7 @@ def _score(probe: ZeroShotProbe, model: StitchModel, names: list[str], run_dir: 
 
 def _head_flops(model: StitchModel, n_classes: int) -> float:
     """Per-image FLOPs of connector + class logits (the class side is amortised and left out)."""
-    macs = connector_macs(model.shape.layers, 1, 1)["forward"] + n_classes * model.shape.text_width
+    macs = connector_macs(model.shape.layers, 1, 1)["forward"] + n_classes * model.shape.dims[-1]
     return 2.0 * macs
 
 

@@ -112,18 +112,35 @@ def hypernet_macs(model, n: int, frozen: bool = False) -> dict:
     return {"forward": forward, "backward": forward if frozen else 2 * forward}
 
 
+def separate_macs(model, n: int, batch: int, world: int = 1, local: bool = False) -> dict:
+    """APE: n of the model's P connectors, each at its pair's TRUE widths (what a grid search of single connectors
+    runs; the batched code runs them padded): the mean connector x n, exact when all P train."""
+    shape, pairs = model.shape, len(model.pairs)
+    widths = [model.encoder_widths[i] for i in model.pairs.image]  # python ints: the model may live on "meta"
+    text_widths = [model.text_encoder_widths[j] for j in model.pairs.text]
+    out = text_widths if shape.direction == "image_to_text" else widths
+    connectors = [connector_macs(shape.true_layers(w, t), 1, batch) for w, t in zip(widths, text_widths)]
+    logits = [logits_macs(1, batch, o, world, local) for o in out]
+    mean = lambda items, key: sum(m[key] for m in items) * n / pairs
+    return {"connectors": {k: mean(connectors, k) for k in ("forward", "backward")},
+            "logits_loss": {k: mean(logits, k) for k in ("forward", "backward")}}
+
+
 def train_step_flops(model, n: int, batch: int, world: int = 1, frozen_hypernet: bool = False,
                      local: bool = False) -> dict:
-    """FLOPs of one optimizer step (forward + backward) over all ranks, split by part; `batch` is global."""
+    """FLOPs of one optimizer step (forward + backward) over all ranks, split by part; `batch` is global. The
+    hypernetwork is counted at the padded widths it runs; separate connectors at their pairs' true widths."""
     shape = model.shape
     width = shape.dims[-1]  # the mapped side's width: text for image_to_text, image for text_to_image
-    parts = {"connectors": connector_macs(shape.layers, n, batch),
-             "logits_loss": logits_macs(n, batch, width, world, local)}
-    if model.method == "hypernet":
-        parts["hypernet"] = hypernet_macs(model.source, n, frozen_hypernet)
-    out = {name: 2 * (p["forward"] + p["backward"]) for name, p in parts.items()}
+    if model.method == "separate":
+        parts = separate_macs(model, n, batch, world, local)
+    else:
+        parts = {"connectors": connector_macs(shape.layers, n, batch),
+                 "logits_loss": logits_macs(n, batch, width, world, local),
+                 "hypernet": hypernet_macs(model.source, n, frozen_hypernet)}
+    out = {name: round(2 * (p["forward"] + p["backward"])) for name, p in parts.items()}
     out["total"] = sum(out.values())
-    out["forward"] = 2 * sum(p["forward"] for p in parts.values())
+    out["forward"] = round(2 * sum(p["forward"] for p in parts.values()))
     return out
 
 

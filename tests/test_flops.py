@@ -39,11 +39,37 @@ def _measured_step(model, n, batch, width):
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 @pytest.mark.parametrize("direction", ["image_to_text", "text_to_image"])
 def test_train_step_formula_matches_torch_counter(method, kind, direction):
+    """3 image x 2 text encoders of mixed widths: the hypernetwork as it runs (padded), separate connectors as a
+    grid search of single connectors would run them (each at its pair's true widths)."""
     shape = ConnectorShape(kind, direction, 96, 64, depth=3, hidden=80)
-    model = StitchModel(method, shape, [96, 48, 72], HypernetConfig(hidden=64, chunk_size=512))
-    n, batch = 3, 32
+    model = StitchModel(method, shape, [96, 48, 72], HypernetConfig(hidden=64, chunk_size=512), text_widths=[64, 40])
+    n, batch = 6, 32
     formula = train_step_flops(model, n, batch)
-    assert formula["total"] == pytest.approx(_measured_step(model, n, batch, 96), rel=0.01)
+    measured = _measured_step(model, n, batch, 96) if method == "hypernet" else _measured_single_connectors(model, batch)
+    assert formula["total"] == pytest.approx(measured, rel=0.01)
+    if method == "separate":
+        assert formula["total"] < _measured_step(model, n, batch, 96)  # padding is not charged to the baseline
+        assert train_step_flops(model, 3, batch)["total"] == pytest.approx(formula["total"] / 2, abs=2)
+
+
+def _measured_single_connectors(model, batch):
+    """torch's count of each pair's connector trained alone at its true widths (forward + backward)."""
+    from hnet.connectors import Connector
+
+    total = 0
+    params = model.source(torch.arange(len(model.pairs)))
+    for p in range(len(model.pairs)):
+        w, t = int(model.widths[p]), int(model.text_widths[p])
+        one = Connector.from_params(model.shape, [(W[p:p + 1].detach(), b[p:p + 1].detach()) for W, b in params], w, t)
+        image, text = torch.randn(batch, w), torch.nn.functional.normalize(torch.randn(batch, t), dim=-1)
+        with FlopCounterMode(display=False) as counter:
+            if model.shape.direction == "image_to_text":
+                a, b = torch.nn.functional.normalize(one(image), dim=-1), text
+            else:
+                a, b = image, torch.nn.functional.normalize(one(text), dim=-1)
+            clip_loss(a[None], b, model.logit_scale(torch.tensor([p]))).backward()
+        total += counter.get_total_flops()
+    return total
 
 
 def test_linear_step_hand_formula():
