@@ -62,11 +62,14 @@ class Side:
         return (theirs, mine) if self.text else (mine, theirs)
 
 
-def initial_cond(model: StitchModel, width: int, how: str, seed: int, text: bool = False) -> torch.Tensor:
-    """The new vector's start: the mean of the trained ones (image or text side), of those of the same width, or
-    random at their scale."""
-    conds = (model.source.text_cond if text else model.source.cond).detach()
-    widths = torch.tensor(model.text_encoder_widths if text else model.encoder_widths, device=conds.device)
+def initial_cond(model: StitchModel, width: int, how: str, seed: int, text: bool = False,
+                 decoded: tuple[str, ...] = ()) -> torch.Tensor:
+    """The new vector's start: the mean of the trained ones (image or text side; `decoded` ones left out), of those
+    of the same width, or random at their scale."""
+    names = model.text_names if text else model.image_names
+    keep = torch.tensor([n not in decoded for n in names])
+    conds = (model.source.text_cond if text else model.source.cond).detach()[keep.to(model.source.cond.device)]
+    widths = torch.tensor(model.text_encoder_widths if text else model.encoder_widths)[keep].to(conds.device)
     if how == "same_width":
         same = widths == width
         if same.any():
@@ -131,7 +134,7 @@ def autodecode(cfg: Config, run_dir, encoder: str, weights: str | None = None, a
     model = model.to(accelerator.device).requires_grad_(False)
     train_cache = open_training_cache(cfg, [])
     spec = None if text else parse_spec({"name": encoder, "weights": weights or cfg.image_weights})
-    side = _side(model, train_cache, encoder, text)
+    side = _side(model, train_cache, encoder, text, decoded)
     step_flops = autodecode_step_flops(model, ad.batch_size, len(side.partners))
     steps = planned_steps(ad, step_flops)
     data, embedded = decoding_data(cfg, spec or encoder, side, (steps + ad.finetune_steps) * ad.batch_size,
@@ -145,7 +148,7 @@ def autodecode(cfg: Config, run_dir, encoder: str, weights: str | None = None, a
     if accelerator.is_main_process:
         ledger = FlopsLedger(run_dir)
         result = _decode(cfg, model, data, probe, side, steps, step_flops, run_dir, meta,
-                         spec.weights if spec else "", ledger)
+                         spec.weights if spec else "", ledger, tuple(decoded))
         result["embed"] = embedded
         ledger.charge("embed", text_key(encoder) if text else encoder, embedded["flops"], images=embedded["samples"],
                       cached=embedded["cached"])
@@ -157,13 +160,13 @@ def autodecode(cfg: Config, run_dir, encoder: str, weights: str | None = None, a
     return io.read_json(out)
 
 
-def _side(model: StitchModel, train_cache: CachedFeatures, encoder: str, text: bool) -> Side:
-    """The new encoder's partners: the other side's encoders whose training features the cache holds (width of the
-    new encoder: filled in once its features are there)."""
+def _side(model: StitchModel, train_cache: CachedFeatures, encoder: str, text: bool, decoded: list[str]) -> Side:
+    """The new encoder's partners: the other side's trained encoders (not `decoded` ones) whose training features the
+    cache holds (width of the new encoder: filled in once its features are there)."""
     others = model.image_names if text else model.text_names
     widths = model.encoder_widths if text else model.text_encoder_widths
     has = lambda n: cached_name(train_cache.manifest, n if text else text_key(n)) is not None
-    index = [i for i, n in enumerate(others) if has(n)]
+    index = [i for i, n in enumerate(others) if has(n) and n not in decoded]
     if not index:
         raise CacheError(f"{train_cache.root}: holds none of the run's {'image' if text else 'text'} encoders")
     return Side(encoder, text, 0, [others[i] for i in index], index, [widths[i] for i in index])
@@ -188,9 +191,11 @@ def _top1(model: StitchModel, probe: ZeroShotProbe, side: Side, params) -> dict[
 
 
 def _decode(cfg: Config, model: StitchModel, data: FeatureBatches, probe: ZeroShotProbe, side: Side, steps: int,
-            step_flops: int, run_dir: Path, meta: dict, weights: str, ledger: FlopsLedger) -> dict:
+            step_flops: int, run_dir: Path, meta: dict, weights: str, ledger: FlopsLedger,
+            decoded: tuple[str, ...] = ()) -> dict:
     ad, device = cfg.autodecode, probe.device
-    cond = torch.nn.Parameter(initial_cond(model, side.width, ad.init, cfg.train.seed, side.text).clone().to(device))
+    start = initial_cond(model, side.width, ad.init, cfg.train.seed, side.text, decoded)
+    cond = torch.nn.Parameter(start.clone().to(device))
     optimizer = torch.optim.Adam([cond], lr=ad.lr)
     probe_key = f"autodecode_probe/{probe.key}/{side.name}"
 
