@@ -16,7 +16,6 @@ eval set's embedding for a new image encoder in `eval`, like every other evaluat
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from hnet.config import Config, ConfigError
 from hnet.connectors import Connector
 from hnet.data.features import FeatureBatches
 from hnet.data.sources import first_samples_unit, prepare_shards, shard_units
-from hnet.embedding import FLOPS_SAMPLE, text_flops_per_caption
+from hnet.embedding import caption_sample, text_flops_per_caption
 from hnet.evaluate import ZeroShotProbe, default_accelerator
 from hnet.flops import FlopsLedger, autodecode_step_flops, connector_macs, forward_flops, logits_macs
 from hnet.losses import clip_loss
@@ -284,15 +283,12 @@ def decoding_data(cfg: Config, spec, side: Side, budget: int, train_cache: Cache
     side.width = features.width(key)
     if side.text:
         per_caption = train_cache.manifest.get("flops_per_sample", {}).get(key) if cached else None
-        flops = (per_caption or text_flops_per_caption(side.name, _captions(cfg))) * count
+        if per_caption is None:
+            per_caption = text_flops_per_caption(side.name, caption_sample(shard_units(prepare_shards(cfg))))
+        flops = per_caption * count
     else:
         flops = forward_flops(side.name, count)
     return data, {"samples": count, "flops": int(flops), "cached": cached}
-
-
-def _captions(cfg: Config) -> list[str]:
-    """A sample of training captions to measure a text encoder's FLOPs on."""
-    return [s["caption"] for s in itertools.islice(shard_units(prepare_shards(cfg))[0].samples(), FLOPS_SAMPLE)]
 
 
 def _prefix_cache(cfg: Config, spec, text: bool, count: int, train_cache: CachedFeatures,

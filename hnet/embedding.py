@@ -34,6 +34,11 @@ def embed_training_data(cfg: Config, accelerator=None, extra_specs=()) -> dict:
     return stats
 
 
+def caption_sample(units: list[Unit]) -> list[str]:
+    """The captions a text encoder's FLOPs per caption are measured on: the first FLOPS_SAMPLE of the data."""
+    return [s["caption"] for s in itertools.islice(units[0].samples(), FLOPS_SAMPLE)]
+
+
 def text_flops_per_caption(text_encoder: str, captions: list[str]) -> float:
     """Forward FLOPs of one caption through a text encoder (torch's counter over a sample of captions)."""
     text = TextEncoder(text_encoder)
@@ -53,7 +58,7 @@ def record_flops(cfg: Config, manifest: dict, units: list[Unit], names: list[str
     for text in cfg.texts:
         key = text_key(text)
         if key not in per_sample and cached_name(manifest, key):
-            captions = captions or [s["caption"] for s in itertools.islice(units[0].samples(), FLOPS_SAMPLE)]
+            captions = captions or caption_sample(units)
             per_sample[key] = text_flops_per_caption(text, captions)
     io.write_json(cfg.cache_path / MANIFEST, manifest)
     return manifest

@@ -64,12 +64,13 @@ class StitchModel(nn.Module):
     def __init__(self, method: str, shape: ConnectorShape, widths: list[int], hypernet: HypernetConfig,
                  learnable_scale: bool = True, scale_init: float = 1 / 0.07, init_seeds: list[int] | None = None,
                  text_widths: list[int] | None = None, pairs: Pairs | None = None,
-                 names: tuple[list[str], list[str]] | None = None):
+                 names: tuple[list[str], list[str]] | None = None, trained: list[int] | None = None):
         super().__init__()
         text_widths = text_widths or [shape.text_width]
         # the encoders' names (image, text), for whoever needs a pair's names: evaluation, probes
         self.image_names, self.text_names = names or ([str(i) for i in range(len(widths))], [""] * len(text_widths))
         self.pairs = pairs or Pairs.grid(len(widths), len(text_widths))
+        self.trained = np.arange(len(self.pairs)) if trained is None else np.asarray(trained)  # positions that train
         self.method, self.shape = method, shape
         self.encoder_widths, self.text_encoder_widths = list(widths), list(text_widths)
         pair_widths = [widths[i] for i in self.pairs.image]
@@ -130,16 +131,17 @@ class StitchModel(nn.Module):
 
 def build_model(cfg: Config, images: list[str], widths: list[int], texts: list[str],
                 text_widths: list[int]) -> StitchModel:
-    """All pairs of `images` x `texts`; a separate (APE) run has no connectors for cfg.held_out_pairs."""
+    """All pairs of `images` x `texts`, all but cfg.held_out_pairs training; a separate (APE) run has no connectors
+    for the held-out pairs."""
     c = cfg.connector
     shape = ConnectorShape(c.kind, c.direction, max(widths), max(text_widths), c.depth, c.hidden)
     pairs, trained = resolve_pairs(images, texts, cfg.held_out_pairs)
     if cfg.method == "separate":
-        pairs = Pairs.from_list([pairs.as_list()[p] for p in trained])
+        pairs, trained = Pairs.from_list([pairs.as_list()[p] for p in trained]), None
     # init independent of the zoo: seeded by the pair's name (the image encoder's, with one text encoder)
     seeds = [zlib.crc32(f"{cfg.train.seed}:{label}".encode()) for label in pairs.labels(images, texts)]
     return StitchModel(cfg.method, shape, widths, cfg.hypernet, cfg.train.logit_scale == "learnable",
-                       cfg.train.logit_scale_init, seeds, text_widths, pairs, (images, texts))
+                       cfg.train.logit_scale_init, seeds, text_widths, pairs, (images, texts), trained)
 
 
 NO_DECAY = ("log_scale", "bias", "norm", "cond", "layer_emb", "chunk_emb")
@@ -159,11 +161,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 # ---------------------------------------------------------------- files
 
-def save_model(run_dir: str | Path, model: StitchModel, images: list[str], texts: list[str],
-               hypernet: HypernetConfig, weights: dict[str, str], trained: list[str] | None = None) -> None:
-    """Write the trained state; `weights` maps image encoder name -> how to load it (pretrained | random | file);
-    `trained`: the pairs that trained (default all)."""
+def save_model(run_dir: str | Path, model: StitchModel, hypernet: HypernetConfig, weights: dict[str, str]) -> None:
+    """Write the trained state; `weights` maps image encoder name -> how to load it (pretrained | random | file)."""
     run_dir = Path(run_dir)
+    images, texts = model.image_names, model.text_names
     skip = ("source.cond", "source.text_cond")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in skip}
     state["log_scale"] = model.log_scale.detach().cpu().contiguous()
@@ -173,13 +174,14 @@ def save_model(run_dir: str | Path, model: StitchModel, images: list[str], texts
         if model.source.text_cond is not None:
             conds |= {TEXT_COND + name: model.source.text_cond[j].detach().cpu().clone() for j, name in enumerate(texts)}
         io.write_safetensors(run_dir / "cond_embeddings.safetensors", conds)
-    names = model.pairs.labels(images, texts)
+    names = model.labels()
+    trained = [names[p] for p in model.trained]
     meta = {"method": model.method, "names": names, "widths": model.widths.tolist(),
             "image_encoders": images, "image_widths": model.encoder_widths,
             "text_encoders": texts, "text_widths": model.text_encoder_widths, "pairs": model.pairs.as_list(),
             "shape": dataclasses.asdict(model.shape), "hypernet": dataclasses.asdict(hypernet), "weights": weights,
             "learnable_scale": isinstance(model.log_scale, nn.Parameter)}
-    if trained is not None and trained != names:
+    if trained != names:
         meta["trained"] = trained
     io.write_json(run_dir / "model.json", meta)
 
@@ -227,8 +229,8 @@ def connector_for(run_dir: str | Path, image: str, text: str | None = None) -> C
     """A plain nn.Module connector for the pair (image encoder `image`, text encoder `text`) of a trained run,
     generated for hypernetwork runs (any combination of the run's encoders). `text` may be left out when the run
     has one text encoder."""
-    model, names = load_model(run_dir)
-    images, _, texts, _, pairs = run_encoders(run_dir, io.read_json(Path(run_dir) / "model.json"))
+    model, _ = load_model(run_dir)
+    images, texts, pairs = model.image_names, model.text_names, model.pairs
     if image not in images:
         raise KeyError(f"{run_dir}: no image encoder '{image}' in this run (has: {', '.join(images)})")
     if text is None and len(texts) > 1:
@@ -237,8 +239,8 @@ def connector_for(run_dir: str | Path, image: str, text: str | None = None) -> C
     text = texts[0] if text is None else text
     if text not in texts:
         raise KeyError(f"{run_dir}: no text encoder '{text}' in this run (has: {', '.join(texts)})")
-    i, j = images.index(image), texts.index(text)
-    p = next((p for p, (a, b) in enumerate(zip(pairs.image, pairs.text)) if (a, b) == (i, j)), None)
+    cell = (images.index(image), texts.index(text))
+    p = next((p for p, ij in enumerate(zip(pairs.image, pairs.text)) if ij == cell), None)
     if p is None:
         raise KeyError(f"{run_dir}: this separate run trained no connector for ({image}, {text})")
     params = model.source(torch.tensor([p]))

@@ -32,7 +32,6 @@ from hnet.evaluate import ZeroShotProbe
 from hnet.flops import FlopsLedger, train_step_flops
 from hnet.losses import encoder_chunk, loss_and_surrogate
 from hnet.model import StitchModel, build_model, param_groups, save_model
-from hnet.pairs import resolve_pairs
 from hnet.zoo import read_encoder_list
 
 
@@ -164,8 +163,7 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
     data = FeatureBatches(cache, names, cfg.texts, cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle_pairs,
                           cfg.train.overfit_batches, accelerator.process_index, accelerator.num_processes)
     model = build_model(cfg, names, data.widths, cfg.texts, data.text_widths)
-    labels = model.pairs.labels(names, cfg.texts)
-    trained = trainable_pairs(cfg, model, names)
+    labels, trained = model.labels(), model.trained
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
     steps = total_steps(cfg, data.steps_per_epoch)
     # Not prepared by accelerate: a prepared scheduler steps once per rank per optimizer step (split_batches=False)
@@ -227,8 +225,7 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
                 accelerator.print(f"stopped by signal after step {done}; resume with train.resume=latest")
                 break
     if accelerator.is_main_process and not stopped:
-        save_model(run_dir, raw, names, cfg.texts, cfg.hypernet, {s.name: s.weights for s in specs},
-                   [labels[p] for p in trained])
+        save_model(run_dir, raw, cfg.hypernet, {s.name: s.weights for s in specs})
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:  # not end_training(): it would take the process group down with it,
         tracker.finish()                  # and evaluation / search run after training in the same processes
@@ -260,13 +257,6 @@ def _start_or_resume(cfg: Config, accelerator: Accelerator, run_dir: Path) -> in
     accelerator.wait_for_everyone()
     accelerator.print(f"resumed from {resume} at step {step}")
     return step
-
-
-def trainable_pairs(cfg: Config, model: StitchModel, names: list[str]) -> np.ndarray:
-    """Positions of the model's pairs that train: all but cfg.held_out_pairs (a separate run has no others)."""
-    if model.method == "separate":
-        return np.arange(len(model.pairs))
-    return np.asarray(resolve_pairs(names, cfg.texts, cfg.held_out_pairs)[1])
 
 
 def _probe_scores(probe, model: StitchModel, names: list[str], ledger: FlopsLedger, trained: list[str]) -> dict:
