@@ -22,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from hnet import io  # noqa: E402
-from hnet.embed_pass import embed_pass  # noqa: E402
+from hnet import files  # noqa: E402
 from hnet.config import load_config  # noqa: E402
+from hnet.data.embed import embed_pass  # noqa: E402
 from hnet.data.sources import prepare_shards, shard_units  # noqa: E402
-from hnet.zoo import ImageEncoder, read_encoder_list  # noqa: E402
+from hnet.models.encoders import ImageEncoder, read_encoder_list  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
               "forward_images_per_s": args.samples / forward, "pass_vs_forward_ratio": forward / one_pass,
               "single_passes_s": singles, "one_pass_s": one_pass, "one_pass_speedup": singles / one_pass}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    io.write_json(RESULTS / "bench_embed.json", result)
+    files.write_json(RESULTS / "bench_embed.json", result)
     print(json.dumps({k: result[k] for k in ("pass_vs_forward_ratio", "one_pass_speedup", "pass_images_per_s",
                                             "forward_images_per_s")}))
     return result

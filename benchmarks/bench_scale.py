@@ -3,7 +3,7 @@
 
 - cache write (in chunks, never a whole array in memory) and cache open time (CachedFeatures over all 31 arrays,
   the stat check) against what the old open cost (sha256 of every file, from the measured hash speed)
-- training through the real loop (hnet.train.train, method=hypernet, B=--batch) with all 30 encoders and with
+- training through the real loop (hnet.train.loop.train, method=hypernet, B=--batch) with all 30 encoders and with
   k=4 of 30 (train.encoders_per_step): steps/s, data wait (time blocked in Prefetcher.get) as a share of the
   step, peak RSS above the RSS after opening the memmapped cache. RSS is read from /proc/self/status every 20 ms
   (RssAnon: heap, what grows if batches pile up; VmRSS: also the memmap's file pages touched, which the kernel
@@ -37,12 +37,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from hnet import io  # noqa: E402
-from hnet.cache import CachedFeatures, Unit, text_key, write_cache  # noqa: E402
+from hnet import files  # noqa: E402
+from hnet.data.cache import CachedFeatures, Unit, write_cache  # noqa: E402
+from hnet.models.encoders import text_key  # noqa: E402
 
 TEXT = text_key("all-MiniLM-L6-v2")  # the configs' text encoder
-from hnet.embed_pass import ITEM_BYTES, _UnitDataset, transform_groups  # noqa: E402
-from hnet.zoo import EncoderSpec, ImageEncoder, image_encoder_width, read_encoder_list  # noqa: E402
+from hnet.data.embed import ITEM_BYTES, _UnitDataset, transform_groups  # noqa: E402
+from hnet.models.encoders import (  # noqa: E402
+    EncoderSpec,
+    ImageEncoder,
+    image_encoder_width,
+    read_encoder_list,
+)
 
 RESULTS = Path(__file__).parent / "results"
 IE30 = "configs/encoders/ie30.yaml"
@@ -68,7 +74,7 @@ def write_synthetic(root: Path, samples: int) -> dict:
     """Write (or reuse) the cache; returns its size and the write time."""
     widths = {s.name: image_encoder_width(s) for s in ie30_specs()} | {TEXT: 384}
     manifest = root / "manifest.json"
-    if manifest.exists() and io.read_json(manifest)["count"] == samples:
+    if manifest.exists() and files.read_json(manifest)["count"] == samples:
         return {"write_s": None, "reused": True, "widths": widths, "bytes": _bytes(root)}
     rng = np.random.default_rng(0)
     pools = {}
@@ -115,14 +121,14 @@ def child_open(root: str) -> dict:
     biggest = max(names, key=lambda n: cache.manifest["encoders"][n]["size"])
     path = Path(root) / cache.manifest["encoders"][biggest]["file"]
     start = time.perf_counter()
-    io.sha256_file(path)
+    files.sha256_file(path)
     hash_mb_s = path.stat().st_size / 2**20 / (time.perf_counter() - start)
     total_mb = sum(e["size"] for e in cache.manifest["encoders"].values()) / 2**20
     return {"open_s": open_s, "sha256_mb_s": hash_mb_s, "rehash_all_s_estimate": total_mb / hash_mb_s}
 
 
 def child_train(root: str, k: int, batch: int, steps: int) -> dict:
-    import hnet.train
+    import hnet.train.loop
     from hnet.config import load_config
     from hnet.data.features import Prefetcher
 
@@ -141,7 +147,7 @@ def child_train(root: str, k: int, batch: int, steps: int) -> dict:
             self.waits.append(self.returned[-1] - start)
             return batch
 
-    hnet.train.Prefetcher = Recorded
+    hnet.train.loop.Prefetcher = Recorded
     names = [s.name for s in ie30_specs()]
     CachedFeatures(root, names + [TEXT])  # what every run does first: the baseline
     base = RssSampler.read()
@@ -154,7 +160,7 @@ def child_train(root: str, k: int, batch: int, steps: int) -> dict:
             "train.mixed_precision='no'", "train.warmup_steps=1", f"train.log_every={steps}",
             f"train.ckpt_every={10 * steps}"])
         start = time.perf_counter()
-        hnet.train.train(cfg)
+        hnet.train.loop.train(cfg)
         wall = time.perf_counter() - start
     sampler.stop.set()
     sampler.join()
@@ -253,7 +259,7 @@ def main(argv=None) -> dict:
                               child("embed", 0, 64, args.images // 2, args.image_size)]
     result["targets"] = targets(result)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    io.write_json(RESULTS / "bench_scale.json", result)
+    files.write_json(RESULTS / "bench_scale.json", result)
     print(json.dumps({"samples": args.samples, **result["targets"]}))
     return result
 

@@ -25,16 +25,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hnet import io  # noqa: E402
-from hnet.cache import CachedFeatures, text_key, write_cache  # noqa: E402
+from hnet import files  # noqa: E402
+from hnet.data.cache import CachedFeatures, write_cache  # noqa: E402
+from hnet.models.encoders import text_key  # noqa: E402
 
 TEXT_ENCODER = "all-MiniLM-L6-v2"
 from hnet.config import HypernetConfig  # noqa: E402
-from hnet.connectors import ConnectorShape, connector_forward  # noqa: E402
 from hnet.data.features import FeatureBatches, Prefetcher  # noqa: E402
 from hnet.flops import train_step_flops  # noqa: E402
-from hnet.losses import clip_loss, encoder_chunk, loss_and_surrogate  # noqa: E402
-from hnet.model import StitchModel  # noqa: E402
+from hnet.models.connectors import ConnectorShape, connector_forward  # noqa: E402
+from hnet.models.losses import clip_loss, encoder_chunk, loss_and_surrogate  # noqa: E402
+from hnet.models.stitch import StitchModel  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 WIDTHS_10 = [384, 384, 384, 768, 768, 768, 1024, 1024, 1024, 1024]
@@ -168,7 +169,7 @@ def main(argv=None) -> dict:
         "data_wait_share": feed["data_wait_share"],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    io.write_json(RESULTS / "bench_train_step.json", result)
+    files.write_json(RESULTS / "bench_train_step.json", result)
     _plot(scaling_n, scaling_b, RESULTS / "bench_train_step.png")
     print(json.dumps({k: result[k] for k in ("matmul_peak_ratio", "loop_speedup", "data_wait_share",
                                             "step_flops_per_s", "matmul_flops_per_s")}))

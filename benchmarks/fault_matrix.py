@@ -14,7 +14,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hnet import io  # noqa: E402
+from hnet import files  # noqa: E402
 
 FAULTS = [
     ("training SIGKILLed, then resume=latest", "tests/test_faults.py::test_sigkill_then_resume_equals_uninterrupted",
@@ -78,7 +78,7 @@ def main() -> dict:
         print(f"| {r['fault']} | {r['behaviour']} | {'none' if r['survived'] else 'see test'} |")
     summary = {"faults": len(rows), "survived": sum(r["survived"] for r in rows),
                "data_lost": sum(1 for r in rows if not r["survived"])}
-    io.write_json(RESULTS, {**summary, "rows": rows})
+    files.write_json(RESULTS, {**summary, "rows": rows})
     print(json.dumps(summary))
     return summary
 

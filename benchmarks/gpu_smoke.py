@@ -21,9 +21,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from hnet import io  # noqa: E402
+from hnet import files  # noqa: E402
 from hnet.config import load_config  # noqa: E402
-from hnet.pipeline import run_pipeline  # noqa: E402
+from hnet.experiments.pipeline import run_pipeline  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "gpu_smoke.json"
 
@@ -39,7 +39,7 @@ def run(device: str, out: Path, epochs: int, extra: list[str]) -> dict:
     summary["seconds"] = time.perf_counter() - start
     summary["phase_devices"] = phase_devices(summary)
     summary["train_steps_per_s"] = {m: steps_per_s(Path(d)) for m, d in summary["runs"].items()}
-    io.write_json(out / "summary.json", summary)
+    files.write_json(out / "summary.json", summary)
     return summary
 
 
@@ -47,12 +47,12 @@ def phase_devices(summary: dict) -> dict:
     devices = {}
     for method, run_dir in summary["runs"].items():
         run_dir = Path(run_dir)
-        evals = io.read_json(run_dir / "eval.json")
-        devices[f"{method}/train"] = io.read_json(run_dir / "flops.json")["phases"]["train"]["parts"]["device"]
+        evals = files.read_json(run_dir / "eval.json")
+        devices[f"{method}/train"] = files.read_json(run_dir / "flops.json")["phases"]["train"]["parts"]["device"]
         devices[f"{method}/eval_model"] = evals["device"]
         devices.update({f"{method}/eval_features/{d}": r["features_device"] for d, r in evals["datasets"].items()})
         for path in sorted((run_dir / "autodecode").glob("*.json")):
-            decoded = io.read_json(path)
+            decoded = files.read_json(path)
             devices[f"{method}/autodecode/{decoded['encoder']}"] = decoded["device"]
     return devices
 
@@ -62,7 +62,7 @@ def steps_per_s(run_dir: Path) -> float | None:
     import yaml
 
     batch = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["batch_size"]
-    rates = [r["samples_per_s"] for r in io.read_jsonl(run_dir / "metrics.jsonl") if "samples_per_s" in r]
+    rates = [r["samples_per_s"] for r in files.read_jsonl(run_dir / "metrics.jsonl") if "samples_per_s" in r]
     return sum(rates) / len(rates) / batch if rates else None
 
 
@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
     if not torch.cuda.is_available():
         sys.exit("gpu_smoke: CUDA is not available on this machine; run it where a GPU is")
     gpu = run("cuda", Path(args.out + "_cuda"), args.epochs, args.overrides)
-    cpu = (io.read_json(args.cpu_summary) if args.cpu_summary
+    cpu = (files.read_json(args.cpu_summary) if args.cpu_summary
            else run("cpu", Path(args.out + "_cpu"), args.epochs, args.overrides))
     off_gpu = {k: v for k, v in gpu["phase_devices"].items() if not v.startswith("cuda")}
     result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "epochs": args.epochs,
@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
               "train_steps_per_s": {"cuda": gpu["train_steps_per_s"], "cpu": cpu["train_steps_per_s"]},
               "seconds": {"cuda": gpu["seconds"], "cpu": cpu.get("seconds")},
               "held_out": {"cuda": gpu.get("held_out"), "cpu": cpu.get("held_out")}}
-    io.write_json(RESULTS, result)
+    files.write_json(RESULTS, result)
     print(json.dumps(result))
     if off_gpu or not result["within"]:
         sys.exit(1)

@@ -26,9 +26,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from hnet import io  # noqa: E402
+from hnet import files  # noqa: E402
 from hnet.config import load_config  # noqa: E402
-from hnet.pipeline import run_pipeline  # noqa: E402
+from hnet.experiments.pipeline import run_pipeline  # noqa: E402
 
 BASE = "deit_tiny_patch16_224"
 VARIANTS = [BASE, f"{BASE}@img_size=160", f"{BASE}@img_size=192", f"{BASE}@depth=10", f"{BASE}@depth=8",
@@ -104,7 +104,7 @@ def pairs_result(summary: dict, texts: list[str]) -> dict:
 
 
 def _write(path: Path, result: dict) -> dict:
-    io.write_json(path, result)
+    files.write_json(path, result)
     print(json.dumps(result))
     return result
 

@@ -31,16 +31,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from hnet import io  # noqa: E402
-from hnet.cache import MANIFEST, CachedFeatures, text_key, write_cache  # noqa: E402
+from hnet import files  # noqa: E402
 from hnet.config import Config, load_config  # noqa: E402
-from hnet.embedding import embed_training_data  # noqa: E402
-from hnet.evaluate import ZeroShotProbe, zero_shot_logits  # noqa: E402
-from hnet.model import load_model  # noqa: E402
-from hnet.proxies import PROXIES, proxy_flops, score  # noqa: E402
-from hnet.ranking import agreement  # noqa: E402
-from hnet.train import make_accelerator, train  # noqa: E402
-from hnet.zoo import read_encoder_list  # noqa: E402
+from hnet.data.cache import CachedFeatures, write_cache  # noqa: E402
+from hnet.distributed import make_accelerator  # noqa: E402
+from hnet.eval.ranking import agreement  # noqa: E402
+from hnet.eval.zeroshot import ZeroShotProbe, zero_shot_logits  # noqa: E402
+from hnet.experiments.proxies import PROXIES, score  # noqa: E402
+from hnet.experiments.train_run import embed_training_data  # noqa: E402
+from hnet.files import MANIFEST  # noqa: E402
+from hnet.flops import proxy_flops  # noqa: E402
+from hnet.models.encoders import (
+    read_encoder_list,  # noqa: E402
+    text_key,  # noqa: E402
+)
+from hnet.runs import load_model  # noqa: E402
+from hnet.train.loop import train  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 W = "{data}/weights/{file}.safetensors"
@@ -107,7 +113,7 @@ class Zoo:
             return
         arrays = {n: np.asarray(self.cache[n][:samples]) for n in self.names + [self.text]}
         manifest = write_cache(root, self.cache.keys()[:samples], arrays)
-        io.write_json(root / MANIFEST, manifest | {"flops_per_sample": self.per_sample})
+        files.write_json(root / MANIFEST, manifest | {"flops_per_sample": self.per_sample})
 
     def top1(self, run_dir: Path, half: str) -> dict[str, float]:
         model, names = load_model(run_dir)
@@ -135,7 +141,7 @@ def trained_point(zoo: Zoo, name: str, method: str, steps: int | None, samples: 
                                                            else samples))
     if not (run_cfg.run_dir / "model.json").exists():
         train(run_cfg)
-    ledger = io.read_json(run_cfg.run_dir / "flops.json")["phases"]["train"]
+    ledger = files.read_json(run_cfg.run_dir / "flops.json")["phases"]["train"]
     return {"scores": zoo.top1(run_cfg.run_dir, "search"), "run": run_cfg.run_dir, "steps": ledger["steps"],
             "k": k or len(zoo.names), "samples": samples, "train_flops": ledger["flops"],
             "flops_with_embed": ledger["flops"] + zoo.embed_flops(samples)}
@@ -269,7 +275,7 @@ def plot(r: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    out = io.write_figure(path, fig, dpi=120)
+    out = files.write_figure(path, fig, dpi=120)
     plt.close(fig)
     return out
 
@@ -284,7 +290,7 @@ def main(argv=None) -> dict | None:
     args = parser.parse_args(argv)
     if args.tune:
         result = tune(Path(args.out))
-        io.write_json(RESULTS / "search_tune_demo.json", result)
+        files.write_json(RESULTS / "search_tune_demo.json", result)
         print(json.dumps(result))
         return result
     data = Path(args.data)
@@ -295,10 +301,10 @@ def main(argv=None) -> dict | None:
     table = markdown(result)
     print(table)
     result["plot"] = str(plot(result, RESULTS / f"search_cost_{args.zoo}.png"))
-    io.write_text(RESULTS / f"search_cost_{args.zoo}.md", table)
+    files.write_text(RESULTS / f"search_cost_{args.zoo}.md", table)
     path = RESULTS / "search_cost.json"
-    everything = io.read_json(path) if path.exists() else {}
-    io.write_json(path, everything | {args.zoo: result})
+    everything = files.read_json(path) if path.exists() else {}
+    files.write_json(path, everything | {args.zoo: result})
     print(json.dumps(result))
     return result
 

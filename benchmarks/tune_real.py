@@ -17,13 +17,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from hnet import io  # noqa: E402
+from real_zeroshot import BASE, real_config  # noqa: E402
+
+from hnet import files  # noqa: E402
 from hnet.data.shards import expand_urls  # noqa: E402
 from hnet.data.sources import prepare_shards  # noqa: E402
-from hnet.evaluate import evaluate_run  # noqa: E402
-from hnet.run import train_run  # noqa: E402
-
-from real_zeroshot import BASE, real_config  # noqa: E402
+from hnet.eval.evaluate import evaluate_run  # noqa: E402
+from hnet.experiments.train_run import train_run  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "real_tune.json"
 GRID = {"lr": (2e-3, 1e-2), "weight_decay": (0.1, 1.0, 5.0), "epochs": (20, 50, 150)}
@@ -57,7 +57,7 @@ def main(argv=None) -> dict | None:
     best = max(rows, key=lambda r: r["retrieval"])
     result = {"validation": f"retrieval on {held_out_shard} (250 pairs), trained on the first 750", "rows": rows,
               "best": best}
-    io.write_json(RESULTS, result)
+    files.write_json(RESULTS, result)
     print(json.dumps(result))
     return result
 

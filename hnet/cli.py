@@ -6,8 +6,8 @@ import functools
 import logging
 import sys
 
-from hnet.cache import CacheError
 from hnet.config import Config, ConfigError, load_config
+from hnet.data.cache import CacheError
 from hnet.data.shards import DataError
 
 USER_ERRORS = (ConfigError, DataError, CacheError)
@@ -45,7 +45,7 @@ def train_script(method: str, description: str, argv=None) -> dict:
     """learn_multi_mapper.py / learn_separate_mapper.py: embed if needed, train, print the result as JSON."""
     import json
 
-    from hnet.run import train_run
+    from hnet.experiments.train_run import train_run
 
     _, cfg = parse_config(config_parser(description), argv, method=method)
     result = train_run(cfg)

@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 
 
 NAMED_DATASETS = ("demo", "cifar10", "cifar100", "imagenet")
+RECALL_KS = (1, 5, 10)  # retrieval reports R@K at these K
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 

@@ -8,14 +8,29 @@ when the input itself requires grad (frozen encoder features and frozen text emb
 from __future__ import annotations
 
 import functools
+import itertools
 from pathlib import Path
 from typing import Any
 
 import torch
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
+from torch.utils.flop_counter import FlopCounterMode
 
-from hnet import io
+from hnet import files
+from hnet.config import Config, HypernetConfig
+from hnet.data.cache import Unit, cached_name
+from hnet.files import MANIFEST
+from hnet.models.connectors import ConnectorShape
+from hnet.models.encoders import (
+    ImageEncoder,
+    TextEncoder,
+    parse_spec,
+    read_encoder_list,
+    text_key,
+)
+from hnet.models.pairs import Pairs
+from hnet.models.stitch import StitchModel
 
 PHASES = ("embed", "train", "autodecode", "eval")
 
@@ -67,8 +82,6 @@ def fvcore_count(model: torch.nn.Module, inputs: tuple) -> tuple[int, dict[str, 
 @functools.lru_cache(maxsize=None)
 def encoder_flops(name: str, img_size: int | None = None) -> dict:
     """Forward FLOPs of one image through a zoo encoder (random init; weights do not change the count)."""
-    from hnet.zoo import ImageEncoder, parse_spec
-
     spec = parse_spec(name, "random")
     if img_size:
         spec = parse_spec(f"{name}{',' if '@' in name else '@'}img_size={img_size}", "random")
@@ -150,6 +163,99 @@ def autodecode_step_flops(model, batch: int, pairs: int = 1) -> int:
     return train_step_flops(model, pairs, batch, frozen_hypernet=True)["total"]
 
 
+def zeroshot_head_flops(shape, n_classes: int) -> float:
+    """Per-image FLOPs of one pair's connector + its class logits (the class side is amortised and left out)."""
+    return 2.0 * (connector_macs(shape.layers, 1, 1)["forward"] + n_classes * shape.dims[-1])
+
+
+def retrieval_head_flops(shape, images: int, texts: int) -> float:
+    """One pair's retrieval: the connector over the images plus the images x captions similarity."""
+    return 2.0 * (connector_macs(shape.layers, 1, images)["forward"] + images * texts * shape.dims[-1])
+
+
+def finetune_step_flops(shape, pairs: int, batch: int) -> float:
+    """One step of fine-tuning `pairs` connectors' weights directly (no hypernetwork): connectors + logits."""
+    parts = (connector_macs(shape.layers, pairs, batch), logits_macs(pairs, batch, shape.dims[-1]))
+    return 2.0 * sum(sum(p.values()) for p in parts)
+
+
+def proxy_flops(name: str, n: int, d: int, t: int) -> float:
+    """Multiply-adds x 2 of one training-free proxy (hnet/experiments/proxies.py) on n pairs of widths d (image)
+    and t (text); elementwise work left out."""
+    if name == "linear_cka":
+        macs = n * d * t + n * d * d + n * t * t
+    elif name == "mutual_knn":
+        macs = n * n * d + n * n * t
+    else:
+        half = n // 2
+        macs = half * d * d + half * d * t + d ** 3 / 3 + d * d * t + (n - half) * d * t + (n - half) * half * t
+    return 2.0 * macs
+
+
+def grid_search_cost(cfg: Config, meta: dict, count: int, text_flops_per_sample: float, steps: int) -> dict:
+    """FLOPs of training one separate connector per encoder pair of `meta` (a model.json: image_encoders,
+    image_widths, text_widths, pairs) for `steps` steps at cfg.train's settings (batch: search.grid_batch_size when
+    set) over `count` samples in one process, and of embedding those samples with every image encoder and every
+    text encoder (`text_flops_per_sample`: all text encoders together, per caption)."""
+    c, names, widths = cfg.connector, meta["image_encoders"], meta["image_widths"]
+    shape = ConnectorShape(c.kind, c.direction, max(widths), max(meta["text_widths"]), c.depth, c.hidden)
+    pairs = Pairs.from_list(meta["pairs"])
+    with torch.device("meta"):
+        model = StitchModel("separate", shape, widths, HypernetConfig(), text_widths=meta["text_widths"], pairs=pairs)
+    batch = grid_batch_size(cfg)
+    per_step = train_step_flops(model, len(pairs), batch)["total"] * cfg.train.grad_accum
+    embed = sum(forward_flops(n, count) for n in names) + count * text_flops_per_sample
+    return {"steps": steps, "batch": batch, "samples": count, "train": per_step * steps, "embed": embed}
+
+
+def grid_batch_size(cfg: Config) -> int:
+    return cfg.search.grid_batch_size or cfg.train.batch_size
+
+
+# ---------------------------------------------------------------- the embedding pass
+
+FLOPS_SAMPLE = 256  # captions used to measure a text encoder's FLOPs per caption
+
+
+def caption_sample(units: list[Unit]) -> list[str]:
+    """The captions a text encoder's FLOPs per caption are measured on: the first FLOPS_SAMPLE of the data."""
+    return [s["caption"] for s in itertools.islice(units[0].samples(), FLOPS_SAMPLE)]
+
+
+def text_flops_per_caption(text_encoder: str, captions: list[str]) -> float:
+    """Forward FLOPs of one caption through a text encoder (torch's counter over a sample of captions)."""
+    text = TextEncoder(text_encoder)
+    with FlopCounterMode(display=False) as counter:
+        text.encode(captions)
+    return counter.get_total_flops() / len(captions)
+
+
+def record_cache_flops(root: Path, manifest: dict, units: list[Unit], names: list[str], texts: list[str]) -> dict:
+    """Store per-sample forward FLOPs of each cached image encoder `names` (fvcore) and of each text encoder
+    `texts` (per caption, under `text:NAME`) in the cache's manifest."""
+    per_sample = manifest.setdefault("flops_per_sample", {})
+    for name in names:
+        if name not in per_sample:
+            per_sample[name] = forward_flops(name)
+    captions = None
+    for text in texts:
+        key = text_key(text)
+        if key not in per_sample and cached_name(manifest, key):
+            captions = captions or caption_sample(units)
+            per_sample[key] = text_flops_per_caption(text, captions)
+    files.write_json(Path(root) / MANIFEST, manifest)
+    return manifest
+
+
+def embedding_flops(manifest: dict, cfg: Config) -> tuple[float, int, dict]:
+    """One-time embedding cost of this run's image encoders + every text encoder over the cached samples:
+    (flops, samples, parts)."""
+    names = [s.name for s in read_encoder_list(cfg.encoders, cfg.image_weights)] + [text_key(t) for t in cfg.texts]
+    count = manifest["count"]
+    parts = {name: manifest["flops_per_sample"][name] * count for name in names}
+    return sum(parts.values()), count, parts
+
+
 # ---------------------------------------------------------------- the ledger
 
 class FlopsLedger:
@@ -157,7 +263,7 @@ class FlopsLedger:
 
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / "flops.json"
-        saved = io.read_json(self.path) if self.path.exists() else {}
+        saved = files.read_json(self.path) if self.path.exists() else {}
         self.phases = {p: {"flops": 0, "steps": 0, "samples": 0, "parts": {}} for p in PHASES}
         self.phases.update(saved.get("phases", {}))
 
@@ -204,11 +310,11 @@ class FlopsLedger:
 
     def save(self, main_process: bool = True) -> None:
         if main_process:
-            io.write_json(self.path, self.as_dict())
+            files.write_json(self.path, self.as_dict())
 
     @staticmethod
     def rewind(run_dir: Path, checkpoint: Path) -> None:
         """On resume, the ledger goes back to what it was at the checkpoint."""
         saved = checkpoint / "flops.json"
         if saved.exists():
-            io.write_bytes(Path(run_dir) / "flops.json", saved.read_bytes())
+            files.write_bytes(Path(run_dir) / "flops.json", saved.read_bytes())

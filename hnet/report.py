@@ -9,7 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from hnet import io
+from hnet import files
+from hnet.config import RECALL_KS
 
 
 def _sci(x: float | None) -> str:
@@ -21,11 +22,11 @@ def run_row(run_dir: str | Path) -> dict:
     if not (run_dir / "flops.json").exists():
         raise FileNotFoundError(f"{run_dir}: no flops.json (is this a run dir?)")
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    ledger = io.read_json(run_dir / "flops.json")
+    ledger = files.read_json(run_dir / "flops.json")
     phases = ledger["phases"]
-    meta = io.read_json(run_dir / "model.json") if (run_dir / "model.json").exists() else {"names": []}
+    meta = files.read_json(run_dir / "model.json") if (run_dir / "model.json").exists() else {"names": []}
     n_enc = len(meta["names"]) or 1
-    metrics = io.read_jsonl(run_dir / "metrics.jsonl")
+    metrics = files.read_jsonl(run_dir / "metrics.jsonl")
     train_flops = phases["train"]["flops"] + phases["autodecode"]["flops"]
     row = {"run": run_dir.name, "method": cfg["method"], "encoders": len(meta["names"]),
            "text_encoder": ", ".join(cfg.get("text_encoders") or [cfg["text_encoder"]]),
@@ -36,7 +37,7 @@ def run_row(run_dir: str | Path) -> dict:
            "train_flops": train_flops, "total_flops": ledger["total_flops_without_embed"],
            "total_flops_with_embed": ledger["total_flops"], "zeroshot_top1": None, "vs_separate": ""}
     if (run_dir / "eval.json").exists():
-        evals = io.read_json(run_dir / "eval.json")["datasets"]
+        evals = files.read_json(run_dir / "eval.json")["datasets"]
         row["zeroshot_top1"] = {name: sum(m["top1"] for m in d["encoders"].values()) / len(d["encoders"])
                                 for name, d in evals.items()}
     return row
@@ -47,7 +48,7 @@ def grid_search_row(run_dir: Path, row: dict) -> dict | None:
     path = Path(run_dir) / "search.json"
     if not path.exists():
         return None
-    grid = io.read_json(path)["grid_search"]
+    grid = files.read_json(path)["grid_search"]
     return {**{k: None for k in row}, "run": f"grid search for {row['run']} (APE, estimated)",
             "method": "separate (estimated)",
             "encoders": row["encoders"], "text_encoder": row["text_encoder"], "connector": row["connector"],
@@ -114,21 +115,21 @@ def plot_accuracy_vs_flops(run_dirs: list[str | Path], out: str | Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for run in map(Path, run_dirs):
-        points = [(r["train_flops_cum"], r["zeroshot_top1"]) for r in io.read_jsonl(run / "metrics.jsonl")
+        points = [(r["train_flops_cum"], r["zeroshot_top1"]) for r in files.read_jsonl(run / "metrics.jsonl")
                   if "zeroshot_top1" in r]
         if points:
             ax.plot(*zip(*points), marker="o", ms=3, label=f"{run_row(run)['method']} ({run.name}), mean")
         for path in sorted((run / "autodecode").glob("*.json")):
-            curve = [p for p in io.read_json(path)["curve"] if p["flops"] > 0]  # log axis: no step-0 point
+            curve = [p for p in files.read_json(path)["curve"] if p["flops"] > 0]  # log axis: no step-0 point
             ax.plot([p["flops"] for p in curve], [p["top1"] for p in curve], marker="s", ms=3,
-                    label=f"autodecode {io.read_json(path)['encoder']}")
+                    label=f"autodecode {files.read_json(path)['encoder']}")
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (forward + backward)")
     ax.set_ylabel("zero-shot top-1 (%)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = io.write_figure(out, fig, dpi=120)
+    out = files.write_figure(out, fig, dpi=120)
     plt.close(fig)
     return out
 
@@ -138,9 +139,9 @@ def seed_setting_table(batch: int = 2 ** 14, samples: int = 595_375) -> list[dic
     import torch
 
     from hnet.config import HypernetConfig
-    from hnet.connectors import ConnectorShape
     from hnet.flops import train_step_flops
-    from hnet.model import StitchModel
+    from hnet.models.connectors import ConnectorShape
+    from hnet.models.stitch import StitchModel
 
     rows = []
     for d_in, d_out in ((768, 384), (768, 768), (1024, 1024)):
@@ -172,6 +173,154 @@ def plot_reliability(dataset_result: dict, name: str, out: str | Path) -> Path:
     ax.set(xlabel="confidence", ylabel="accuracy", title=f"{name}: reliability", xlim=(0, 1), ylim=(0, 1))
     ax.legend(fontsize=6)
     fig.tight_layout()
-    out = io.write_figure(out, fig)
+    out = files.write_figure(out, fig)
     plt.close(fig)
     return out
+
+
+# ---- reports: clip_benchmark-style JSON per (run, data set), CSV and markdown over data sets and encoders --------
+
+CSV_COLUMNS = ("run", "dataset", "task", "encoder", "n", "acc1", "acc5", "mean_per_class_recall", "ece", "nll",
+               *(f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in RECALL_KS))
+
+
+def _clip_benchmark_metrics(m: dict) -> dict:
+    """Our percentages as clip_benchmark's keys and units (fractions in [0, 1])."""
+    return {"acc1": m["top1"] / 100, "acc5": m["top5"] / 100,
+            "mean_per_class_recall": m["mean_per_class_recall"] / 100, "ece": m["ece"] / 100, "nll": m["nll"]}
+
+
+def _retrieval_metrics(r: dict) -> dict:
+    """image_retrieval = text->image, text_retrieval = image->text, as clip_benchmark names them."""
+    out = {f"image_retrieval_recall@{k}": r["text_to_image"][f"R@{k}"] / 100 for k in RECALL_KS}
+    out.update({f"text_retrieval_recall@{k}": r["image_to_text"][f"R@{k}"] / 100 for k in RECALL_KS})
+    return out
+
+
+def dataset_reports(run_dir: Path, results: dict) -> dict[str, dict]:
+    """{file stem: content} of the per-data-set JSON files."""
+    run = Path(run_dir).name
+    reports = {}
+    for name, r in results["datasets"].items():
+        reports[name] = {"run": run, "dataset": name, "task": "zeroshot_classification", "path": r.get("path", ""),
+                         "layout": r.get("layout", ""), "n": r.get("n"), "text_encoder": results["text_encoder"],
+                         "templates": r.get("templates"), "n_templates": r.get("n_templates"),
+                         "metrics": {enc: _clip_benchmark_metrics(m) for enc, m in r["encoders"].items()}}
+    if results.get("retrieval"):
+        first = next(iter(results["retrieval"].values()))
+        reports["retrieval"] = {"run": run, "dataset": first.get("dataset", "retrieval"), "task": "zeroshot_retrieval",
+                                "n": first["n"], "n_texts": first.get("n_texts", first["n"]),
+                                "text_encoder": results["text_encoder"],
+                                "metrics": {enc: _retrieval_metrics(r) for enc, r in results["retrieval"].items()}}
+    return reports
+
+
+def csv_rows(reports: dict[str, dict]) -> list[dict]:
+    return [{"run": rep["run"], "dataset": rep["dataset"], "task": rep["task"], "encoder": enc, "n": rep["n"], **m}
+            for rep in reports.values() for enc, m in rep["metrics"].items()]
+
+
+def csv_table(rows: list[dict]) -> str:
+    def cell(v):
+        return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
+    lines = [",".join(CSV_COLUMNS)]
+    lines += [",".join(cell(row.get(c)) for c in CSV_COLUMNS) for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(run_dir: Path, results: dict) -> None:
+    reports = dataset_reports(run_dir, results)
+    for stem, report in reports.items():
+        files.write_json(Path(run_dir) / "eval" / f"{stem}.json", report)
+    files.write_text(Path(run_dir) / "eval.csv", csv_table(csv_rows(reports)))
+    files.write_text(Path(run_dir) / "eval.md", markdown_table(results))
+
+
+def markdown_table(results: dict) -> str:
+    lines = []
+    for enc, r in results.get("retrieval", {}).items():
+        i2t, t2i = r["image_to_text"], r["text_to_image"]
+        lines.append(f"retrieval {enc} (n={r['n']} images, {r.get('n_texts', r['n'])} captions): image->text "
+                     + " ".join(f"{k} {v:.1f}" for k, v in i2t.items())
+                     + " | text->image " + " ".join(f"{k} {v:.1f}" for k, v in t2i.items()))
+    for name, r in results["datasets"].items():
+        lines += [f"### {name} (zero-shot, {r.get('layout', '')} layout, templates: {r.get('templates')}, "
+                  f"chance {r['chance_top1']:.1f}%)", "",
+                  "| encoder | top-1 | top-5 | mean per-class recall | NLL | ECE |", "|---|---:|---:|---:|---:|---:|"]
+        for enc, m in r["encoders"].items():
+            lines.append(f"| {enc} | {m['top1']:.1f} | {m['top5']:.1f} | {m['mean_per_class_recall']:.1f} "
+                         f"| {m['nll']:.3f} | {m['ece']:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---- rankings and the search: the N x M view of pair scores
+
+def pair_grid(pairs: dict[str, list[str]], scores: dict[str, dict[str, float]]) -> dict:
+    """The N x M view of pair scores ({method: {pair: top-1}}): per method the best pair, and per image encoder
+    the best text encoder."""
+    images = list(dict.fromkeys(i for i, _ in pairs.values()))
+    texts = list(dict.fromkeys(t for _, t in pairs.values()))
+    cell = {(i, t): label for label, (i, t) in pairs.items()}
+    out = {"images": images, "texts": texts, "best_pair": {}, "best_text": {}}
+    for method, score in scores.items():
+        out["best_pair"][method] = max(pairs, key=score.get)
+        out["best_text"][method] = {i: max((t for t in texts if (i, t) in cell), key=lambda t: score[cell[i, t]])
+                                    for i in images}
+    return out
+
+
+def pair_grid_markdown(pairs: dict[str, list[str]], scores: dict[str, dict[str, float]]) -> list[str]:
+    """Rows: image encoders; columns: text encoders; cells: top-1 per method (hypernet / separate)."""
+    grid = pair_grid(pairs, scores)
+    cell = {(i, t): label for label, (i, t) in pairs.items()}
+    methods = list(scores)
+    lines = [f"| image encoder \\ text encoder ({' / '.join(methods)}) | " + " | ".join(grid["texts"])
+             + " | best text encoder |", "|---|" + "---:|" * len(grid["texts"]) + "---|"]
+    for i in grid["images"]:
+        cells = [" / ".join(f"{scores[m][cell[i, t]]:.1f}" for m in methods) if (i, t) in cell else "-"
+                 for t in grid["texts"]]
+        best = " / ".join(grid["best_text"][m][i] for m in methods)
+        lines.append(f"| {i} | " + " | ".join(cells) + f" | {best} |")
+    lines += ["", "Best pair: " + "; ".join(f"{m} {grid['best_pair'][m]}" for m in methods)]
+    return lines
+
+
+def ranking_markdown(r: dict) -> str:
+    lines = [f"### Encoder ranking on {r['dataset']}", ""]
+    pairs = r.get("pairs", {})
+    if len({t for _, t in pairs.values()}) > 1:
+        scores = {m: dict(zip(r["encoders"], r[f"{m}_top1"])) for m in ("hypernet", "separate")}
+        lines += pair_grid_markdown(pairs, scores) + [""]
+    lines += ["| encoder | hypernet top-1 | separate top-1 |", "|---|---:|---:|"]
+    lines += [f"| {n} | {h:.1f} | {s:.1f} |" for n, h, s in zip(r["encoders"], r["hypernet_top1"], r["separate_top1"])]
+    lines += ["", f"Spearman {r['spearman']:.3f}, Kendall {r['kendall']:.3f}, same best encoder: "
+                  f"{'yes' if r['top1_agreement'] else 'no'} ({r['best_hypernet']} vs {r['best_separate']}); "
+                  f"training FLOPs separate / hypernet = {r['flops_ratio']:.2f}"]
+    return "\n".join(lines)
+
+
+def search_markdown(r: dict) -> str:
+    b, f, g = r["budget"], r["flops"], r["grid_search"]
+    lines = [f"### Encoder search on {r['dataset']} (hypernetwork: {f['steps']} steps, "
+             f"k={b['encoders_per_step'] or 'all'}, {f['samples_embedded']} pairs embedded per encoder)", "",
+             "| rank | encoder | predicted zero-shot top-1 |", "|---:|---|---:|"]
+    lines += [f"| {row['rank']} | {row['encoder']} | {row['predicted_top1']:.1f} |" for row in r["ranking"]]
+    pairs = r.get("pairs", {})
+    if len({t for _, t in pairs.values()}) > 1:
+        lines += ["", *pair_grid_markdown(pairs, {"search": {row["encoder"]: row["predicted_top1"]
+                                                             for row in r["ranking"]}})]
+    lines += ["", "| FLOPs | search (hypernetwork) | grid search (APE, estimated) | grid / search |",
+              "|---|---:|---:|---:|"]
+    for key, label in (("train", "training"), ("total", "training + evaluation heads"),
+                       ("total_with_embed", "with every embedding pass")):
+        lines.append(f"| {label} | {f[key]:.3g} | {g[key]:.3g} | x{r['ratio'][key]:.2f} |")
+    lines.append(f"\nGrid search: {g['steps']} steps per connector over {g['samples']} pairs; both sides pay the same "
+                 f"evaluation-set embedding ({f['eval_embed']:.3g} FLOPs).")
+    if "agreement" in r:
+        a = r["agreement"]
+        lines.append(f"Against the finished grid search ({a['separate']}): Spearman {a['spearman']:.3f}, Kendall "
+                     f"{a['kendall']:.3f}, same best encoder: {'yes' if a['top1_hit'] else 'no'} "
+                     f"({a['predicted_best']} vs {a['true_best']}), regret {a['regret']:.1f} points, "
+                     f"top-3 recall {a['top3_recall']:.2f}.")
+    return "\n".join(lines) + "\n"

@@ -10,9 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
-from hnet.autodecode import autodecode
 from hnet.cli import main_guard
 from hnet.config import ConfigError, load_config
+from hnet.experiments.autodecode import autodecode
 
 
 @main_guard

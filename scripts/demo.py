@@ -2,7 +2,7 @@
 import json
 
 from hnet.cli import config_parser, main_guard, parse_config
-from hnet.pipeline import run_pipeline
+from hnet.experiments.pipeline import run_pipeline
 
 
 @main_guard

@@ -2,8 +2,8 @@
 import json
 
 from hnet.cli import config_parser, main_guard, parse_config
-from hnet.embedding import embed_training_data
-from hnet.train import make_accelerator
+from hnet.distributed import make_accelerator
+from hnet.experiments.train_run import embed_training_data
 
 
 @main_guard

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hnet.cli import main_guard
 from hnet.config import ConfigError, load_config, parse_dataset_spec
-from hnet.evaluate import evaluate_run
+from hnet.eval.evaluate import evaluate_run
 
 
 @main_guard

@@ -30,7 +30,12 @@ def main(argv=None):
               f"{out['encoder']} @ {out['img_size']} px: {out['gmacs']:.3f} GMACs, {out['gflops']:.3f} GFLOPs, "
               f"{out['params_m']:.2f} M params")
         return
-    from hnet.report import build_table, plot_accuracy_vs_flops, render, seed_setting_table
+    from hnet.report import (
+        build_table,
+        plot_accuracy_vs_flops,
+        render,
+        seed_setting_table,
+    )
 
     if args.seed_table:
         print(render(seed_setting_table(), args.format))

@@ -6,7 +6,8 @@ import argparse
 import json
 
 from hnet.cli import main_guard
-from hnet.ranking import rank_encoders, ranking_markdown
+from hnet.eval.ranking import rank_encoders
+from hnet.report import ranking_markdown
 
 
 @main_guard

@@ -9,7 +9,8 @@ search.md (RUN_DIR = <out_root>/<name>_search_hypernet).
 import json
 
 from hnet.cli import config_parser, main_guard, parse_config
-from hnet.search import run_search, search_markdown
+from hnet.experiments.search import run_search
+from hnet.report import search_markdown
 
 
 @main_guard

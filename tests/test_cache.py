@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from hnet import io
-from hnet.cache import text_key, CachedFeatures, CacheError, verify_cache, write_cache
-from hnet.embed_pass import _UnitDataset, build_cache, embed_pass
+from hnet import files
 from hnet.config import load_config
+from hnet.data.cache import CachedFeatures, CacheError, verify_cache, write_cache
+from hnet.data.embed import _UnitDataset, build_cache, embed_pass
 from hnet.data.sources import prepare_shards, shard_units
-from hnet.zoo import ImageEncoder, read_encoder_list
+from hnet.models.encoders import ImageEncoder, read_encoder_list, text_key
 from tests.conftest import tiny_overrides
 
 TEXT = text_key("all-MiniLM-L6-v2")  # the tiny configs' text encoder
@@ -95,8 +95,8 @@ def _small_cache(root):
 
 def _count_hashes(monkeypatch) -> list:
     calls = []
-    real = io.sha256_file
-    monkeypatch.setattr(io, "sha256_file", lambda path, *a: calls.append(path) or real(path, *a))
+    real = files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda path, *a: calls.append(path) or real(path, *a))
     return calls
 
 
@@ -165,7 +165,7 @@ def test_shared_transforms_run_once_and_give_the_ungrouped_features(tiny_root, t
         with torch.no_grad():
             want = np.concatenate([enc(torch.stack([enc.transform.transform(s["image"]) for s in samples[i:i + 60]]))
                                    .half().numpy() for i in range(0, 100, 60)])
-        got = np.load(tmp_path / "parts" / units[0].name / f"{io.slug(name)}.npy")
+        got = np.load(tmp_path / "parts" / units[0].name / f"{files.slug(name)}.npy")
         assert got.tobytes() == want.tobytes(), name
 
 
@@ -208,7 +208,7 @@ def test_bad_samples_in_shards_are_counted_in_the_manifest(tiny_root, tmp_path):
 def test_older_cache_text_array_serves_its_own_text_encoder_only(tmp_path):
     """A cache from before text encoders had names in it (one `text` array + manifest text_encoder) reads as that
     encoder's captions, and as no other's."""
-    from hnet.cache import TEXT as OLD_TEXT
+    from hnet.data.cache import TEXT as OLD_TEXT
 
     text = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float16)
     write_cache(tmp_path, ["a", "b", "c", "d"], {OLD_TEXT: text}, text_encoder="all-MiniLM-L6-v2")
@@ -223,13 +223,14 @@ def test_unnamed_text_array_cannot_stand_for_several_text_encoders(synthetic_cfg
     where every text encoder would silently read the same captions."""
     import dataclasses
 
-    from hnet import io
-    from hnet.cache import TEXT as OLD_TEXT, open_training_cache
+    from hnet import files
+    from hnet.data.cache import TEXT as OLD_TEXT
+    from hnet.data.cache import open_training_cache
 
-    manifest = io.read_json(synthetic_cfg.cache_path / "manifest.json")
+    manifest = files.read_json(synthetic_cfg.cache_path / "manifest.json")
     key = text_key("all-MiniLM-L6-v2")
     manifest["encoders"][OLD_TEXT] = manifest["encoders"].pop(key)
-    io.write_json(synthetic_cfg.cache_path / "manifest.json", manifest)
+    files.write_json(synthetic_cfg.cache_path / "manifest.json", manifest)
     assert open_training_cache(synthetic_cfg, []).width(key) == 24
     with pytest.raises(CacheError, match="names no text encoder"):
         open_training_cache(dataclasses.replace(synthetic_cfg, text_encoders=["a", "b"]), [])

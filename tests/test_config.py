@@ -37,7 +37,7 @@ def test_shipped_configs_load():
 
 
 def test_research_zoo_is_9_image_by_3_text_encoders():
-    from hnet.zoo import read_encoder_list
+    from hnet.models.encoders import read_encoder_list
 
     cfg = load_config("configs/cc595k_9x3.yaml")
     assert len(read_encoder_list(cfg.encoders)) == 9

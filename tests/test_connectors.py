@@ -3,9 +3,16 @@ import torch
 import torch.nn.functional as F
 
 from hnet.config import HypernetConfig
-from hnet.connectors import Connector, ConnectorShape, SeparateConnectors, connector_forward, init_std, width_mask
-from hnet.hypernet import HyperNetwork
-from hnet.model import project
+from hnet.models.connectors import (
+    Connector,
+    ConnectorShape,
+    SeparateConnectors,
+    connector_forward,
+    init_std,
+    width_mask,
+)
+from hnet.models.hypernet import HyperNetwork
+from hnet.models.stitch import project
 
 WIDTHS = [24, 40, 64]
 TEXT_WIDTHS = [20, 32]

@@ -12,7 +12,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from hnet import io
+from hnet import files
 from hnet.config import dump_yaml, load_config
 from tests.conftest import tiny_overrides, with_train
 
@@ -43,10 +43,10 @@ def assert_same_training(one, two, atol=3e-5):
     """Same lr column, same losses, same weights: Adam divides by the square root of tiny second moments, which
     turns float rounding (2 ranks sum in another order) into a few differences of ~1e-5 among 1M weights, so
     each tensor must agree elementwise to 3e-5 and as a whole to 1e-5 relative (Frobenius norm)."""
-    rows1, rows2 = (io.read_jsonl(r / "metrics.jsonl") for r in (one, two))
+    rows1, rows2 = (files.read_jsonl(r / "metrics.jsonl") for r in (one, two))
     assert [r["world"] for r in rows1] == [1] * len(rows1)
     assert [r["world"] for r in rows2] == [2] * len(rows2), "the 2-rank run did not run on 2 ranks"
-    assert io.read_json(two / "flops.json")["phases"]["train"]["parts"]["world"] == 2
+    assert files.read_json(two / "flops.json")["phases"]["train"]["parts"]["world"] == 2
     assert [r["step"] for r in rows1] == [r["step"] for r in rows2]
     assert [r["lr"] for r in rows1] == [r["lr"] for r in rows2]
     torch.testing.assert_close(torch.tensor([r["loss"] for r in rows2]), torch.tensor([r["loss"] for r in rows1]),
@@ -67,11 +67,11 @@ def test_hypernet_two_ranks_match_one_process(tiny_cfg, tmp_path):
     """On real (tiny) features, with the mid-run zero-shot probe on both ranks (eval set embedded split over them)."""
     one, two = train_both(_cfg(tiny_cfg, "hyper", eval_every=4), tmp_path)
     assert_same_training(one, two)
-    probes = [[r["zeroshot_top1"] for r in io.read_jsonl(run / "metrics.jsonl") if "zeroshot_top1" in r]
+    probes = [[r["zeroshot_top1"] for r in files.read_jsonl(run / "metrics.jsonl") if "zeroshot_top1" in r]
               for run in (one, two)]
     assert len(probes[1]) == 2
     torch.testing.assert_close(torch.tensor(probes[1]), torch.tensor(probes[0]), rtol=0, atol=1.1)  # <= 1 image
-    lrs = [r["lr"] for r in io.read_jsonl(two / "metrics.jsonl")]
+    lrs = [r["lr"] for r in files.read_jsonl(two / "metrics.jsonl")]
     assert lrs[-1] == 0.0 and lrs[3] > 0.0  # one cosine over the whole run, not one per rank
 
 
@@ -92,7 +92,7 @@ def test_pairs_two_ranks_match_one_process(pairs_cfg, tmp_path):
     # this synthetic task is nearly separable: a few of Adam's near-zero second moments turn the ranks' other
     # summation order into differences up to ~7e-5 (relative norm 7e-6); losses agree to 1e-6
     assert_same_training(one, two, atol=1e-4)
-    assert io.read_json(two / "model.json")["text_encoders"] == pairs_cfg.text_encoders
+    assert files.read_json(two / "model.json")["text_encoders"] == pairs_cfg.text_encoders
     assert "source.text_cond" not in load_file(str(two / "model.safetensors"))
     conds = [load_file(str(r / "cond_embeddings.safetensors")) for r in (one, two)]
     for key in conds[0]:  # the image and text vectors (text:NAME) live in cond_embeddings
@@ -103,7 +103,7 @@ def test_pairs_two_ranks_match_one_process(pairs_cfg, tmp_path):
 def test_local_loss_two_ranks_match_one_process(synthetic_cfg, tmp_path):
     one, two = train_both(_cfg(synthetic_cfg, "local", local_loss=True), tmp_path)
     assert_same_training(one, two)  # tests/test_losses.py checks the local-loss gradients directly
-    parts = [io.read_json(r / "flops.json")["phases"]["train"]["parts"] for r in (one, two)]
+    parts = [files.read_json(r / "flops.json")["phases"]["train"]["parts"] for r in (one, two)]
     assert parts[1]["local_loss"] is True
     # each of 2 ranks: B/2 rows x B columns, in 2 directions = B x B, so both ranks together compute twice the
     # one process's logits (as without local_loss at 2 ranks; the saving grows with the world size)
@@ -158,7 +158,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(synthetic_cfg, tmp_path
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out[-3000:]
-    rows = io.read_jsonl(cfg.run_dir / "metrics.jsonl")
+    rows = files.read_jsonl(cfg.run_dir / "metrics.jsonl")
     saved = sorted((cfg.run_dir / "checkpoints").iterdir())
     assert {r["world"] for r in rows} == {2}
     assert saved and saved[-1].name == f"step_{rows[-1]['step']:08d}"
@@ -175,6 +175,6 @@ def test_search_on_two_ranks(tiny_cfg, tmp_path):
     path.write_text(dump_yaml(cfg))
     launch("search.py", path, 2)
     run = cfg.out_root + "/search2_search_hypernet"
-    out = io.read_json(f"{run}/search.json")
-    assert {r["world"] for r in io.read_jsonl(f"{run}/metrics.jsonl")} == {2}
+    out = files.read_json(f"{run}/search.json")
+    assert {r["world"] for r in files.read_jsonl(f"{run}/metrics.jsonl")} == {2}
     assert len(out["ranking"]) == 3 and out["flops"]["steps"] == 4

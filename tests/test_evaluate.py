@@ -5,13 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hnet.cache import CachedFeatures
+from hnet.data.cache import CachedFeatures
 from hnet.data.zeroshot import CIFAR_TEMPLATES, TEMPLATES, cifar_pickled
-from hnet.evaluate import classification_metrics, evaluate_run
-from hnet.model import connector_for
-from hnet.retrieval import recall_at_k
-from hnet.train import train
-from hnet.zoo import TextEncoder
+from hnet.eval.evaluate import evaluate_run
+from hnet.eval.retrieval import recall_at_k
+from hnet.eval.zeroshot import classification_metrics
+from hnet.models.encoders import TextEncoder
+from hnet.runs import connector_for
+from hnet.train.loop import train
 
 
 def test_accuracy_equals_independent_clip_style_computation(tiny_cfg):
@@ -85,17 +86,17 @@ def test_cifar_pickled_layout(tmp_path):
 
 
 def test_eval_ledger_counts_encoder_forwards_once(tiny_cfg):
-    from hnet import io
+    from hnet import files
     from hnet.flops import encoder_flops
 
     fresh = dataclasses.replace(tiny_cfg, data=dataclasses.replace(tiny_cfg.data, demo_eval_samples=48),
                                 train=dataclasses.replace(tiny_cfg.train, max_steps=2))
     train(fresh)
     evaluate_run(fresh, fresh.run_dir, ["demo"])  # embeds the 48 images with every encoder
-    first = io.read_json(fresh.run_dir / "flops.json")["phases"]["eval"]["flops"]
+    first = files.read_json(fresh.run_dir / "flops.json")["phases"]["eval"]["flops"]
     forwards = sum(48 * encoder_flops(n)["gflops"] * 1e9 for n in fresh.encoders)
     evaluate_run(fresh, fresh.run_dir, ["demo"])  # cached: only connectors and logits again
-    second = io.read_json(fresh.run_dir / "flops.json")["phases"]["eval"]["flops"] - first
+    second = files.read_json(fresh.run_dir / "flops.json")["phases"]["eval"]["flops"] - first
     assert 0 < second < 0.05 * forwards
     assert first == pytest.approx(forwards + second, rel=1e-6)
 
@@ -117,7 +118,7 @@ def test_retrieval_on_a_captioned_shard_set(tiny_cfg):
 
 
 def test_eval_cost_is_the_same_when_another_run_filled_the_cache(tiny_cfg):
-    from hnet import io
+    from hnet import files
 
     cfg = dataclasses.replace(tiny_cfg, eval=dataclasses.replace(tiny_cfg.eval, max_images=40),
                               train=dataclasses.replace(tiny_cfg.train, max_steps=1))
@@ -126,7 +127,7 @@ def test_eval_cost_is_the_same_when_another_run_filled_the_cache(tiny_cfg):
         train(run)
     evaluate_run(cfg, cfg.run_dir, ["demo"])  # embeds the 40 images
     evaluate_run(other, other.run_dir, ["demo"])  # finds them cached
-    first, second = (io.read_json(r.run_dir / "flops.json")["phases"]["eval"] for r in (cfg, other))
+    first, second = (files.read_json(r.run_dir / "flops.json")["phases"]["eval"] for r in (cfg, other))
     assert first["flops"] == second["flops"] > 0
     embeds = [{k: p for k, p in phase["parts"].items() if k.startswith("embed/")} for phase in (first, second)]
     assert len(embeds[0]) == len(cfg.encoders) and embeds[0].keys() == embeds[1].keys()
@@ -136,9 +137,9 @@ def test_eval_cost_is_the_same_when_another_run_filled_the_cache(tiny_cfg):
 def test_zero_shot_logits_stay_on_the_features_device():
     """meta tensors refuse to mix with CPU ones: a CPU tensor made next to them (widths) raises."""
     from hnet.config import HypernetConfig
-    from hnet.connectors import ConnectorShape
-    from hnet.evaluate import zero_shot_logits
-    from hnet.model import StitchModel
+    from hnet.eval.zeroshot import zero_shot_logits
+    from hnet.models.connectors import ConnectorShape
+    from hnet.models.stitch import StitchModel
 
     model = StitchModel("separate", ConnectorShape("linear", "text_to_image", 32, 24), [32, 16],
                         HypernetConfig()).to("meta")
@@ -150,7 +151,7 @@ class SpyAccelerator:
     """A real accelerator that records being asked for its device and that build_cache received it."""
 
     def __init__(self, cfg):
-        from hnet.train import make_accelerator
+        from hnet.distributed import make_accelerator
 
         self.real, self.device_reads = make_accelerator(cfg), 0
 
@@ -164,18 +165,18 @@ class SpyAccelerator:
 
 
 def test_evaluation_runs_on_the_given_accelerator(tiny_cfg, monkeypatch):
-    import hnet.evaluate
-    from hnet import io
+    import hnet.eval.zeroshot
+    from hnet import files
 
     cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, max_steps=1))
     train(cfg)
     spy = SpyAccelerator(cfg)
     seen = []
-    real_build = hnet.evaluate.build_cache
-    monkeypatch.setattr(hnet.evaluate, "build_cache", lambda *a, **kw: seen.append(kw["accelerator"]) or
+    real_build = hnet.eval.zeroshot.build_cache
+    monkeypatch.setattr(hnet.eval.zeroshot, "build_cache", lambda *a, **kw: seen.append(kw["accelerator"]) or
                         real_build(*a, **kw))
     results = evaluate_run(cfg, cfg.run_dir, ["demo"], accelerator=spy)
     assert seen == [spy] and spy.device_reads > 0
-    saved = io.read_json(cfg.run_dir / "eval.json")
+    saved = files.read_json(cfg.run_dir / "eval.json")
     assert saved["device"] == results["device"] == str(spy.real.device)
     assert saved["datasets"]["demo"]["features_device"] == str(spy.real.device)

@@ -11,11 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hnet import io
-from hnet.cache import text_key, write_cache
-from hnet.checkpoint import CheckpointError, checkpoint_dirs
+from hnet import files
 from hnet.config import dump_yaml
-from hnet.train import NonFiniteError, train
+from hnet.data.cache import write_cache
+from hnet.models.encoders import text_key
+from hnet.train.checkpoint import CheckpointError, checkpoint_dirs
+from hnet.train.loop import NonFiniteError, train
 from tests.conftest import with_train
 
 SCRIPT = [sys.executable, "scripts/learn_multi_mapper.py"]
@@ -55,7 +56,7 @@ def test_sigkill_then_resume_equals_uninterrupted(zoo, k, request, tmp_path):
     a, b = load_file(str(straight.run_dir / "model.safetensors")), load_file(str(killed.run_dir / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
-    assert strip(io.read_jsonl(straight.run_dir / "metrics.jsonl")) == strip(io.read_jsonl(killed.run_dir / "metrics.jsonl"))
+    assert strip(files.read_jsonl(straight.run_dir / "metrics.jsonl")) == strip(files.read_jsonl(killed.run_dir / "metrics.jsonl"))
 
 
 def test_sigterm_writes_a_checkpoint_before_exit(synthetic_cfg, tmp_path):
@@ -112,7 +113,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(synthetic_cfg, tmp_path)
 def test_nonfinite_skip_counts_and_stays_finite(synthetic_cfg, tmp_path):
     cfg = with_train(_nan_cfg(synthetic_cfg, tmp_path), max_steps=6, nonfinite="skip")
     train(cfg)
-    rows = io.read_jsonl(cfg.run_dir / "metrics.jsonl")
+    rows = files.read_jsonl(cfg.run_dir / "metrics.jsonl")
     # 4 steps (2 epochs of 2 batches); one batch of each epoch holds the NaN sample
     assert [r["skipped_steps"] for r in rows] == [1, 1, 2, 2]
     assert all(torch.isfinite(t).all() for t in load_file(str(cfg.run_dir / "model.safetensors")).values())
@@ -138,9 +139,9 @@ def test_bad_flags_exit_2_with_one_line_and_write_nothing(tmp_path, flag, messag
 
 def test_checkpoint_of_an_earlier_hnet_is_refused_with_a_reason(tmp_path):
     """Checkpoints whose scheduler accelerate stepped once per rank (scheduler.bin) cannot be resumed as they are."""
-    from hnet.checkpoint import CheckpointError, verify_checkpoint
+    from hnet.train.checkpoint import CheckpointError, verify_checkpoint
 
-    io.write_json(tmp_path / "trainer_state.json", {"step": 3, "sha256": {}})
+    files.write_json(tmp_path / "trainer_state.json", {"step": 3, "sha256": {}})
     (tmp_path / "scheduler.bin").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="written by an earlier hnet"):
         verify_checkpoint(tmp_path)

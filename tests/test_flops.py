@@ -3,10 +3,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from hnet.config import HypernetConfig
-from hnet.connectors import ConnectorShape
 from hnet.flops import encoder_flops, train_step_flops
-from hnet.losses import clip_loss
-from hnet.model import StitchModel
+from hnet.models.connectors import ConnectorShape
+from hnet.models.losses import clip_loss
+from hnet.models.stitch import StitchModel
 
 # timm's published GMACs at 224 px
 PUBLISHED = {"vit_small_patch16_224": 4.61, "deit_small_patch16_224": 4.61, "vit_base_patch16_224": 17.58,
@@ -54,7 +54,7 @@ def test_train_step_formula_matches_torch_counter(method, kind, direction):
 
 def _measured_single_connectors(model, batch):
     """torch's count of each pair's connector trained alone at its true widths (forward + backward)."""
-    from hnet.connectors import Connector
+    from hnet.models.connectors import Connector
 
     total = 0
     params = model.source(torch.arange(len(model.pairs)))
@@ -115,8 +115,8 @@ def test_pipeline_ledger_equals_an_independent_recount(tiny_cfg, monkeypatch):
     is evaluated once."""
     import dataclasses
 
-    import hnet.pipeline
-    from hnet import io
+    import hnet.experiments.pipeline
+    from hnet import files
     from tests.conftest import TINY_ENCODERS
 
     held, seen = TINY_ENCODERS[2], TINY_ENCODERS[:2]
@@ -125,15 +125,15 @@ def test_pipeline_ledger_equals_an_independent_recount(tiny_cfg, monkeypatch):
                               autodecode=dataclasses.replace(tiny_cfg.autodecode, steps=3, eval_every=1,
                                                              batch_size=64))
     evaluated = []
-    real_evaluate = hnet.pipeline.evaluate_run
-    monkeypatch.setattr(hnet.pipeline, "evaluate_run", lambda c, run, ds: evaluated.append(run) or real_evaluate(c, run, ds))
-    summary = hnet.pipeline.run_pipeline(cfg, control=False)
+    real_evaluate = hnet.experiments.pipeline.evaluate_run
+    monkeypatch.setattr(hnet.experiments.pipeline, "evaluate_run", lambda c, run, ds: evaluated.append(run) or real_evaluate(c, run, ds))
+    summary = hnet.experiments.pipeline.run_pipeline(cfg, control=False)
     assert sorted(map(str, evaluated)) == sorted({str(r) for r in evaluated})  # no run twice
     run = dataclasses.replace(cfg, method="hypernet").run_dir
-    phases = io.read_json(run / "flops.json")["phases"]
-    meta = io.read_json(run / "model.json")
-    manifest = io.read_json(cfg.cache_path / "manifest.json")
-    n_classes = len(io.read_json(run / "eval.json")["datasets"]["demo"]["classes"])
+    phases = files.read_json(run / "flops.json")["phases"]
+    meta = files.read_json(run / "model.json")
+    manifest = files.read_json(cfg.cache_path / "manifest.json")
+    n_classes = len(files.read_json(run / "eval.json")["datasets"]["demo"]["classes"])
     count, batch, eval_images, d, t = manifest["count"], 64, 96, max(meta["widths"]), 384
     gflops = {n: encoder_flops(n)["gflops"] * 1e9 for n in TINY_ENCODERS}
     # embedding: the two trained encoders + captions over the cache; the held-out one over its 3 x 64 samples
@@ -162,7 +162,7 @@ def test_pipeline_ledger_equals_an_independent_recount(tiny_cfg, monkeypatch):
 
 
 def load_model_for(run):
-    from hnet.model import load_model
+    from hnet.runs import load_model
 
     return load_model(run)[0]
 
@@ -173,7 +173,7 @@ def test_local_loss_logits_formula_equals_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
     from hnet.flops import logits_macs
-    from hnet.losses import local_clip_loss
+    from hnet.models.losses import local_clip_loss
 
     n, batch, width, world = 3, 32, 16, 4
     local = batch // world

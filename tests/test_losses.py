@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from hnet.losses import clip_loss, contrastive_logits
+from hnet.models.losses import clip_loss, contrastive_logits
 
 
 def test_hand_computed_two_by_two():
@@ -55,7 +55,7 @@ def _loss_and_grad(x, text, weight):
 
 
 def _local_loss_and_grad(x, text, weight, local):
-    from hnet.losses import loss_and_surrogate
+    from hnet.models.losses import loss_and_surrogate
 
     weight = weight.clone().requires_grad_(True)
     a = F.normalize(torch.bmm(x, weight), dim=-1)
@@ -97,7 +97,7 @@ def test_two_process_gather_matches_one_process(local):
 
 @pytest.mark.parametrize("shared_text", [True, False])
 def test_chunked_loss_and_surrogate_give_the_full_loss_and_gradient(shared_text):
-    from hnet.losses import loss_and_surrogate
+    from hnet.models.losses import loss_and_surrogate
 
     torch.manual_seed(1)
     weight = torch.randn(5, 6, 4, requires_grad=True)
@@ -121,7 +121,7 @@ def test_chunked_loss_and_surrogate_give_the_full_loss_and_gradient(shared_text)
 
 
 def test_fused_backward_matches_cross_entropy_autograd():
-    from hnet.losses import SymmetricInfoNCE
+    from hnet.models.losses import SymmetricInfoNCE
 
     torch.manual_seed(2)
     logits = (torch.randn(3, 9, 9) * 4).requires_grad_()

@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hnet import io
+from hnet import files
 from hnet.config import ConfigError
+from hnet.data.cache import CachedFeatures
 from hnet.data.features import FeatureBatches
-from hnet.cache import CachedFeatures
-from hnet.model import connector_for, load_model
-from hnet.pairs import Pairs, pair_label
-from hnet.train import draw_counts, encoder_subset, train
+from hnet.models.pairs import Pairs, pair_label
+from hnet.runs import connector_for, load_model
+from hnet.train.loop import train
+from hnet.train.optim import draw_counts, encoder_subset
 from tests.conftest import PAIR_TEXTS, with_train
 
 
@@ -31,10 +32,10 @@ def test_k_of_n_x_m_pairs_drawn_deterministically_and_counted(pairs_cfg):
     train(cfg)
     images = cfg.encoders
     labels = [pair_label(i, t, True) for i in images for t in PAIR_TEXTS]
-    meta = io.read_json(cfg.run_dir / "model.json")
+    meta = files.read_json(cfg.run_dir / "model.json")
     assert meta["names"] == labels and meta["pairs"] == Pairs.grid(3, 2).as_list()
     assert meta["text_encoders"] == PAIR_TEXTS and meta["text_widths"] == [24, 16]
-    draws = io.read_json(cfg.run_dir / "flops.json")["phases"]["train"]["parts"]["encoder_draws"]
+    draws = files.read_json(cfg.run_dir / "flops.json")["phases"]["train"]["parts"]["encoder_draws"]
     expected = draw_counts(cfg, 6, 9)
     assert draws == dict(zip(labels, expected.tolist())) and sum(draws.values()) == 2 * 9
     assert (expected > 0).sum() > 2  # the draws move over the grid
@@ -50,9 +51,9 @@ def test_unseen_combination_of_seen_encoders_is_generated_without_training(pairs
     held = pair_label(image, text, True)
     cfg = dataclasses.replace(with_train(pairs_cfg, max_steps=6, epochs=100), held_out_pairs=[held])
     train(cfg)
-    meta = io.read_json(cfg.run_dir / "model.json")
+    meta = files.read_json(cfg.run_dir / "model.json")
     assert held in meta["names"] and held not in meta["trained"] and len(meta["trained"]) == 5
-    assert held not in io.read_json(cfg.run_dir / "flops.json")["phases"]["train"]["parts"]["encoder_draws"]
+    assert held not in files.read_json(cfg.run_dir / "flops.json")["phases"]["train"]["parts"]["encoder_draws"]
     model, names = load_model(cfg.run_dir)
     p, source = names.index(held), model.source
     with torch.no_grad():
@@ -85,7 +86,7 @@ def test_held_out_pair_must_be_a_pair_of_the_run(pairs_cfg):
 
 def test_an_encoder_with_every_pair_held_out_is_refused():
     """Its vector would never train; held_out is the way to leave an image encoder out."""
-    from hnet.pairs import resolve_pairs
+    from hnet.models.pairs import resolve_pairs
 
     with pytest.raises(ConfigError, match="every pair of image encoder 'a' is held out"):
         resolve_pairs(["a", "b"], ["t", "u"], ["a + t", "a + u"])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hnet.proxies import linear_cka, mutual_knn, ridge_retrieval, score
+from hnet.experiments.proxies import linear_cka, mutual_knn, ridge_retrieval, score
 
 
 def _hsic_cka(x, y):
@@ -50,7 +50,7 @@ def test_unknown_proxy_named():
 
 
 def test_agreement_metrics_by_hand():
-    from hnet.ranking import agreement
+    from hnet.eval.ranking import agreement
 
     truth = {"a": 50.0, "b": 40.0, "c": 30.0, "d": 20.0}
     same = agreement({"a": 0.9, "b": 0.5, "c": 0.2, "d": 0.1}, truth)

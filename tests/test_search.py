@@ -4,11 +4,13 @@ from pathlib import Path
 
 import numpy as np
 
-from hnet import io
-from hnet.cache import text_key, CachedFeatures
+from hnet import files
+from hnet.data.cache import CachedFeatures
+from hnet.experiments.search import run_search
 from hnet.flops import encoder_flops
-from hnet.search import run_search
-from hnet.train import encoder_subset, train
+from hnet.models.encoders import text_key
+from hnet.train.loop import train
+from hnet.train.optim import encoder_subset
 
 TEXT = text_key("all-MiniLM-L6-v2")  # the tiny configs' text encoder
 
@@ -20,7 +22,7 @@ def _budget(cfg, **search):
 def test_search_embeds_trains_and_ranks_within_its_budget(tiny_cfg):
     cfg = _budget(tiny_cfg, steps=5, encoders_per_step=1, samples_per_encoder=128)
     out = run_search(cfg)
-    run = io.read_json(f"{out['run']}/flops.json")["phases"]
+    run = files.read_json(f"{out['run']}/flops.json")["phases"]
     # only the first 128 pairs were embedded, by every encoder and the text encoder
     cache = CachedFeatures(tiny_cfg.cache_root / "first_128", [TEXT])
     assert cache.count == 128 and cache.keys() == CachedFeatures(tiny_cfg.cache_root).keys()[:128]
@@ -37,7 +39,7 @@ def test_search_embeds_trains_and_ranks_within_its_budget(tiny_cfg):
     assert sorted(r["encoder"] for r in out["ranking"]) == sorted(tiny_cfg.encoders) and top1 == sorted(top1)[::-1]
     assert out["flops"]["train"] == run["train"]["flops"]
     assert out["flops"]["total_with_embed"] == sum(p["flops"] for p in run.values())
-    assert (tmp := io.read_json(f"{out['run']}/search.json"))["ratio"] == out["ratio"] and tmp["grid_search"]
+    assert (tmp := files.read_json(f"{out['run']}/search.json"))["ratio"] == out["ratio"] and tmp["grid_search"]
     assert "| rank | encoder |" in open(f"{out['run']}/search.md").read()
     from hnet.report import build_table
 
@@ -52,11 +54,11 @@ def test_grid_search_estimate_equals_a_real_separate_run(tiny_cfg):
     cfg = _budget(tiny_cfg, steps=3, samples_per_encoder=64)
     separate = dataclasses.replace(cfg, method="separate", name="grid")
     train(separate)
-    io.write_json(separate.run_dir / "eval.json", {"datasets": {"demo": {"encoders": {
+    files.write_json(separate.run_dir / "eval.json", {"datasets": {"demo": {"encoders": {
         n: {"top1": float(i)} for i, n in enumerate(tiny_cfg.encoders)}}}})
     out = run_search(cfg, separate.run_dir)
-    ledger = io.read_json(separate.run_dir / "flops.json")["phases"]
-    manifest = io.read_json(tiny_cfg.cache_root / "manifest.json")
+    ledger = files.read_json(separate.run_dir / "flops.json")["phases"]
+    manifest = files.read_json(tiny_cfg.cache_root / "manifest.json")
     assert out["grid_search"]["train"] == ledger["train"]["flops"]
     assert out["grid_search"]["steps"] == ledger["train"]["steps"]
     full_embed = manifest["count"] * sum(manifest["flops_per_sample"][n] for n in tiny_cfg.encoders + [TEXT])

@@ -5,7 +5,14 @@ import pytest
 from torch.utils.data import DataLoader
 
 from hnet.data import demo
-from hnet.data.shards import DataError, expand_urls, iter_shard, load_metadata, make_reader, make_shards
+from hnet.data.shards import (
+    DataError,
+    expand_urls,
+    iter_shard,
+    load_metadata,
+    make_reader,
+    make_shards,
+)
 
 
 @pytest.fixture(scope="module")

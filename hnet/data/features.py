@@ -11,8 +11,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from hnet.cache import CachedFeatures, text_key
 from hnet.config import ConfigError
+from hnet.data.cache import CachedFeatures
+from hnet.models.encoders import text_key
 
 
 class FeatureBatches:

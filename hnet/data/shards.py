@@ -18,9 +18,8 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from hnet import io
-
-MANIFEST = "manifest.json"
+from hnet import files
+from hnet.files import MANIFEST
 
 
 class DataError(ValueError):
@@ -93,9 +92,9 @@ def make_shards(metadata: str | Path, images: str | Path, out: str | Path, shard
         raise DataError(f"--shard-size: must be > 0, got {shard_size}")
     records = load_metadata(metadata)
     out.mkdir(parents=True, exist_ok=True)
-    io.remove_stale_temps(out)
+    files.remove_stale_temps(out)
     manifest_path = out / MANIFEST
-    manifest = io.read_json(manifest_path) if manifest_path.exists() else None
+    manifest = files.read_json(manifest_path) if manifest_path.exists() else None
     if not manifest or manifest.get("shard_size") != shard_size or manifest.get("source") != str(metadata):
         manifest = {"source": str(metadata), "shard_size": shard_size, "shards": [], "skipped": [], "complete": False}
     chunks = [records[i:i + shard_size] for i in range(0, len(records), shard_size)]
@@ -104,11 +103,11 @@ def make_shards(metadata: str | Path, images: str | Path, out: str | Path, shard
             if r["id"] not in dropped}
     for index in tqdm(range(len(manifest["shards"]), len(chunks)), desc="shards", unit="shard"):
         manifest = _write_one_shard(chunks[index], index, images, out, seen, manifest)
-        io.write_json(manifest_path, manifest)
+        files.write_json(manifest_path, manifest)
     manifest["complete"] = True
     manifest["total"] = sum(s["count"] for s in manifest["shards"])
     manifest["pattern"] = shard_pattern(out, len(manifest["shards"]))
-    io.write_json(manifest_path, manifest)
+    files.write_json(manifest_path, manifest)
     if manifest["skipped"]:
         warnings.warn(f"make_shards: skipped {len(manifest['skipped'])} samples (see {manifest_path})")
     return manifest
@@ -117,7 +116,7 @@ def make_shards(metadata: str | Path, images: str | Path, out: str | Path, shard
 def _write_one_shard(chunk: list[dict], index: int, images: Path, out: Path, seen: set, manifest: dict) -> dict:
     name = f"{index:06d}.tar"
     keys: list[str] = []
-    with io.atomic_path(out / name) as tmp:
+    with files.atomic_path(out / name) as tmp:
         with wds.TarWriter(str(tmp), mtime=0) as sink:  # reproducible bytes
             for rec in chunk:
                 key = sample_key(rec["id"])

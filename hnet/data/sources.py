@@ -4,11 +4,11 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from hnet.cache import Unit
 from hnet.config import Config, ConfigError
 from hnet.data import demo
-from hnet.data.shards import MANIFEST, expand_urls, iter_shard, make_shards
-from hnet.io import read_json
+from hnet.data.cache import Unit
+from hnet.data.shards import expand_urls, iter_shard, make_shards
+from hnet.files import MANIFEST, read_json
 
 
 def demo_root(cfg: Config) -> Path:

@@ -16,7 +16,6 @@ otherwise; `eval.templates` (when not `auto`) overrides them all.
 from __future__ import annotations
 
 import functools
-
 import hashlib
 import io as _io
 import pickle
@@ -32,8 +31,8 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TE
 from PIL import Image
 from timm.data import ImageNetInfo
 
-from hnet.cache import Unit
 from hnet.config import Config, ConfigError, parse_dataset_spec
+from hnet.data.cache import Unit
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG"}
 WDS_IMAGE_FIELDS = ("webp", "jpg", "jpeg", "png")

@@ -10,17 +10,22 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from hnet import io
-from hnet.cache import TEXT_PREFIX
-from hnet.autodecode import autodecode, compare_to_separate
+from hnet import files
 from hnet.config import Config, ConfigError, dataset_name
-from hnet.evaluate import evaluate_run
-from hnet.pairs import held_labels, resolve_pairs
-from hnet.ranking import rank_encoders, ranking_markdown
-from hnet.report import build_table, plot_accuracy_vs_flops, render
-from hnet.run import train_run
-from hnet.search import has_budget, run_search, search_markdown
-from hnet.zoo import read_encoder_list
+from hnet.eval.evaluate import evaluate_run
+from hnet.eval.ranking import rank_encoders
+from hnet.experiments.autodecode import autodecode, compare_to_separate
+from hnet.experiments.search import has_budget, run_search
+from hnet.experiments.train_run import train_run
+from hnet.models.encoders import TEXT_PREFIX, read_encoder_list
+from hnet.models.pairs import held_labels, resolve_pairs
+from hnet.report import (
+    build_table,
+    plot_accuracy_vs_flops,
+    ranking_markdown,
+    render,
+    search_markdown,
+)
 
 
 def mean_top1(results: dict, dataset: str, names: list[str] | None = None) -> float:
@@ -44,7 +49,7 @@ def _train_and_eval(cfg: Config, datasets: list[str], show: bool = True, train: 
 def _curve(run_dir, key: str = "zeroshot_top1") -> list[dict]:
     """Accuracy vs training FLOPs along a run (rows logged with train.eval_every): of one pair
     (`zeroshot_top1/NAME`), or the mean over the run's pairs."""
-    return [{"flops": r["train_flops_cum"], "top1": r[key]} for r in io.read_jsonl(run_dir / "metrics.jsonl")
+    return [{"flops": r["train_flops_cum"], "top1": r[key]} for r in files.read_jsonl(run_dir / "metrics.jsonl")
             if key in r]
 
 
@@ -79,7 +84,7 @@ def flops_with_embed(decoded: dict, separate_run) -> dict:
     whole cache; auto-decoding pays it over the samples its budget used. The captions' text embeddings are left out
     on both sides (auto-decoding reuses the hypernetwork run's; a separate connector would reuse them too).
     """
-    phases = io.read_json(separate_run / "flops.json")["phases"]
+    phases = files.read_json(separate_run / "flops.json")["phases"]
     separate = phases["train"]["flops"]
     decoding = decoded["flops"] + decoded.get("finetune", {}).get("flops", 0)
     # the captions' text embeddings are left out on both sides: auto-decoding reuses the hypernetwork run's
@@ -116,7 +121,7 @@ def run_pipeline(cfg: Config, control: bool = True) -> dict:
     if cfg.held_out:  # before the evaluation, so that the run is evaluated once, auto-decoded encoder included
         summary["held_out"] = held_out_study(hyper, specs, dataset)
     evals["hypernet"] = _train_and_eval(hyper, cfg.eval.datasets, train=False)
-    meta = io.read_json(hyper.run_dir / "model.json")
+    meta = files.read_json(hyper.run_dir / "model.json")
     shared = meta.get("trained", meta["names"])  # like for like: the pairs both runs trained
     for name in map(dataset_name, cfg.eval.datasets):
         summary["datasets"][name] = {"chance": evals["hypernet"]["datasets"][name]["chance_top1"],

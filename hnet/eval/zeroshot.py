@@ -15,27 +15,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from hnet import io
-from hnet.cache import CachedFeatures
-from hnet.embed_pass import build_cache
+from hnet import files
 from hnet.config import Config
+from hnet.data.cache import CachedFeatures
+from hnet.data.embed import build_cache
 from hnet.data.zeroshot import ZeroShotSet, load_zeroshot, templates_for
-from hnet.flops import FlopsLedger, connector_macs, forward_flops
-from hnet.losses import contrastive_logits
-from hnet.model import StitchModel, load_model, padded_pair, project
-from hnet.report import plot_reliability
-from hnet.retrieval import KS, evaluate_retrieval
-from hnet.zoo import TextEncoder, specs_for
+from hnet.distributed import default_accelerator
+from hnet.flops import FlopsLedger, forward_flops, zeroshot_head_flops
+from hnet.models.encoders import TextEncoder, specs_for
+from hnet.models.losses import contrastive_logits
+from hnet.models.stitch import StitchModel, padded_pair, project
 
 ECE_BINS = 15
-
-
-def default_accelerator(cfg: Config):
-    """The trainer's accelerator (GPU when there is one). Imported here, not at the top: hnet.train imports
-    this module for ZeroShotProbe."""
-    from hnet.train import make_accelerator
-
-    return make_accelerator(cfg)
 
 
 def class_embeddings(text_encoder: str, classnames: list[str], templates: tuple[str, ...],
@@ -50,7 +41,7 @@ def class_embeddings(text_encoder: str, classnames: list[str], templates: tuple[
         prompts = [t.format(c=c) for c in classnames for t in templates]
         emb = encoder.encode(prompts).view(len(classnames), len(templates), -1)
         weight = F.normalize(F.normalize(emb, dim=-1).mean(dim=1), dim=-1)
-        io.write_safetensors(path, {"weight": weight.cpu().contiguous()})
+        files.write_safetensors(path, {"weight": weight.cpu().contiguous()})
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return load_file(str(path))["weight"].to(device)
@@ -155,139 +146,10 @@ class ZeroShotProbe:
 
     def flops(self, model: StitchModel) -> float:
         """Connector + logits of one pair over the dataset."""
-        return len(self.labels) * _head_flops(model, len(self.dataset.classnames))
+        return len(self.labels) * zeroshot_head_flops(model.shape, len(self.dataset.classnames))
 
     def charge_heads(self, ledger: FlopsLedger, model: StitchModel, key: str, encoders: int = 1) -> None:
         """One scoring call of `encoders` connectors (pairs) over the dataset."""
         ledger.charge("eval", key, encoders * self.flops(model), steps=1, samples=encoders * len(self.labels))
 
 
-def model_device(model: StitchModel) -> str:
-    return str(next(model.parameters()).device)
-
-
-def evaluate_run(cfg: Config, run_dir: Path, datasets: list[str], accelerator=None) -> dict:
-    """Zero-shot (and retrieval) metrics of every pair of a run on the accelerator's device. Every rank
-    takes part in embedding; the main process scores and writes eval.json, eval.md, eval.csv, eval/<dataset>.json,
-    plots and the ledger. `datasets`: names or NAME=PATH specs (hnet.data.zeroshot)."""
-    accelerator = accelerator or default_accelerator(cfg)
-    run_dir = Path(run_dir)
-    model, names = load_model(run_dir)
-    model = model.to(accelerator.device)
-    weights = io.read_json(run_dir / "model.json").get("weights", {})
-    main = accelerator.is_main_process
-    ledger = FlopsLedger(run_dir)
-    results: dict = {"templates": cfg.eval.templates, "text_encoder": ", ".join(model.text_names),
-                     "text_encoders": model.text_names, "datasets": {}, "device": model_device(model),
-                     "pairs": {label: list(model.pair_names(p)) for p, label in enumerate(names)}}
-    for spec in datasets:
-        probe = ZeroShotProbe(cfg, spec, model.image_names, weights, accelerator, model.text_names)
-        if main:
-            results["datasets"][probe.dataset.name] = _score(probe, model, names, run_dir, ledger)
-        del probe
-    if cfg.eval.retrieval:
-        results["retrieval"] = evaluate_retrieval(cfg, model, names, weights, accelerator, ledger)
-    if main:
-        ledger.save()
-        io.write_json(run_dir / "eval.json", results)
-        write_reports(run_dir, results)
-    accelerator.wait_for_everyone()
-    return results if main else io.read_json(run_dir / "eval.json")
-
-
-def _score(probe: ZeroShotProbe, model: StitchModel, names: list[str], run_dir: Path, ledger: FlopsLedger) -> dict:
-    if probe.labels.device != next(model.parameters()).device:
-        raise RuntimeError(f"evaluation features on {probe.labels.device}, model on {model_device(model)}")
-    dataset = probe.dataset
-    name, classes = dataset.name, dataset.classnames
-    per_encoder = {label: probe.metrics(model, p) for p, label in enumerate(names)}
-    probe.charge_embedding(ledger)
-    probe.charge_heads(ledger, model, f"heads/{probe.key}", len(names))
-    out = {"classes": classes, "encoders": per_encoder, "chance_top1": 100.0 / len(classes),
-           "layout": dataset.layout, "path": dataset.root, "key": probe.key, "n": len(probe.labels),
-           "templates": probe.templates_name, "n_templates": probe.n_templates,
-           "features_device": str(probe.labels.device), "cached": probe.cached}
-    out["reliability_png"] = str(plot_reliability(out, name, run_dir / f"reliability_{name}.png"))
-    return out
-
-
-def _head_flops(model: StitchModel, n_classes: int) -> float:
-    """Per-image FLOPs of connector + class logits (the class side is amortised and left out)."""
-    macs = connector_macs(model.shape.layers, 1, 1)["forward"] + n_classes * model.shape.dims[-1]
-    return 2.0 * macs
-
-
-# ---- reports: clip_benchmark-style JSON per (run, data set), CSV and markdown over data sets and encoders --------
-
-CSV_COLUMNS = ("run", "dataset", "task", "encoder", "n", "acc1", "acc5", "mean_per_class_recall", "ece", "nll",
-               *(f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in KS))
-
-
-def _clip_benchmark_metrics(m: dict) -> dict:
-    """Our percentages as clip_benchmark's keys and units (fractions in [0, 1])."""
-    return {"acc1": m["top1"] / 100, "acc5": m["top5"] / 100,
-            "mean_per_class_recall": m["mean_per_class_recall"] / 100, "ece": m["ece"] / 100, "nll": m["nll"]}
-
-
-def _retrieval_metrics(r: dict) -> dict:
-    """image_retrieval = text->image, text_retrieval = image->text, as clip_benchmark names them."""
-    out = {f"image_retrieval_recall@{k}": r["text_to_image"][f"R@{k}"] / 100 for k in KS}
-    out.update({f"text_retrieval_recall@{k}": r["image_to_text"][f"R@{k}"] / 100 for k in KS})
-    return out
-
-
-def dataset_reports(run_dir: Path, results: dict) -> dict[str, dict]:
-    """{file stem: content} of the per-data-set JSON files."""
-    run = Path(run_dir).name
-    reports = {}
-    for name, r in results["datasets"].items():
-        reports[name] = {"run": run, "dataset": name, "task": "zeroshot_classification", "path": r.get("path", ""),
-                         "layout": r.get("layout", ""), "n": r.get("n"), "text_encoder": results["text_encoder"],
-                         "templates": r.get("templates"), "n_templates": r.get("n_templates"),
-                         "metrics": {enc: _clip_benchmark_metrics(m) for enc, m in r["encoders"].items()}}
-    if results.get("retrieval"):
-        first = next(iter(results["retrieval"].values()))
-        reports["retrieval"] = {"run": run, "dataset": first.get("dataset", "retrieval"), "task": "zeroshot_retrieval",
-                                "n": first["n"], "n_texts": first.get("n_texts", first["n"]),
-                                "text_encoder": results["text_encoder"],
-                                "metrics": {enc: _retrieval_metrics(r) for enc, r in results["retrieval"].items()}}
-    return reports
-
-
-def csv_rows(reports: dict[str, dict]) -> list[dict]:
-    return [{"run": rep["run"], "dataset": rep["dataset"], "task": rep["task"], "encoder": enc, "n": rep["n"], **m}
-            for rep in reports.values() for enc, m in rep["metrics"].items()]
-
-
-def csv_table(rows: list[dict]) -> str:
-    def cell(v):
-        return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
-    lines = [",".join(CSV_COLUMNS)]
-    lines += [",".join(cell(row.get(c)) for c in CSV_COLUMNS) for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def write_reports(run_dir: Path, results: dict) -> None:
-    reports = dataset_reports(run_dir, results)
-    for stem, report in reports.items():
-        io.write_json(Path(run_dir) / "eval" / f"{stem}.json", report)
-    io.write_text(Path(run_dir) / "eval.csv", csv_table(csv_rows(reports)))
-    io.write_text(Path(run_dir) / "eval.md", markdown_table(results))
-
-
-def markdown_table(results: dict) -> str:
-    lines = []
-    for enc, r in results.get("retrieval", {}).items():
-        i2t, t2i = r["image_to_text"], r["text_to_image"]
-        lines.append(f"retrieval {enc} (n={r['n']} images, {r.get('n_texts', r['n'])} captions): image->text "
-                     + " ".join(f"{k} {v:.1f}" for k, v in i2t.items())
-                     + " | text->image " + " ".join(f"{k} {v:.1f}" for k, v in t2i.items()))
-    for name, r in results["datasets"].items():
-        lines += [f"### {name} (zero-shot, {r.get('layout', '')} layout, templates: {r.get('templates')}, "
-                  f"chance {r['chance_top1']:.1f}%)", "",
-                  "| encoder | top-1 | top-5 | mean per-class recall | NLL | ECE |", "|---|---:|---:|---:|---:|---:|"]
-        for enc, m in r["encoders"].items():
-            lines.append(f"| {enc} | {m['top1']:.1f} | {m['top5']:.1f} | {m['mean_per_class_recall']:.1f} "
-                         f"| {m['nll']:.3f} | {m['ece']:.1f} |")
-        lines.append("")
-    return "\n".join(lines)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from hnet import io
+from hnet import files
 from hnet.config import Config, ConfigError
 
 PREFIX = "step_"
@@ -25,12 +25,12 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     folder = run_dir / "checkpoints"
     if not folder.exists():
         return []
-    done = [p for p in folder.glob(f"{PREFIX}*") if p.suffix != io.TMP_SUFFIX and (p / STATE).exists()]
+    done = [p for p in folder.glob(f"{PREFIX}*") if p.suffix != files.TMP_SUFFIX and (p / STATE).exists()]
     return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
 
 
 def remove_unfinished(run_dir: Path) -> list[Path]:
-    stale = list((run_dir / "checkpoints").glob(f"*{io.TMP_SUFFIX}")) if (run_dir / "checkpoints").exists() else []
+    stale = list((run_dir / "checkpoints").glob(f"*{files.TMP_SUFFIX}")) if (run_dir / "checkpoints").exists() else []
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale
@@ -38,7 +38,7 @@ def remove_unfinished(run_dir: Path) -> list[Path]:
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int = 2) -> Path:
     final = run_dir / "checkpoints" / f"{PREFIX}{step:08d}"
-    tmp = final.with_name(final.name + io.TMP_SUFFIX)
+    tmp = final.with_name(final.name + files.TMP_SUFFIX)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -47,8 +47,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
     if accelerator.is_main_process:
         if (run_dir / "flops.json").exists():
             shutil.copy2(run_dir / "flops.json", tmp / "flops.json")
-        sums = {p.name: io.sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        io.write_json(tmp / STATE, {"step": step, "sha256": sums})
+        sums = {p.name: files.sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files.write_json(tmp / STATE, {"step": step, "sha256": sums})
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in checkpoint_dirs(run_dir)[:-keep]:
@@ -59,7 +59,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
 
 def verify_checkpoint(path: Path) -> int:
     """Check every file against the checksums recorded at save time; return the checkpoint's step."""
-    state = io.read_json(path / STATE)
+    state = files.read_json(path / STATE)
     if (path / "scheduler.bin").exists():  # hnet now checkpoints its scheduler itself (custom_checkpoint_0.pkl)
         raise CheckpointError(f"{path}: written by an earlier hnet whose scheduler stepped once per rank; it cannot "
                               f"be resumed, start the run again (train.resume=)")
@@ -67,7 +67,7 @@ def verify_checkpoint(path: Path) -> int:
         file = path / name
         if not file.exists():
             raise CheckpointError(f"{file}: missing from the checkpoint")
-        if io.sha256_file(file) != digest:
+        if files.sha256_file(file) != digest:
             raise CheckpointError(f"{file}: checksum mismatch, the checkpoint is corrupted "
                                   f"(resume from an older one with train.resume=PATH)")
     return int(state["step"])

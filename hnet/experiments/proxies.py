@@ -6,7 +6,7 @@ pairs; a higher score should mean a better connector. They are the cheap baselin
 - `mutual_knn`: mean overlap of each sample's k nearest neighbours in X and in Y (Huh et al. 2024).
 - `ridge_retrieval`: a closed-form ridge map X -> Y fitted on half the pairs, scored by caption retrieval
   top-1 on the other half (no gradient steps; one d x d solve).
-`proxy_flops` gives what computing them costs, for the ledger.
+hnet.flops.proxy_flops gives what computing them costs, for the ledger.
 """
 from __future__ import annotations
 
@@ -63,15 +63,3 @@ def score(name: str, x: torch.Tensor, y: torch.Tensor) -> float:
     if name not in PROXIES:
         raise ValueError(f"unknown proxy '{name}' (known: {', '.join(PROXIES)})")
     return {"linear_cka": linear_cka, "mutual_knn": mutual_knn, "ridge_retrieval": ridge_retrieval}[name](x, y)
-
-
-def proxy_flops(name: str, n: int, d: int, t: int) -> float:
-    """Multiply-adds x 2 of one proxy on n pairs of widths d (image) and t (text); elementwise work left out."""
-    if name == "linear_cka":
-        macs = n * d * t + n * d * d + n * t * t
-    elif name == "mutual_knn":
-        macs = n * n * d + n * n * t
-    else:
-        half = n // 2
-        macs = half * d * d + half * d * t + d ** 3 / 3 + d * d * t + (n - half) * d * t + (n - half) * half * t
-    return 2.0 * macs

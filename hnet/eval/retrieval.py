@@ -18,16 +18,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from hnet import io
-from hnet.cache import CachedFeatures, Unit, keys_digest, text_key
-from hnet.embed_pass import build_cache
-from hnet.config import Config, ConfigError
+from hnet import files
+from hnet.config import RECALL_KS, Config, ConfigError
+from hnet.data.cache import CachedFeatures, Unit, keys_digest
+from hnet.data.embed import build_cache
 from hnet.data.sources import shard_units
 from hnet.flops import FlopsLedger, connector_macs
-from hnet.model import StitchModel, padded_pair, project
-from hnet.zoo import TextEncoder, specs_for
+from hnet.models.encoders import TextEncoder, specs_for, text_key
+from hnet.models.stitch import StitchModel, padded_pair, project
 
-KS = (1, 5, 10)
+KS = RECALL_KS
 CHUNK = 1000  # images per cache unit
 ROWS = 1024  # queries scored at once (bounds the [rows, items] comparison)
 
@@ -78,7 +78,7 @@ class Captions:
 def read_captions(path: Path, images_dir: Path, split: str = "test", max_images: int = 0) -> Captions:
     """COCO captions_*.json or a Karpathy split JSON -> images with their captions."""
     try:
-        data = io.read_json(path)
+        data = files.read_json(path)
     except (OSError, ValueError) as err:
         raise ConfigError(f"eval.retrieval: cannot read captions file {path}: {err}") from None
     if isinstance(data, dict) and "annotations" in data and "images" in data:
@@ -128,7 +128,7 @@ def caption_embeddings(text_encoder: str, texts: list[str], path: Path, accelera
     """[N, T] caption embeddings, computed by the main process and cached at `path`."""
     if (accelerator is None or accelerator.is_main_process) and not path.exists():
         emb = TextEncoder(text_encoder, accelerator.device if accelerator else torch.device("cpu")).encode(texts)
-        io.write_safetensors(path, {"text": emb.float().cpu().contiguous()})
+        files.write_safetensors(path, {"text": emb.float().cpu().contiguous()})
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return load_file(str(path))["text"]

@@ -17,10 +17,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from hnet import io
-from hnet.cache import MANIFEST, Unit, _read_manifest, cached_name, consolidate, text_key
-from hnet.io import slug
-from hnet.zoo import EncoderSpec, ImageEncoder, TextEncoder
+from hnet import files
+from hnet.data.cache import Unit, _read_manifest, cached_name, consolidate
+from hnet.files import MANIFEST, slug
+from hnet.models.encoders import EncoderSpec, ImageEncoder, TextEncoder, text_key
 
 # Transformed images one worker item may hold (a group larger than this on its own still goes whole, so the
 # encoders see the same batches as before). See _UnitDataset for the bound this gives.
@@ -135,8 +135,8 @@ def _write_unit(folder: Path, buf: _UnitBuffer, names: list[str], skipped: int =
     for name in names:
         parts = buf.arrays.get(name, [])
         array = np.concatenate(parts) if parts else np.zeros((0, 0), np.float16)
-        io.write_npy(folder / f"{slug(name)}.npy", array)
-    io.write_json(folder / "done.json", {"keys": buf.keys, "names": names, "skipped": skipped})
+        files.write_npy(folder / f"{slug(name)}.npy", array)
+    files.write_json(folder / "done.json", {"keys": buf.keys, "names": names, "skipped": skipped})
 
 
 def embed_pass(root: Path, units: list[Unit], encoders: dict[str, ImageEncoder], texts: dict[str, TextEncoder] | None,
@@ -184,7 +184,7 @@ def _clean_temps(parts: Path, rank: int, world: int, barrier: Callable[[], None]
     if world > 1 and barrier is None:
         raise ValueError("embed_pass: world > 1 needs a barrier (accelerator.wait_for_everyone)")
     if rank == 0:
-        io.remove_stale_temps(parts)
+        files.remove_stale_temps(parts)
     if barrier is not None:
         barrier()
 
@@ -210,7 +210,7 @@ def _embed_item(item: dict, buf: _UnitBuffer, encoders: dict[str, ImageEncoder],
 
 def _unit_done(folder: Path, names: list[str]) -> bool:
     done = folder / "done.json"
-    return done.exists() and set(names) <= set(io.read_json(done)["names"])
+    return done.exists() and set(names) <= set(files.read_json(done)["names"])
 
 
 def build_cache(root: str | Path, units: list[Unit], specs: list[EncoderSpec], text_encoders: list[str] | None,
@@ -240,7 +240,7 @@ def build_cache(root: str | Path, units: list[Unit], specs: list[EncoderSpec], t
         manifest = consolidate(root, units, widths, has_labels)
         for name in widths:  # how many processes computed these features (checked by the 2-rank tests)
             manifest["encoders"][name]["world"] = world
-        io.write_json(root / MANIFEST, manifest)
+        files.write_json(root / MANIFEST, manifest)
     if accelerator:
         accelerator.wait_for_everyone()
     return {"manifest": _read_manifest(root), **stats, "embedded": [s.name for s in missing]}

@@ -1,33 +1,27 @@
-"""The trainable stitch: a parameter source (hypernetwork or separate connectors) + logit scale, and its files.
-
-A run's trained state is `model.safetensors` (hypernetwork or connector weights, logit scale),
-`cond_embeddings.safetensors` (one vector per image encoder keyed by its name, and per text encoder keyed
-`text:NAME` when there are several; hypernetwork runs) and `model.json` (method, pair names, image and text
-encoders with their widths, the pairs, connector shape). `connector_for(run_dir, image, text)` rebuilds a plain
-nn.Module from those files, with no training code involved.
-"""
+"""The trainable stitch: a parameter source (hypernetwork or separate connectors) + logit scale, over a run's
+(image encoder, text encoder) pairs. Its files are hnet/runs.py's."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import zlib
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
-from safetensors.torch import load_file
 from torch import nn
 
-from hnet import io
 from hnet.config import Config, HypernetConfig
-from hnet.connectors import Connector, ConnectorShape, Params, SeparateConnectors, connector_forward, width_mask
-from hnet.hypernet import HyperNetwork
-from hnet.pairs import Pairs, resolve_pairs
+from hnet.models.connectors import (
+    ConnectorShape,
+    Params,
+    SeparateConnectors,
+    connector_forward,
+    width_mask,
+)
+from hnet.models.hypernet import HyperNetwork
+from hnet.models.pairs import Pairs, resolve_pairs
 
 MAX_LOGIT_SCALE = 100.0
-TEXT_COND = "text:"  # key prefix of text encoders' cond embeddings
 
 
 def project(shape: ConnectorShape, params: Params, widths: torch.Tensor, text_widths: torch.Tensor,
@@ -142,106 +136,3 @@ def build_model(cfg: Config, images: list[str], widths: list[int], texts: list[s
     seeds = [zlib.crc32(f"{cfg.train.seed}:{label}".encode()) for label in pairs.labels(images, texts)]
     return StitchModel(cfg.method, shape, widths, cfg.hypernet, cfg.train.logit_scale == "learnable",
                        cfg.train.logit_scale_init, seeds, text_widths, pairs, (images, texts), trained)
-
-
-NO_DECAY = ("log_scale", "bias", "norm", "cond", "layer_emb", "chunk_emb")
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups as open_clip makes them: weight decay on weight matrices only, never on logit scales,
-    biases, norms or embeddings (cond, layer, chunk)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or any(part in name for part in NO_DECAY)
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-# ---------------------------------------------------------------- files
-
-def save_model(run_dir: str | Path, model: StitchModel, hypernet: HypernetConfig, weights: dict[str, str]) -> None:
-    """Write the trained state; `weights` maps image encoder name -> how to load it (pretrained | random | file)."""
-    run_dir = Path(run_dir)
-    images, texts = model.image_names, model.text_names
-    skip = ("source.cond", "source.text_cond")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in skip}
-    state["log_scale"] = model.log_scale.detach().cpu().contiguous()
-    io.write_safetensors(run_dir / "model.safetensors", state)
-    if model.method == "hypernet":
-        conds = {name: model.source.cond[i].detach().cpu().clone() for i, name in enumerate(images)}
-        if model.source.text_cond is not None:
-            conds |= {TEXT_COND + name: model.source.text_cond[j].detach().cpu().clone() for j, name in enumerate(texts)}
-        io.write_safetensors(run_dir / "cond_embeddings.safetensors", conds)
-    names = model.labels()
-    trained = [names[p] for p in model.trained]
-    meta = {"method": model.method, "names": names, "widths": model.widths.tolist(),
-            "image_encoders": images, "image_widths": model.encoder_widths,
-            "text_encoders": texts, "text_widths": model.text_encoder_widths, "pairs": model.pairs.as_list(),
-            "shape": dataclasses.asdict(model.shape), "hypernet": dataclasses.asdict(hypernet), "weights": weights,
-            "learnable_scale": isinstance(model.log_scale, nn.Parameter)}
-    if trained != names:
-        meta["trained"] = trained
-    io.write_json(run_dir / "model.json", meta)
-
-
-def run_encoders(run_dir: str | Path, meta: dict) -> tuple[list[str], list[int], list[str], list[int], Pairs]:
-    """(image encoders, their widths, text encoders, their widths, pairs) of a run's model.json (runs from
-    before text_encoders: every encoder with the text encoder of its config.yaml)."""
-    if "pairs" in meta:
-        return (meta["image_encoders"], meta["image_widths"], meta["text_encoders"], meta["text_widths"],
-                Pairs.from_list(meta["pairs"]))
-    config = Path(run_dir) / "config.yaml"
-    text = (yaml.safe_load(config.read_text()) or {}).get("text_encoder", "") if config.exists() else ""
-    return (meta["names"], meta["widths"], [text], [meta["shape"]["text_width"]],
-            Pairs.grid(len(meta["names"]), 1))
-
-
-def load_model(run_dir: str | Path) -> tuple[StitchModel, list[str]]:
-    """The run's model and its pair names (image encoder names when the run has one text encoder)."""
-    run_dir = Path(run_dir)
-    meta_path = run_dir / "model.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path}: no trained model in this run dir (train it first)")
-    meta = io.read_json(meta_path)
-    shape = ConnectorShape(**meta["shape"])
-    images, widths, texts, text_widths, pairs = run_encoders(run_dir, meta)
-    model = StitchModel(meta["method"], shape, widths, HypernetConfig(**meta["hypernet"]), meta["learnable_scale"],
-                        text_widths=text_widths, pairs=pairs, names=(images, texts))
-    state = load_file(str(run_dir / "model.safetensors"))
-    with torch.no_grad():
-        model.log_scale.copy_(state.pop("log_scale"))
-        if meta["method"] == "hypernet":
-            conds = load_file(str(run_dir / "cond_embeddings.safetensors"))
-            model.source.cond.copy_(torch.stack([conds[n] for n in images]))
-            if model.source.text_cond is not None:
-                model.source.text_cond.copy_(torch.stack([conds[TEXT_COND + n] for n in texts]))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in ("source.cond", "source.text_cond", "log_scale")]
-    if missing or unexpected:
-        raise ValueError(f"{run_dir / 'model.safetensors'}: missing {missing}, unexpected {unexpected}")
-    return model.eval(), meta["names"]
-
-
-@torch.no_grad()
-def connector_for(run_dir: str | Path, image: str, text: str | None = None) -> Connector:
-    """A plain nn.Module connector for the pair (image encoder `image`, text encoder `text`) of a trained run,
-    generated for hypernetwork runs (any combination of the run's encoders). `text` may be left out when the run
-    has one text encoder."""
-    model, _ = load_model(run_dir)
-    images, texts, pairs = model.image_names, model.text_names, model.pairs
-    if image not in images:
-        raise KeyError(f"{run_dir}: no image encoder '{image}' in this run (has: {', '.join(images)})")
-    if text is None and len(texts) > 1:
-        raise KeyError(f"{run_dir}: the run has {len(texts)} text encoders; name one (text=..., one of: "
-                       f"{', '.join(texts)})")
-    text = texts[0] if text is None else text
-    if text not in texts:
-        raise KeyError(f"{run_dir}: no text encoder '{text}' in this run (has: {', '.join(texts)})")
-    cell = (images.index(image), texts.index(text))
-    p = next((p for p, ij in enumerate(zip(pairs.image, pairs.text)) if ij == cell), None)
-    if p is None:
-        raise KeyError(f"{run_dir}: this separate run trained no connector for ({image}, {text})")
-    params = model.source(torch.tensor([p]))
-    return Connector.from_params(model.shape, params, int(model.widths[p]), int(model.text_widths[p]))

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from hnet.config import HypernetConfig
-from hnet.connectors import ConnectorShape, Params, init_std
-from hnet.pairs import Pairs
+from hnet.models.connectors import ConnectorShape, Params, init_std
+from hnet.models.pairs import Pairs
 
 
 class HyperNetwork(nn.Module):

@@ -162,6 +162,14 @@ def image_encoder_width(spec: EncoderSpec) -> int:
 # ---------------------------------------------------------------- text encoders
 
 OPEN_CLIP_PREFIX = "open_clip:"
+TEXT_PREFIX = "text:"  # a text encoder's entries among image encoders' (cached captions, cond embeddings)
+
+
+def text_key(name: str) -> str:
+    """The key of text encoder `name`'s caption embeddings in a cache and of its cond embedding in a run."""
+    return TEXT_PREFIX + name
+
+
 PACKAGED_MINILM = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
 
 

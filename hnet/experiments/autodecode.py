@@ -22,23 +22,30 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from hnet import io
-from hnet.cache import CachedFeatures, CacheError, cached_name, open_training_cache, text_key
-from hnet.embed_pass import build_cache
+from hnet import files
 from hnet.config import Config, ConfigError
-from hnet.connectors import Connector
+from hnet.data.cache import CachedFeatures, CacheError, cached_name, open_training_cache
+from hnet.data.embed import build_cache
 from hnet.data.features import FeatureBatches
 from hnet.data.sources import first_samples_unit, prepare_shards, shard_units
-from hnet.embedding import caption_sample, text_flops_per_caption
-from hnet.evaluate import ZeroShotProbe, default_accelerator
-from hnet.flops import FlopsLedger, autodecode_step_flops, connector_macs, forward_flops, logits_macs
-from hnet.losses import clip_loss
-from hnet.model import TEXT_COND, StitchModel, load_model, project, run_encoders
-from hnet.pairs import pair_label
-from hnet.zoo import parse_spec
+from hnet.distributed import default_accelerator
+from hnet.eval.zeroshot import ZeroShotProbe
+from hnet.flops import (
+    FlopsLedger,
+    autodecode_step_flops,
+    caption_sample,
+    finetune_step_flops,
+    forward_flops,
+    text_flops_per_caption,
+)
+from hnet.models.connectors import Connector
+from hnet.models.encoders import parse_spec, text_key
+from hnet.models.losses import clip_loss
+from hnet.models.pairs import pair_label
+from hnet.models.stitch import StitchModel, project
+from hnet.runs import add_encoder, load_model
 
 
 @dataclass
@@ -125,7 +132,7 @@ def autodecode(cfg: Config, run_dir, encoder: str, weights: str | None = None, a
     accelerator = accelerator or default_accelerator(cfg)
     run_dir = Path(run_dir)
     model, names = load_model(run_dir)
-    meta = io.read_json(run_dir / "model.json")
+    meta = files.read_json(run_dir / "model.json")
     # runs from before `autodecoded` was recorded: the names that did not train
     decoded = meta.get("autodecoded") or [n for n in meta["names"] if n not in meta.get("trained", meta["names"])]
     _check(model, decoded, encoder, text)
@@ -143,7 +150,7 @@ def autodecode(cfg: Config, run_dir, encoder: str, weights: str | None = None, a
     probe = (ZeroShotProbe(cfg, cfg.eval.datasets[0], side.partners, run_weights, accelerator, texts=[encoder])
              if text else ZeroShotProbe(cfg, cfg.eval.datasets[0], [encoder], {encoder: spec.weights}, accelerator,
                                         texts=side.partners))
-    out = run_dir / "autodecode" / f"{io.slug(encoder)}.json"
+    out = run_dir / "autodecode" / f"{files.slug(encoder)}.json"
     if accelerator.is_main_process:
         ledger = FlopsLedger(run_dir)
         result = _decode(cfg, model, data, probe, side, steps, step_flops, run_dir, meta,
@@ -154,9 +161,9 @@ def autodecode(cfg: Config, run_dir, encoder: str, weights: str | None = None, a
         if not text:
             probe.charge_embedding(ledger)
         ledger.save()
-        io.write_json(out, result)
+        files.write_json(out, result)
     accelerator.wait_for_everyone()
-    return io.read_json(out)
+    return files.read_json(out)
 
 
 def _side(model: StitchModel, train_cache: CachedFeatures, encoder: str, text: bool, decoded: list[str]) -> Side:
@@ -212,7 +219,7 @@ def _decode(cfg: Config, model: StitchModel, data: FeatureBatches, probe: ZeroSh
         loss = _clip_step(model, pair_params(model, side, cond), data, step - 1, side, optimizer)
         if (ad.eval_every and step % ad.eval_every == 0) or step == steps:
             curve.append(point(step, top1(), loss=float(loss)))
-    _save_into_run(run_dir, meta, side, weights, cond.detach())
+    add_encoder(run_dir, meta, side.name, side.text, side.width, weights, cond.detach())
     spent = steps * step_flops
     ledger.charge("autodecode", f"decode/{side.name}", spent, steps=steps, samples=steps * ad.batch_size,
                   per_step=step_flops)
@@ -299,7 +306,7 @@ def _prefix_cache(cfg: Config, spec, text: bool, count: int, train_cache: Cached
         pattern = prepare_shards(cfg)
     unit = first_samples_unit(shard_units(pattern), count)
     name = spec if text else spec.name
-    root = cfg.cache_path / "autodecode" / f"{io.slug(text_key(name) if text else name)}_first{count}"
+    root = cfg.cache_path / "autodecode" / f"{files.slug(text_key(name) if text else name)}_first{count}"
     build_cache(root, [unit], [] if text else [spec], [name] if text else None,
                 batch_size=cfg.data.embed_batch_size, num_workers=0, accelerator=accelerator)
     cache = CachedFeatures(root, [text_key(name) if text else name])
@@ -322,41 +329,13 @@ def finetune(cfg: Config, model: StitchModel, params, side: Side, data: FeatureB
     for p, (image, text) in enumerate(side.pairs()):
         one = [(w[p:p + 1].detach().cpu(), b[p:p + 1].detach().cpu()) for w, b in params]
         connector = Connector.from_params(model.shape, one, int(widths[p]), int(text_widths[p]))
-        path = run_dir / "autodecode" / f"{io.slug(pair_label(image, text, multi))}.finetuned.safetensors"
-        io.write_safetensors(path, connector.state_dict())
+        path = run_dir / "autodecode" / f"{files.slug(pair_label(image, text, multi))}.finetuned.safetensors"
+        files.write_safetensors(path, connector.state_dict())
     n = len(side.partners)
-    step_flops = 2 * sum(sum(p.values()) for p in (connector_macs(model.shape.layers, n, ad.batch_size),
-                                                      logits_macs(n, ad.batch_size, model.shape.dims[-1])))
+    step_flops = finetune_step_flops(model.shape, n, ad.batch_size)
     scores = _top1(model, probe, side, [(w.detach(), b.detach()) for w, b in params])
-    return {"steps": ad.finetune_steps, "flops": step_flops * ad.finetune_steps,
+    return {"steps": ad.finetune_steps, "flops": int(step_flops * ad.finetune_steps),
             "top1": sum(scores.values()) / len(scores), "pairs_top1": scores}
-
-
-def _save_into_run(run_dir, meta: dict, side: Side, weights: str, cond: torch.Tensor) -> None:
-    """The new encoder joins the run: its vector, and a pair with every encoder of the other side."""
-    path = run_dir / "cond_embeddings.safetensors"
-    conds = load_file(str(path))
-    conds[TEXT_COND + side.name if side.text else side.name] = cond.cpu().contiguous()
-    io.write_safetensors(path, conds)
-    images, image_widths, texts, text_widths, pairs = run_encoders(run_dir, meta)
-    meta.setdefault("trained", list(meta["names"]))
-    if not side.text:
-        meta.setdefault("weights", {})[side.name] = weights
-    if side.name in (texts if side.text else images):  # decoded again: a new vector, the same pairs
-        io.write_json(run_dir / "model.json", meta)
-        return
-    meta["autodecoded"] = meta.get("autodecoded", []) + [side.name]
-    if side.text:
-        texts, text_widths = texts + [side.name], text_widths + [side.width]
-        new = [[i, len(texts) - 1] for i in range(len(images))]
-    else:
-        images, image_widths = images + [side.name], image_widths + [side.width]
-        new = [[len(images) - 1, j] for j in range(len(texts))]
-    meta.update(image_encoders=images, image_widths=image_widths, text_encoders=texts, text_widths=text_widths,
-                pairs=pairs.as_list() + new)
-    meta["names"] += [pair_label(images[i], texts[j], len(texts) > 1) for i, j in new]
-    meta["widths"] += [image_widths[i] for i, _ in new]
-    io.write_json(run_dir / "model.json", meta)
 
 
 def compare_to_separate(result: dict, separate_curve: list[dict]) -> dict:

@@ -33,17 +33,11 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from hnet import io
-from hnet.io import slug
+from hnet import files
+from hnet.files import MANIFEST, slug
+from hnet.models.encoders import TEXT_PREFIX, text_key
 
-MANIFEST = "manifest.json"
 TEXT = "text"  # the one text array of a cache written before text encoders had names in it
-TEXT_PREFIX = "text:"
-
-
-def text_key(name: str) -> str:
-    """The cache name of a text encoder's caption embeddings."""
-    return TEXT_PREFIX + name
 
 
 def cached_name(manifest: dict, name: str) -> str | None:
@@ -82,7 +76,7 @@ def consolidate(root: Path, units: list[Unit], widths: dict[str, int], has_label
         done = parts / u.name / "done.json"
         if not done.exists():
             raise CacheError(f"{root}: unit {u.name} has not been embedded (missing {done})")
-        record = io.read_json(done)
+        record = files.read_json(done)
         keys.extend(record["keys"])
         if record.get("skipped"):
             skipped[u.name] = record["skipped"]
@@ -98,8 +92,8 @@ def consolidate(root: Path, units: list[Unit], widths: dict[str, int], has_label
         manifest["encoders"][name] = _concat_parts(root, parts, units, name, width, len(keys))
     manifest["units"] = [u.name for u in units]
     manifest["skipped_samples"] = skipped  # bad samples the reader skipped, per unit
-    io.write_json(root / "keys.json", keys)
-    io.write_json(root / MANIFEST, manifest)
+    files.write_json(root / "keys.json", keys)
+    files.write_json(root / MANIFEST, manifest)
     shutil.rmtree(parts, ignore_errors=True)
     return manifest
 
@@ -121,7 +115,7 @@ def write_array(file: Path, chunks: Iterable[np.ndarray], dtype, shape: tuple[in
                                                   "fortran_order": False, "shape": tuple(shape)})
     digest = hashlib.sha256(header.getvalue())
     rows = 0
-    with io.atomic_path(file) as tmp, open(tmp, "wb") as fh:
+    with files.atomic_path(file) as tmp, open(tmp, "wb") as fh:
         fh.write(header.getvalue())
         for chunk in chunks:
             data = np.ascontiguousarray(chunk, dtype)
@@ -144,7 +138,7 @@ def _entry(file: Path, shape: tuple[int, ...], dtype: str, sha256: str) -> dict:
 
 def _read_manifest(root: Path) -> dict | None:
     path = root / MANIFEST
-    return io.read_json(path) if path.exists() else None
+    return files.read_json(path) if path.exists() else None
 
 
 def write_cache(root: str | Path, keys: list[str], arrays: dict[str, np.ndarray | Iterable[np.ndarray]],
@@ -161,8 +155,8 @@ def write_cache(root: str | Path, keys: list[str], arrays: dict[str, np.ndarray 
             raise CacheError(f"{root}: '{name}' has no rows")
         manifest["encoders"][name] = write_array(root / f"{slug(name)}.f16.npy", itertools.chain([first], chunks),
                                                  np.float16, (len(keys), first.shape[1]))
-    io.write_json(root / "keys.json", keys)
-    io.write_json(root / MANIFEST, manifest)
+    files.write_json(root / "keys.json", keys)
+    files.write_json(root / MANIFEST, manifest)
     return manifest
 
 
@@ -171,7 +165,7 @@ def _check_file(path: Path, entry: dict, full: bool) -> None:
     stat = path.stat()
     if not full and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
         return
-    if io.sha256_file(path) != entry["sha256"]:
+    if files.sha256_file(path) != entry["sha256"]:
         raise CacheError(f"{path}: checksum mismatch, the file is corrupted; delete it and re-run embed")
 
 
@@ -194,7 +188,7 @@ def verify_cache(root: str | Path) -> dict[str, str]:
             else "restat"
         entry.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
     if "restat" in status.values():
-        io.write_json(root / MANIFEST, manifest)
+        files.write_json(root / MANIFEST, manifest)
     return status
 
 

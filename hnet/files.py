@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 TMP_SUFFIX = ".tmp"
+MANIFEST = "manifest.json"  # what a folder of shards or of cached features holds, and how many
 
 
 @contextlib.contextmanager

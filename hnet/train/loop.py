@@ -8,148 +8,48 @@ and applies a symmetric InfoNCE over [N, B, B] logits. The unit trained is an (i
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
-import signal
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from hnet import io
-from hnet.cache import open_training_cache
-from hnet.checkpoint import remove_unfinished, resolve_resume, save_checkpoint, verify_checkpoint
+from hnet import files
 from hnet.config import Config, dump_yaml, to_dict
+from hnet.data.cache import open_training_cache
 from hnet.data.features import FeatureBatches, Prefetcher
-from hnet.evaluate import ZeroShotProbe
+from hnet.distributed import StopFlag, make_accelerator, step_all_reduce
+from hnet.eval.zeroshot import ZeroShotProbe
 from hnet.flops import FlopsLedger, train_step_flops
-from hnet.losses import encoder_chunk, loss_and_surrogate
-from hnet.model import StitchModel, build_model, param_groups, save_model
-from hnet.zoo import read_encoder_list
+from hnet.models.encoders import read_encoder_list
+from hnet.models.losses import encoder_chunk, loss_and_surrogate
+from hnet.models.stitch import StitchModel, build_model
+from hnet.runs import save_model
+from hnet.train.checkpoint import (
+    remove_unfinished,
+    resolve_resume,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from hnet.train.optim import (
+    clip_per_encoder,
+    draw_counts,
+    encoder_subset,
+    layer_grad_norms,
+    lr_lambda,
+    param_groups,
+    total_steps,
+    untouched_rows,
+)
 
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-def lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
-def encoder_subset(step: int, n: int, k: int, seed: int) -> np.ndarray:
-    """Positions (of n trainable pairs) trained at this step: all, or k of n drawn from (seed, step) so every rank
-    agrees."""
-    if k <= 0 or k >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng([seed, step, 17]).choice(n, size=k, replace=False))
-
-
-def draw_counts(cfg: Config, n: int, steps: int) -> np.ndarray:
-    """How many of the first `steps` optimizer steps trained each of n trainable pairs (draws are pure functions of
-    seed and step, so a resumed run starts from the same counts)."""
-    counts = np.zeros(n, dtype=np.int64)
-    for step in range(steps):
-        counts[encoder_subset(step, n, cfg.train.encoders_per_step, cfg.train.seed)] += 1
-    return counts
-
-
-def total_steps(cfg: Config, steps_per_epoch: int) -> int:
-    per_epoch = max(1, steps_per_epoch // cfg.train.grad_accum)
-    steps = max(1, int(round(cfg.train.epochs * per_epoch)))
-    return min(steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else steps
-
-
-# ---------------------------------------------------------------- setup
-
-def make_accelerator(cfg: Config) -> Accelerator:
-    # With no accelerator present, accelerate only sets up torchrun's ranks (gloo) when told cpu=True;
-    # otherwise every rank would run alone, each believing it is the main process.
-    cpu = cfg.device == "cpu" or (cfg.device == "" and not torch.accelerator.is_available())
-    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu,
-                       gradient_accumulation_steps=cfg.train.grad_accum,
-                       log_with=cfg.train.tracker or None, project_dir=str(cfg.run_dir))
-
-
-def layer_grad_norms(model: torch.nn.Module) -> dict[str, float]:
-    return {f"grad_norm/{name}": float(p.grad.norm()) for name, p in model.named_parameters() if p.grad is not None}
-
-
-class StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits cleanly at the next step boundary. The flag is
-    reduced over ranks each step, so a signal that reaches one rank stops all of them at the same step. Used as
-    a context manager: the previous handlers come back when training ends."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.raised = False
-        self.previous: dict = {}
-
-    def __enter__(self) -> "StopFlag":
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self.previous = {sig: signal.signal(sig, self._set) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _set(self, *_):
-        self.raised = True
-
-
-def step_all_reduce(accelerator: Accelerator, loss: float, stop: bool) -> tuple[float, bool]:
-    """One collective per step: the loss averaged over ranks (local_loss gives each rank its share; non-finite
-    if it is on any rank) and whether any rank was told to stop."""
-    if accelerator.num_processes == 1:
-        return loss, stop
-    values = torch.tensor([loss, float(stop)], dtype=torch.float64, device=accelerator.device)
-    values = accelerator.reduce(values, reduction="sum")
-    return float(values[0]) / accelerator.num_processes, bool(values[1] > 0)
-
-
-@contextlib.contextmanager
-def untouched_rows(optimizer: torch.optim.Optimizer, untouched: list[tuple[torch.Tensor, np.ndarray]], device):
-    """Rows (pairs, or encoders' cond embeddings) no drawn pair uses keep their parameters and optimizer moments
-    bit for bit: with zero gradients AdamW would still decay them and move them along their stale moments."""
-    saved = []
-    for p, rows in untouched:
-        if len(rows) == 0:
-            continue
-        rows = torch.as_tensor(rows, device=device)
-        moments = {k: v[rows].clone() for k, v in optimizer.state.get(p, {}).items()
-                   if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == p.shape[0]}
-        saved.append((p, rows, p.detach()[rows].clone(), moments))
-    yield
-    with torch.no_grad():
-        for p, rows, values, moments in saved:
-            p[rows] = values
-            for key, value in moments.items():
-                optimizer.state[p][key][rows] = value
-
-
-def clip_per_encoder(params: list[torch.Tensor], max_norm: float) -> float:
-    """Clip each encoder's gradient (its row of every per-encoder tensor) on its own, as N single runs would;
-    returns the largest per-encoder norm before clipping."""
-    grads = [p.grad for p in params if p.grad is not None]
-    squares = sum(g.reshape(g.shape[0], -1).float().pow(2).sum(dim=1) for g in grads)
-    norms = squares.sqrt()
-    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
-    return float(norms.max())
 
 
 # ---------------------------------------------------------------- the loop
@@ -216,7 +116,7 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
             if row:
                 last = row | {"flops_cum": ledger.total(), "train_flops_cum": ledger.phases["train"]["flops"]}
                 if accelerator.is_main_process:
-                    io.append_jsonl(run_dir / "metrics.jsonl", last)
+                    files.append_jsonl(run_dir / "metrics.jsonl", last)
                     accelerator.log({k: v for k, v in last.items() if k != "step"}, step=done)
             if done % cfg.train.ckpt_every == 0 or done == steps or stopped:
                 ledger.save(accelerator.is_main_process)
@@ -236,9 +136,9 @@ def _start_or_resume(cfg: Config, accelerator: Accelerator, run_dir: Path) -> in
     resume = resolve_resume(cfg)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        io.remove_stale_temps(run_dir)
+        files.remove_stale_temps(run_dir)
         remove_unfinished(run_dir)
-        io.write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        files.write_text(run_dir / "config.yaml", dump_yaml(cfg))
     if cfg.train.tracker:
         accelerator.init_trackers(cfg.name, config=_flat(to_dict(cfg)))
     if resume is None:
@@ -251,8 +151,8 @@ def _start_or_resume(cfg: Config, accelerator: Accelerator, run_dir: Path) -> in
     step = verify_checkpoint(resume)
     accelerator.load_state(str(resume))
     if accelerator.is_main_process:  # drop metrics logged after the checkpoint: they will be logged again
-        rows = [r for r in io.read_jsonl(run_dir / "metrics.jsonl") if r.get("step", 0) <= step]
-        io.write_text(run_dir / "metrics.jsonl", "".join(f"{json.dumps(r)}\n" for r in rows))
+        rows = [r for r in files.read_jsonl(run_dir / "metrics.jsonl") if r.get("step", 0) <= step]
+        files.write_text(run_dir / "metrics.jsonl", "".join(f"{json.dumps(r)}\n" for r in rows))
         FlopsLedger.rewind(run_dir, resume)
     accelerator.wait_for_everyone()
     accelerator.print(f"resumed from {resume} at step {step}")

@@ -1,0 +1,64 @@
+"""Evaluation of a run: zero-shot classification (and retrieval) of every (image encoder, text encoder) pair
+through its generated or trained connector, written as eval.json, eval.md, eval.csv and eval/<dataset>.json."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hnet import files
+from hnet.config import Config
+from hnet.distributed import default_accelerator
+from hnet.eval.retrieval import evaluate_retrieval
+from hnet.eval.zeroshot import ZeroShotProbe
+from hnet.flops import FlopsLedger
+from hnet.models.stitch import StitchModel
+from hnet.report import plot_reliability, write_reports
+from hnet.runs import load_model
+
+
+def model_device(model: StitchModel) -> str:
+    return str(next(model.parameters()).device)
+
+
+def evaluate_run(cfg: Config, run_dir: Path, datasets: list[str], accelerator=None) -> dict:
+    """Zero-shot (and retrieval) metrics of every pair of a run on the accelerator's device. Every rank
+    takes part in embedding; the main process scores and writes eval.json, eval.md, eval.csv, eval/<dataset>.json,
+    plots and the ledger. `datasets`: names or NAME=PATH specs (hnet.data.zeroshot)."""
+    accelerator = accelerator or default_accelerator(cfg)
+    run_dir = Path(run_dir)
+    model, names = load_model(run_dir)
+    model = model.to(accelerator.device)
+    weights = files.read_json(run_dir / "model.json").get("weights", {})
+    main = accelerator.is_main_process
+    ledger = FlopsLedger(run_dir)
+    results: dict = {"templates": cfg.eval.templates, "text_encoder": ", ".join(model.text_names),
+                     "text_encoders": model.text_names, "datasets": {}, "device": model_device(model),
+                     "pairs": {label: list(model.pair_names(p)) for p, label in enumerate(names)}}
+    for spec in datasets:
+        probe = ZeroShotProbe(cfg, spec, model.image_names, weights, accelerator, model.text_names)
+        if main:
+            results["datasets"][probe.dataset.name] = _score(probe, model, names, run_dir, ledger)
+        del probe
+    if cfg.eval.retrieval:
+        results["retrieval"] = evaluate_retrieval(cfg, model, names, weights, accelerator, ledger)
+    if main:
+        ledger.save()
+        files.write_json(run_dir / "eval.json", results)
+        write_reports(run_dir, results)
+    accelerator.wait_for_everyone()
+    return results if main else files.read_json(run_dir / "eval.json")
+
+
+def _score(probe: ZeroShotProbe, model: StitchModel, names: list[str], run_dir: Path, ledger: FlopsLedger) -> dict:
+    if probe.labels.device != next(model.parameters()).device:
+        raise RuntimeError(f"evaluation features on {probe.labels.device}, model on {model_device(model)}")
+    dataset = probe.dataset
+    name, classes = dataset.name, dataset.classnames
+    per_encoder = {label: probe.metrics(model, p) for p, label in enumerate(names)}
+    probe.charge_embedding(ledger)
+    probe.charge_heads(ledger, model, f"heads/{probe.key}", len(names))
+    out = {"classes": classes, "encoders": per_encoder, "chance_top1": 100.0 / len(classes),
+           "layout": dataset.layout, "path": dataset.root, "key": probe.key, "n": len(probe.labels),
+           "templates": probe.templates_name, "n_templates": probe.n_templates,
+           "features_device": str(probe.labels.device), "cached": probe.cached}
+    out["reliability_png"] = str(plot_reliability(out, name, run_dir / f"reliability_{name}.png"))
+    return out
