@@ -20,6 +20,8 @@ demo: $(VENV)/.installed
 	$(PY) scripts/demo.py --config configs/demo.yaml
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check hnet scripts tests benchmarks
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest tests
 
 bench: $(VENV)/.installed

@@ -36,7 +36,7 @@ from hnet.config import Config, load_config  # noqa: E402
 from hnet.data.cache import CachedFeatures, write_cache  # noqa: E402
 from hnet.distributed import make_accelerator  # noqa: E402
 from hnet.eval.ranking import agreement  # noqa: E402
-from hnet.eval.zeroshot import ZeroShotProbe, zero_shot_logits  # noqa: E402
+from hnet.eval.zeroshot import ZeroShotProbe, zero_shot_logits, zero_shot_top1  # noqa: E402
 from hnet.experiments.proxies import PROXIES, score  # noqa: E402
 from hnet.experiments.train_run import embed_training_data  # noqa: E402
 from hnet.files import MANIFEST  # noqa: E402
@@ -52,7 +52,8 @@ RESULTS = Path(__file__).parent / "results"
 W = "{data}/weights/{file}.safetensors"
 REAL_ZOO = [  # (encoder name, weights file stem)
     ("deit_tiny_patch16_224", "deit_tiny_patch16_224"), ("deit_tiny_patch16_224@img_size=160", "deit_tiny_patch16_224"),
-    ("deit_tiny_patch16_224@depth=8", "deit_tiny_patch16_224"), ("deit_tiny_patch16_224@pool=avg", "deit_tiny_patch16_224"),
+    ("deit_tiny_patch16_224@depth=8", "deit_tiny_patch16_224"),
+    ("deit_tiny_patch16_224@pool=avg", "deit_tiny_patch16_224"),
     ("vit_tiny_patch16_224", "vit_tiny_patch16_224"), ("vit_tiny_patch16_224@img_size=160", "vit_tiny_patch16_224"),
     ("vit_tiny_patch16_224@depth=8", "vit_tiny_patch16_224"),
     ("mobilenetv1_100@mean=0.5,std=0.5,pad=same", "mobilenetv1_100"),
@@ -121,8 +122,9 @@ class Zoo:
         labels = self.probe.labels.cpu()[index]
         out = {}
         for i, name in enumerate(names):
-            logits = zero_shot_logits(model, i, self.probe.features[name].cpu()[index], self.probe.classifiers[self.cfg.text_encoder].cpu())
-            out[name] = float((logits.argmax(dim=1) == labels).float().mean()) * 100
+            classifier = self.probe.classifiers[self.cfg.text_encoder].cpu()
+            logits = zero_shot_logits(model, i, self.probe.features[name].cpu()[index], classifier)
+            out[name] = zero_shot_top1(logits, labels)
         return out
 
 

@@ -5,6 +5,7 @@ import argparse
 import functools
 import logging
 import sys
+import warnings
 
 from hnet.config import Config, ConfigError, load_config
 from hnet.data.cache import CacheError
@@ -25,12 +26,30 @@ def parse_config(parser: argparse.ArgumentParser, argv=None, **fixed) -> tuple[a
     return args, load_config(args.config, args.overrides, **fixed)
 
 
+# Libraries that report every checkpoint file and model load at INFO: a run's output keeps hnet's own lines,
+# one progress bar per phase, and these libraries' warnings.
+QUIET_LOGGERS = ("accelerate", "sentence_transformers", "transformers")
+
+
+def quiet_libraries() -> None:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # "Loading weights" bars, one per model load
+    except ImportError:
+        pass
+    warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated")  # raised inside fvcore's tracer
+
+
 def main_guard(fn):
     """Run a script's main: user errors print one line naming the field/file and exit 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+        quiet_libraries()
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as err:

@@ -334,7 +334,8 @@ def _validate(cfg: Config) -> None:
         if value < 0:
             raise ConfigError(f"{where}: must be >= 0, got {value}")
     positive = {"train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
-                "hypernet.cond_dim": cfg.hypernet.cond_dim, "hypernet.text_cond_dim": cfg.hypernet.text_cond_dim, "hypernet.chunk_size": cfg.hypernet.chunk_size,
+                "hypernet.cond_dim": cfg.hypernet.cond_dim,
+                "hypernet.text_cond_dim": cfg.hypernet.text_cond_dim, "hypernet.chunk_size": cfg.hypernet.chunk_size,
                 "connector.hidden": cfg.connector.hidden, "data.shard_size": cfg.data.shard_size}
     for where, value in positive.items():
         if value <= 0:

@@ -17,7 +17,7 @@ from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 from torch.utils.flop_counter import FlopCounterMode
 
-from hnet import files
+from hnet import files, runs
 from hnet.config import Config, HypernetConfig
 from hnet.data.cache import Unit, cached_name
 from hnet.files import MANIFEST
@@ -262,7 +262,7 @@ class FlopsLedger:
     """Per-phase FLOPs of a run, saved atomically to RUN_DIR/flops.json (loaded back when it exists)."""
 
     def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / "flops.json"
+        self.path = Path(run_dir) / runs.FLOPS
         saved = files.read_json(self.path) if self.path.exists() else {}
         self.phases = {p: {"flops": 0, "steps": 0, "samples": 0, "parts": {}} for p in PHASES}
         self.phases.update(saved.get("phases", {}))
@@ -315,6 +315,6 @@ class FlopsLedger:
     @staticmethod
     def rewind(run_dir: Path, checkpoint: Path) -> None:
         """On resume, the ledger goes back to what it was at the checkpoint."""
-        saved = checkpoint / "flops.json"
+        saved = checkpoint / runs.FLOPS
         if saved.exists():
-            files.write_bytes(Path(run_dir) / "flops.json", saved.read_bytes())
+            files.write_bytes(Path(run_dir) / runs.FLOPS, saved.read_bytes())

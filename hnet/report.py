@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from hnet import files
+from hnet import files, runs
 from hnet.config import RECALL_KS
 
 
@@ -19,14 +19,14 @@ def _sci(x: float | None) -> str:
 
 def run_row(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
-    if not (run_dir / "flops.json").exists():
+    if not (run_dir / runs.FLOPS).exists():
         raise FileNotFoundError(f"{run_dir}: no flops.json (is this a run dir?)")
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    ledger = files.read_json(run_dir / "flops.json")
+    cfg = yaml.safe_load((run_dir / runs.CONFIG).read_text())
+    ledger = files.read_json(run_dir / runs.FLOPS)
     phases = ledger["phases"]
-    meta = files.read_json(run_dir / "model.json") if (run_dir / "model.json").exists() else {"names": []}
+    meta = files.read_json(run_dir / runs.MODEL) if (run_dir / runs.MODEL).exists() else {"names": []}
     n_enc = len(meta["names"]) or 1
-    metrics = files.read_jsonl(run_dir / "metrics.jsonl")
+    metrics = files.read_jsonl(run_dir / runs.METRICS)
     train_flops = phases["train"]["flops"] + phases["autodecode"]["flops"]
     row = {"run": run_dir.name, "method": cfg["method"], "encoders": len(meta["names"]),
            "text_encoder": ", ".join(cfg.get("text_encoders") or [cfg["text_encoder"]]),
@@ -36,16 +36,16 @@ def run_row(run_dir: str | Path) -> dict:
            "flops_per_step": phases["train"]["parts"].get("total"), "flops_per_encoder": train_flops / n_enc,
            "train_flops": train_flops, "total_flops": ledger["total_flops_without_embed"],
            "total_flops_with_embed": ledger["total_flops"], "zeroshot_top1": None, "vs_separate": ""}
-    if (run_dir / "eval.json").exists():
-        evals = files.read_json(run_dir / "eval.json")["datasets"]
-        row["zeroshot_top1"] = {name: sum(m["top1"] for m in d["encoders"].values()) / len(d["encoders"])
-                                for name, d in evals.items()}
+    if (run_dir / runs.EVAL).exists():
+        evals = files.read_json(run_dir / runs.EVAL)
+        means = {name: runs.pair_top1(evals, name) for name in evals["datasets"]}
+        row["zeroshot_top1"] = {name: sum(top1.values()) / len(top1) for name, top1 in means.items()}
     return row
 
 
 def grid_search_row(run_dir: Path, row: dict) -> dict | None:
     """For a search run (scripts/search.py): the estimated full grid search over the same zoo, as a row."""
-    path = Path(run_dir) / "search.json"
+    path = Path(run_dir) / runs.SEARCH
     if not path.exists():
         return None
     grid = files.read_json(path)["grid_search"]
@@ -115,11 +115,11 @@ def plot_accuracy_vs_flops(run_dirs: list[str | Path], out: str | Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for run in map(Path, run_dirs):
-        points = [(r["train_flops_cum"], r["zeroshot_top1"]) for r in files.read_jsonl(run / "metrics.jsonl")
+        points = [(r["train_flops_cum"], r["zeroshot_top1"]) for r in files.read_jsonl(run / runs.METRICS)
                   if "zeroshot_top1" in r]
         if points:
             ax.plot(*zip(*points), marker="o", ms=3, label=f"{run_row(run)['method']} ({run.name}), mean")
-        for path in sorted((run / "autodecode").glob("*.json")):
+        for path in sorted((run / runs.AUTODECODE).glob("*.json")):
             curve = [p for p in files.read_json(path)["curve"] if p["flops"] > 0]  # log axis: no step-0 point
             ax.plot([p["flops"] for p in curve], [p["top1"] for p in curve], marker="s", ms=3,
                     label=f"autodecode {files.read_json(path)['encoder']}")
@@ -231,9 +231,9 @@ def csv_table(rows: list[dict]) -> str:
 def write_reports(run_dir: Path, results: dict) -> None:
     reports = dataset_reports(run_dir, results)
     for stem, report in reports.items():
-        files.write_json(Path(run_dir) / "eval" / f"{stem}.json", report)
-    files.write_text(Path(run_dir) / "eval.csv", csv_table(csv_rows(reports)))
-    files.write_text(Path(run_dir) / "eval.md", markdown_table(results))
+        files.write_json(Path(run_dir) / runs.EVAL_REPORTS / f"{stem}.json", report)
+    files.write_text(Path(run_dir) / runs.EVAL_CSV, csv_table(csv_rows(reports)))
+    files.write_text(Path(run_dir) / runs.EVAL_MD, markdown_table(results))
 
 
 def markdown_table(results: dict) -> str:

@@ -40,6 +40,25 @@ SEARCH_MD = "search.md"
 
 
 
+def trained_pairs(meta: dict) -> list[str]:
+    """The names of the pairs a run trained (model.json `trained`; all of them when absent)."""
+    return meta.get("trained") or meta["names"]
+
+
+def decoded_encoders(meta: dict) -> list[str]:
+    """The encoders auto-decoded into a run (runs from before `autodecoded` was recorded: the names that did not
+    train)."""
+    return meta.get("autodecoded") or [n for n in meta["names"] if n not in trained_pairs(meta)]
+
+
+def pair_top1(results: dict, dataset: str, names: list[str] | None = None) -> dict[str, float]:
+    """Zero-shot top-1 by pair name from an eval.json (`names`: only these pairs)."""
+    evals = results["datasets"]
+    if dataset not in evals:
+        raise KeyError(f"eval.json: no results for '{dataset}' (has: {', '.join(evals)})")
+    return {n: m["top1"] for n, m in evals[dataset]["encoders"].items() if names is None or n in names}
+
+
 def save_model(run_dir: str | Path, model: StitchModel, hypernet: HypernetConfig, weights: dict[str, str]) -> None:
     """Write the trained state; `weights` maps image encoder name -> how to load it (pretrained | random | file)."""
     run_dir = Path(run_dir)

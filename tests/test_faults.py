@@ -56,7 +56,8 @@ def test_sigkill_then_resume_equals_uninterrupted(zoo, k, request, tmp_path):
     a, b = load_file(str(straight.run_dir / "model.safetensors")), load_file(str(killed.run_dir / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
-    assert strip(files.read_jsonl(straight.run_dir / "metrics.jsonl")) == strip(files.read_jsonl(killed.run_dir / "metrics.jsonl"))
+    metrics = lambda run: strip(files.read_jsonl(run.run_dir / "metrics.jsonl"))
+    assert metrics(straight) == metrics(killed)
 
 
 def test_sigterm_writes_a_checkpoint_before_exit(synthetic_cfg, tmp_path):
@@ -132,7 +133,7 @@ def test_bad_flags_exit_2_with_one_line_and_write_nothing(tmp_path, flag, messag
                                     "data.shards=/nowhere/x.tar", *flag.split()], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not (out / "demo_hypernet").exists()
 

@@ -45,7 +45,8 @@ def test_train_step_formula_matches_torch_counter(method, kind, direction):
     model = StitchModel(method, shape, [96, 48, 72], HypernetConfig(hidden=64, chunk_size=512), text_widths=[64, 40])
     n, batch = 6, 32
     formula = train_step_flops(model, n, batch)
-    measured = _measured_step(model, n, batch, 96) if method == "hypernet" else _measured_single_connectors(model, batch)
+    measured = (_measured_step(model, n, batch, 96) if method == "hypernet"
+                else _measured_single_connectors(model, batch))
     assert formula["total"] == pytest.approx(measured, rel=0.01)
     if method == "separate":
         assert formula["total"] < _measured_step(model, n, batch, 96)  # padding is not charged to the baseline
@@ -126,7 +127,8 @@ def test_pipeline_ledger_equals_an_independent_recount(tiny_cfg, monkeypatch):
                                                              batch_size=64))
     evaluated = []
     real_evaluate = hnet.experiments.pipeline.evaluate_run
-    monkeypatch.setattr(hnet.experiments.pipeline, "evaluate_run", lambda c, run, ds: evaluated.append(run) or real_evaluate(c, run, ds))
+    monkeypatch.setattr(hnet.experiments.pipeline, "evaluate_run",
+                        lambda c, run, ds: evaluated.append(run) or real_evaluate(c, run, ds))
     summary = hnet.experiments.pipeline.run_pipeline(cfg, control=False)
     assert sorted(map(str, evaluated)) == sorted({str(r) for r in evaluated})  # no run twice
     run = dataclasses.replace(cfg, method="hypernet").run_dir

@@ -36,7 +36,7 @@ def test_k_of_n_x_m_pairs_drawn_deterministically_and_counted(pairs_cfg):
     assert meta["names"] == labels and meta["pairs"] == Pairs.grid(3, 2).as_list()
     assert meta["text_encoders"] == PAIR_TEXTS and meta["text_widths"] == [24, 16]
     draws = files.read_json(cfg.run_dir / "flops.json")["phases"]["train"]["parts"]["encoder_draws"]
-    expected = draw_counts(cfg, 6, 9)
+    expected = draw_counts(6, cfg.train.encoders_per_step, cfg.train.seed, 9)
     assert draws == dict(zip(labels, expected.tolist())) and sum(draws.values()) == 2 * 9
     assert (expected > 0).sum() > 2  # the draws move over the grid
     for step in range(9):  # a pure function of (seed, step): every rank and every resume agree

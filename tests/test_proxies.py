@@ -8,8 +8,8 @@ def _hsic_cka(x, y):
     """CKA the textbook way: HSIC of centred n x n linear kernels."""
     n = len(x)
     h = torch.eye(n, dtype=torch.float64) - 1.0 / n
-    k, l = h @ (x.double() @ x.double().T) @ h, h @ (y.double() @ y.double().T) @ h
-    return float((k * l).sum() / ((k * k).sum().sqrt() * (l * l).sum().sqrt()))
+    kx, ky = h @ (x.double() @ x.double().T) @ h, h @ (y.double() @ y.double().T) @ h
+    return float((kx * ky).sum() / ((kx * kx).sum().sqrt() * (ky * ky).sum().sqrt()))
 
 
 def test_linear_cka_equals_kernel_form_and_invariances():

@@ -34,7 +34,8 @@ def test_metrics_and_run_files(tiny_cfg):
     assert rows[-1]["flops_cum"] == 4 * rows[0]["flops_cum"]
     for name in ("config.yaml", "flops.json", "model.safetensors", "cond_embeddings.safetensors", "model.json"):
         assert (run / name).exists(), name
-    assert sorted(load_file(str(run / "cond_embeddings.safetensors"))) == sorted(files.read_json(run / "model.json")["names"])
+    conds = load_file(str(run / "cond_embeddings.safetensors"))
+    assert sorted(conds) == sorted(files.read_json(run / "model.json")["names"])
     assert files.read_json(run / "flops.json")["phases"]["train"]["parts"]["device"] == "cpu"  # where it trained
 
 
@@ -55,7 +56,8 @@ def test_resume_latest_equals_uninterrupted(tiny_cfg):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
-    assert strip(files.read_jsonl(straight.run_dir / "metrics.jsonl")) == strip(files.read_jsonl(killed.run_dir / "metrics.jsonl"))
+    metrics = lambda run: strip(files.read_jsonl(run.run_dir / "metrics.jsonl"))
+    assert metrics(straight) == metrics(killed)
     assert files.read_json(straight.run_dir / "flops.json") == files.read_json(killed.run_dir / "flops.json")
 
 
@@ -165,18 +167,22 @@ def test_weight_decay_only_on_weight_matrices(synthetic_cfg):
 
 
 def test_signal_handlers_restored_after_training(synthetic_cfg):
+    """Training installs its stop handlers and puts back whatever was there before (however pytest was started:
+    a background job starts with SIGINT ignored)."""
     import signal
 
     def mine(*_):
         pass
 
-    previous = signal.signal(signal.SIGTERM, mine)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, mine)
     try:
         train(with_train(synthetic_cfg, max_steps=1))
         assert signal.getsignal(signal.SIGTERM) is mine
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def test_cache_of_another_text_encoder_refused(synthetic_cfg):

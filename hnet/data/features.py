@@ -11,14 +11,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from hnet.config import ConfigError
-from hnet.data.cache import CachedFeatures
+from hnet import files
+from hnet.config import Config, ConfigError
+from hnet.data.cache import CachedFeatures, CacheError
+from hnet.data.embed import build_cache
+from hnet.data.sources import first_samples_unit, prepare_shards, shard_units
 from hnet.models.encoders import text_key
 
 
 class FeatureBatches:
     def __init__(self, cache: CachedFeatures, names: list[str], texts: list[str], batch_size: int, seed: int = 0,
-                 shuffle_pairs: bool = False, overfit_batches: int = 0, rank: int = 0, world: int = 1):
+                 shuffle_pairs: bool = False, overfit_batches: int = 0, rank: int = 0, world: int = 1,
+                 pad_to: tuple[int, int] | None = None):
+        """`pad_to`: (D_max, T_max) of a model whose encoders are more than these (default: these' widest)."""
         self.images = [cache[n] for n in names]
         self.widths = [cache.width(n) for n in names]
         self.texts = [cache[text_key(t)] for t in texts]
@@ -30,6 +35,7 @@ class FeatureBatches:
             raise ConfigError(f"train.batch_size: {batch_size} does not split over {world} processes")
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.overfit_batches = overfit_batches
+        self.pad_to = pad_to or (max(self.widths), max(self.text_widths))
         # control run: every image keeps one fixed, wrong caption (a derangement-like permutation)
         self.text_rows = np.random.default_rng(seed + 7).permutation(self.count) if shuffle_pairs else None
         self._perm_epoch, self._perm = -1, None
@@ -58,13 +64,12 @@ class FeatureBatches:
         sorted_rows = rows[order]
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
-        d_max = max(self.widths)
+        d_max, t_max = self.pad_to
         image = np.zeros((len(encoders), local, d_max), np.float32)
         for slot, e in enumerate(encoders):
             image[slot, :, : self.widths[e]] = self.images[e][sorted_rows][inverse]
         text_rows = sorted_rows if self.text_rows is None else self.text_rows[sorted_rows]
         texts = np.zeros(1, np.int64) if texts is None else texts
-        t_max = max(self.text_widths)
         text = np.zeros((len(texts), local, t_max), np.float32)
         for slot, t in enumerate(texts):
             text[slot, :, : self.text_widths[t]] = self.texts[t][text_rows][inverse]
@@ -88,3 +93,38 @@ class Prefetcher:
         nxt = micro_step + 1
         self.pending = (nxt, self.pool.submit(self.data.batch, nxt, *self.encoders_for(nxt)))
         return batch
+
+
+class PrefixFeatures:
+    """The first `count` samples of the training data, read the way FeatureBatches reads a cache: each name's
+    features from the cache given for it (the new encoder's from a cache of only the samples the budget uses, or
+    the training cache when it already holds the encoder)."""
+
+    def __init__(self, sources: dict[str, CachedFeatures], count: int):
+        self.count = count
+        self.arrays = {name: cache[name] for name, cache in sources.items()}  # only rows < count are ever read
+        self.widths = {name: cache.width(name) for name, cache in sources.items()}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    def width(self, name: str) -> int:
+        return self.widths[name]
+
+
+def first_samples_cache(cfg: Config, spec, text: bool, count: int, train_cache: CachedFeatures,
+                        accelerator) -> CachedFeatures:
+    """Embed a new encoder (image `spec`, or a text encoder's name) over exactly the first `count` training
+    samples: one unit reading the shards in order and stopping there (later shards are never opened; small by
+    construction, so not split over ranks)."""
+    with accelerator.main_process_first():
+        pattern = prepare_shards(cfg)
+    unit = first_samples_unit(shard_units(pattern), count)
+    name = spec if text else spec.name
+    root = cfg.cache_path / "autodecode" / f"{files.slug(text_key(name) if text else name)}_first{count}"
+    build_cache(root, [unit], [] if text else [spec], [name] if text else None,
+                batch_size=cfg.data.embed_batch_size, num_workers=0, accelerator=accelerator)
+    cache = CachedFeatures(root, [text_key(name) if text else name])
+    if cache.keys() != train_cache.keys()[:count]:
+        raise CacheError(f"{root}: its samples are not the first {count} of the training cache {cfg.cache_path}")
+    return cache

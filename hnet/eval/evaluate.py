@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hnet import files
+from hnet import files, runs
 from hnet.config import Config
 from hnet.distributed import default_accelerator
 from hnet.eval.retrieval import evaluate_retrieval
@@ -27,7 +27,7 @@ def evaluate_run(cfg: Config, run_dir: Path, datasets: list[str], accelerator=No
     run_dir = Path(run_dir)
     model, names = load_model(run_dir)
     model = model.to(accelerator.device)
-    weights = files.read_json(run_dir / "model.json").get("weights", {})
+    weights = files.read_json(run_dir / runs.MODEL).get("weights", {})
     main = accelerator.is_main_process
     ledger = FlopsLedger(run_dir)
     results: dict = {"templates": cfg.eval.templates, "text_encoder": ", ".join(model.text_names),
@@ -42,10 +42,10 @@ def evaluate_run(cfg: Config, run_dir: Path, datasets: list[str], accelerator=No
         results["retrieval"] = evaluate_retrieval(cfg, model, names, weights, accelerator, ledger)
     if main:
         ledger.save()
-        files.write_json(run_dir / "eval.json", results)
+        files.write_json(run_dir / runs.EVAL, results)
         write_reports(run_dir, results)
     accelerator.wait_for_everyone()
-    return results if main else files.read_json(run_dir / "eval.json")
+    return results if main else files.read_json(run_dir / runs.EVAL)
 
 
 def _score(probe: ZeroShotProbe, model: StitchModel, names: list[str], run_dir: Path, ledger: FlopsLedger) -> dict:

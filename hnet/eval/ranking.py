@@ -6,31 +6,32 @@ from pathlib import Path
 
 from scipy.stats import kendalltau, spearmanr
 
-from hnet import files
+from hnet import files, runs
 
 
 def _top1(run_dir: Path, dataset: str, names: list[str] | None = None) -> dict[str, float]:
-    evals = files.read_json(run_dir / "eval.json")["datasets"]
-    if dataset not in evals:
-        raise KeyError(f"{run_dir}/eval.json: no results for '{dataset}' (has: {', '.join(evals)})")
-    return {n: m["top1"] for n, m in evals[dataset]["encoders"].items() if names is None or n in names}
+    try:
+        return runs.pair_top1(files.read_json(run_dir / runs.EVAL), dataset, names)
+    except KeyError as err:
+        raise KeyError(f"{run_dir}/{err.args[0]}") from None
 
 
 def rank_encoders(hypernet_run: str | Path, separate_run: str | Path, dataset: str) -> dict:
     """Spearman/Kendall between the two rankings over the encoders both trained, top-1 agreement, FLOPs."""
     hyper_dir, sep_dir = Path(hypernet_run), Path(separate_run)
-    trained = files.read_json(hyper_dir / "model.json").get("trained") or files.read_json(hyper_dir / "model.json")["names"]
+    trained = runs.trained_pairs(files.read_json(hyper_dir / runs.MODEL))
     hyper = _top1(hyper_dir, dataset, trained)
     sep = _top1(sep_dir, dataset)
     common = [n for n in hyper if n in sep]
     if len(common) < 2:
         raise ValueError(f"ranking needs >= 2 encoders in both runs; shared: {common}")
     h, s = [hyper[n] for n in common], [sep[n] for n in common]
-    flops = {k: files.read_json(d / "flops.json")["phases"]["train"]["flops"] for k, d in
+    flops = {k: files.read_json(d / runs.FLOPS)["phases"]["train"]["flops"] for k, d in
              (("hypernet", hyper_dir), ("separate", sep_dir))}
     best_h, best_s = max(common, key=hyper.get), max(common, key=sep.get)
-    pairs = files.read_json(hyper_dir / "eval.json").get("pairs", {})
-    return {"dataset": dataset, "encoders": common, "pairs": {n: pairs[n] for n in common if n in pairs}, "hypernet_top1": h, "separate_top1": s,
+    pairs = files.read_json(hyper_dir / runs.EVAL).get("pairs", {})
+    return {"dataset": dataset, "encoders": common, "pairs": {n: pairs[n] for n in common if n in pairs},
+            "hypernet_top1": h, "separate_top1": s,
             "spearman": float(spearmanr(h, s).statistic), "kendall": float(kendalltau(h, s).statistic),
             "top1_agreement": best_h == best_s, "best_hypernet": best_h, "best_separate": best_s,
             "hypernet_train_flops": flops["hypernet"], "separate_train_flops": flops["separate"],

@@ -23,7 +23,7 @@ from hnet.config import RECALL_KS, Config, ConfigError
 from hnet.data.cache import CachedFeatures, Unit, keys_digest
 from hnet.data.embed import build_cache
 from hnet.data.sources import shard_units
-from hnet.flops import FlopsLedger, connector_macs
+from hnet.flops import FlopsLedger, retrieval_head_flops
 from hnet.models.encoders import TextEncoder, specs_for, text_key
 from hnet.models.stitch import StitchModel, padded_pair, project
 
@@ -201,6 +201,6 @@ def _charge(ledger: FlopsLedger, model: StitchModel, images: list[str], pairs: i
     connector over the images plus the images x captions similarity. The captions' text-encoder pass is not
     counted here."""
     ledger.charge_embedding(key, images, n, embedded)
-    per_pair = 2 * (connector_macs(model.shape.layers, 1, n)["forward"] + n * n_texts * model.shape.dims[-1])
-    ledger.charge("eval", f"heads/{key}", pairs * per_pair, steps=1, samples=n * pairs)
+    ledger.charge("eval", f"heads/{key}", pairs * retrieval_head_flops(model.shape, n, n_texts), steps=1,
+                  samples=n * pairs)
 

@@ -47,11 +47,21 @@ def class_embeddings(text_encoder: str, classnames: list[str], templates: tuple[
     return load_file(str(path))["weight"].to(device)
 
 
+def hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """1/0 per image: its top-scoring class is its label (the one zero-shot scorer: runs, probes, benchmarks)."""
+    return (logits.argmax(dim=-1) == labels).float()
+
+
+def zero_shot_top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy (%) of [M, C] logits."""
+    return float(hits(logits, labels).mean()) * 100
+
+
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict:
     """top-1/top-5 (%), NLL, 15-bin ECE, per-class accuracy, and the reliability-diagram bins."""
     probs = logits.softmax(dim=-1)
-    conf, pred = probs.max(dim=-1)
-    correct = (pred == labels).float()
+    conf = probs.max(dim=-1).values
+    correct = hits(logits, labels)
     k = min(5, n_classes)
     top5 = (logits.topk(k, dim=-1).indices == labels[:, None]).any(dim=-1).float()
     bins = torch.clamp((conf * ECE_BINS).long(), max=ECE_BINS - 1)
@@ -125,10 +135,17 @@ class ZeroShotProbe:
         logits = zero_shot_logits(model, index, self.features[image], self.classifiers[text])
         return classification_metrics(logits, self.labels, len(self.dataset.classnames))
 
-    def top1_of_params(self, model: StitchModel, params, image: str, text: str) -> float:
-        """Top-1 of one pair's connector `params` (not a pair of the model: auto-decoding, fine-tuning)."""
-        logits = zero_shot_logits(model, -1, self.features[image], self.classifiers[text], params=params)
-        return float((logits.argmax(dim=-1) == self.labels).float().mean()) * 100
+    @torch.no_grad()
+    def top1(self, model: StitchModel, pairs) -> list[float]:
+        """Top-1 of the model's pairs `pairs`, their connectors generated in one call."""
+        params = model.source(torch.as_tensor(pairs, device=model.widths.device))
+        scores = []
+        for slot, p in enumerate(pairs):
+            image, text = model.pair_names(int(p))
+            one = [(w[slot:slot + 1], b[slot:slot + 1]) for w, b in params]
+            logits = zero_shot_logits(model, int(p), self.features[image], self.classifiers[text], params=one)
+            scores.append(zero_shot_top1(logits, self.labels))
+        return scores
 
     def encoder_flops(self, name: str) -> float:
         return forward_flops(name, len(self.labels))

@@ -2,11 +2,13 @@
 
 Either side: a new image encoder (`--encoder`) is paired with the run's text encoders, a new text encoder
 (`--text-encoder`, runs trained with several) with the run's image encoders; one new vector generates every one of
-those pairs' connectors, and the loss is their mean. The hypernetwork (and logit scale) are frozen:
-`requires_grad_(False)` and the optimiser holds nothing but the new embedding, so its weights stay bit-identical
-(tests/test_autodecode.py checks). The budget is steps, samples or FLOPs, whichever runs out first; accuracy is
-logged against FLOPs spent along the way. The embedding is saved into the run, so `evaluate.py` and
-`connector_for()` treat the new encoder's pairs like trained ones.
+those pairs' connectors, and the loss is their mean. It trains through the run loop (hnet.train.loop.fit): the
+model is the run's, with the new encoder's vector as one more row and its pairs added; what trains is a parameter
+filter, that one row (every other tensor frozen, the other rows untouched), so the hypernetwork and logit scale stay
+bit-identical. The budget is steps, samples or FLOPs, whichever runs out first; accuracy is logged against FLOPs
+spent along the way. The vector is saved into the run, so `evaluate.py` and `connector_for()` treat the new
+encoder's pairs like trained ones. Fine-tuning (optional) trains the decoded connectors' weights through the same
+loop, as separate connectors started from the decoded ones.
 
 Only the samples the budget uses are embedded with the new encoder (the first (steps + finetune_steps) x batch
 training samples; the training cache's features when it already holds the encoder). Ledger of the run: the
@@ -21,15 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
-from hnet import files
+from hnet import files, runs
 from hnet.config import Config, ConfigError
 from hnet.data.cache import CachedFeatures, CacheError, cached_name, open_training_cache
-from hnet.data.embed import build_cache
-from hnet.data.features import FeatureBatches
-from hnet.data.sources import first_samples_unit, prepare_shards, shard_units
+from hnet.data.features import FeatureBatches, PrefixFeatures, first_samples_cache
+from hnet.data.sources import prepare_shards, shard_units
 from hnet.distributed import default_accelerator
 from hnet.eval.zeroshot import ZeroShotProbe
 from hnet.flops import (
@@ -42,10 +41,10 @@ from hnet.flops import (
 )
 from hnet.models.connectors import Connector
 from hnet.models.encoders import parse_spec, text_key
-from hnet.models.losses import clip_loss
-from hnet.models.pairs import pair_label
-from hnet.models.stitch import StitchModel, project
+from hnet.models.pairs import Pairs
+from hnet.models.stitch import StitchModel
 from hnet.runs import add_encoder, load_model
+from hnet.train.loop import Plan, fit
 
 
 @dataclass
@@ -58,14 +57,15 @@ class Side:
     partner_index: list[int]  # their positions in the model's image (or text) encoders
     partner_widths: list[int]
 
-    def pairs(self) -> list[tuple[str, str]]:
-        return [(p, self.name) if self.text else (self.name, p) for p in self.partners]
+    def keys(self) -> tuple[str, list[str]]:
+        """Cache names of the new encoder's features and of its partners'."""
+        if self.text:
+            return text_key(self.name), list(self.partners)
+        return self.name, [text_key(p) for p in self.partners]
 
-    def widths(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image widths, text widths) of the pairs."""
-        mine = torch.full((len(self.partners),), self.width, device=device)
-        theirs = torch.tensor(self.partner_widths, device=device)
-        return (theirs, mine) if self.text else (mine, theirs)
+    def encoders(self) -> tuple[list[str], list[str]]:
+        """(image encoders, text encoders) of the side's pairs, in data order."""
+        return (self.partners, [self.name]) if self.text else ([self.name], self.partners)
 
 
 def initial_cond(model: StitchModel, width: int, how: str, seed: int, text: bool = False,
@@ -84,20 +84,6 @@ def initial_cond(model: StitchModel, width: int, how: str, seed: int, text: bool
         gen = torch.Generator().manual_seed(seed)
         return torch.randn(conds.shape[1], generator=gen).to(conds.device) * conds.std()
     return conds.mean(dim=0)
-
-
-def pair_params(model: StitchModel, side: Side, cond: torch.Tensor):
-    """The connectors of every pair of `side`, generated from the new vector `cond` and the partners' vectors."""
-    source, n = model.source, len(side.partners)
-    index = torch.tensor(side.partner_index, device=cond.device)
-    if side.text:
-        conds = source.combine(source.cond[index], cond.expand(n, -1))
-    else:
-        text = None if source.text_cond is None else source.text_cond[index]
-        conds = source.combine(cond.expand(n, -1), text)
-    widths, text_widths = side.widths(cond.device)
-    scales = torch.cat([source.scales_for(int(w), int(t)) for w, t in zip(widths, text_widths)])
-    return source.generate(conds, scales)
 
 
 def _check(model: StitchModel, decoded: list[str], encoder: str, text: bool) -> None:
@@ -127,14 +113,13 @@ def _check_width(model: StitchModel, side: Side) -> None:
 def autodecode(cfg: Config, run_dir, encoder: str, weights: str | None = None, accelerator=None,
                text: bool = False) -> dict:
     """Decode a cond embedding for image encoder `encoder` (or text encoder, `text=True`) on the accelerator's
-    device. Every rank takes part in embedding; the main process decodes, writes the files and the ledger; the
-    others wait and read its result."""
+    device. Every rank embeds its share and trains (the batch split over ranks, as in a run); the main process
+    writes the files and the ledger."""
     accelerator = accelerator or default_accelerator(cfg)
     run_dir = Path(run_dir)
-    model, names = load_model(run_dir)
-    meta = files.read_json(run_dir / "model.json")
-    # runs from before `autodecoded` was recorded: the names that did not train
-    decoded = meta.get("autodecoded") or [n for n in meta["names"] if n not in meta.get("trained", meta["names"])]
+    model, _ = load_model(run_dir)
+    meta = files.read_json(run_dir / runs.MODEL)
+    decoded = runs.decoded_encoders(meta)
     _check(model, decoded, encoder, text)
     ad = cfg.autodecode
     model = model.to(accelerator.device).requires_grad_(False)
@@ -143,19 +128,23 @@ def autodecode(cfg: Config, run_dir, encoder: str, weights: str | None = None, a
     side = _side(model, train_cache, encoder, text, decoded)
     step_flops = autodecode_step_flops(model, ad.batch_size, len(side.partners))
     steps = planned_steps(ad, step_flops)
-    data, embedded = decoding_data(cfg, spec or encoder, side, (steps + ad.finetune_steps) * ad.batch_size,
-                                   train_cache, accelerator)
+    features, embedded = decoding_features(cfg, spec or encoder, side, (steps + ad.finetune_steps) * ad.batch_size,
+                                           train_cache, accelerator)
     _check_width(model, side)
-    run_weights = meta.get("weights", {})
-    probe = (ZeroShotProbe(cfg, cfg.eval.datasets[0], side.partners, run_weights, accelerator, texts=[encoder])
+    probe = (ZeroShotProbe(cfg, cfg.eval.datasets[0], side.partners, meta.get("weights", {}), accelerator,
+                           texts=[encoder])
              if text else ZeroShotProbe(cfg, cfg.eval.datasets[0], [encoder], {encoder: spec.weights}, accelerator,
                                         texts=side.partners))
-    out = run_dir / "autodecode" / f"{files.slug(encoder)}.json"
+    ledger = FlopsLedger(run_dir)
+    result = _decode(cfg, model, features, probe, side, steps, step_flops, ledger, tuple(decoded), accelerator)
+    if ad.finetune_steps > 0:
+        result["finetune"] = finetune(cfg, model, result.pop("params"), side, list(result["pairs_top1"]), features,
+                                      probe, run_dir, ledger, accelerator)
+    result.pop("params", None)
+    result["embed"] = embedded
+    out = run_dir / runs.AUTODECODE / f"{files.slug(encoder)}.json"
     if accelerator.is_main_process:
-        ledger = FlopsLedger(run_dir)
-        result = _decode(cfg, model, data, probe, side, steps, step_flops, run_dir, meta,
-                         spec.weights if spec else "", ledger, tuple(decoded))
-        result["embed"] = embedded
+        add_encoder(run_dir, meta, side.name, side.text, side.width, spec.weights if spec else "", result.pop("cond"))
         ledger.charge("embed", text_key(encoder) if text else encoder, embedded["flops"], images=embedded["samples"],
                       cached=embedded["cached"])
         if not text:
@@ -188,105 +177,69 @@ def planned_steps(ad, step_flops: int) -> int:
     return max(0, min(caps))
 
 
-def _top1(model: StitchModel, probe: ZeroShotProbe, side: Side, params) -> dict[str, float]:
-    """Zero-shot top-1 of each of the side's pairs, by pair name."""
-    multi = side.text or len(model.text_names) > 1
-    return {pair_label(image, text, multi): probe.top1_of_params(model, [(w[p:p + 1], b[p:p + 1]) for w, b in params],
-                                                                  image, text)
-            for p, (image, text) in enumerate(side.pairs())}
+def _curve_probe(probe: ZeroShotProbe, model: StitchModel, pairs: np.ndarray, key: str, step_flops: int,
+                 batch: int, curve: list[dict]):
+    """The loop's probe: each call appends a point (zero-shot top-1 of every pair of the side, and its mean) to
+    `curve` and charges the scoring to the eval phase."""
+    labels = model.labels()
+
+    def point(step: int, loss: float, ledger: FlopsLedger) -> dict:
+        probe.charge_heads(ledger, model, key, len(pairs))
+        scores = dict(zip([labels[p] for p in pairs], probe.top1(model, pairs)))
+        extra = {"loss": float(loss)} if step else {}
+        curve.append({"step": step, "flops": step * step_flops, "samples": step * batch,
+                      "top1": sum(scores.values()) / len(scores), "pairs_top1": scores, **extra})
+        return {}
+    return point
 
 
-def _decode(cfg: Config, model: StitchModel, data: FeatureBatches, probe: ZeroShotProbe, side: Side, steps: int,
-            step_flops: int, run_dir: Path, meta: dict, weights: str, ledger: FlopsLedger,
-            decoded: tuple[str, ...] = ()) -> dict:
-    ad, device = cfg.autodecode, probe.device
+def _decode(cfg: Config, model: StitchModel, features: PrefixFeatures, probe: ZeroShotProbe, side: Side,
+            steps: int, step_flops: int, ledger: FlopsLedger, decoded: tuple[str, ...], accelerator) -> dict:
+    ad = cfg.autodecode
     start = initial_cond(model, side.width, ad.init, cfg.train.seed, side.text, decoded)
-    cond = torch.nn.Parameter(start.clone().to(device))
-    optimizer = torch.optim.Adam([cond], lr=ad.lr)
-    probe_key = f"autodecode_probe/{probe.key}/{side.name}"
-
-    def top1() -> dict[str, float]:
-        probe.charge_heads(ledger, model, probe_key, len(side.partners))
-        return _top1(model, probe, side, pair_params(model, side, cond.detach()))
-
-    def point(step: int, scores: dict, **extra) -> dict:
-        return {"step": step, "flops": step * step_flops, "samples": step * ad.batch_size,
-                "top1": sum(scores.values()) / len(scores), "pairs_top1": scores, **extra}
-
-    curve = [point(0, top1())]
-    loss = torch.tensor(float("nan"))
-    for step in tqdm(range(1, steps + 1), desc=f"autodecode {side.name}"):
-        loss = _clip_step(model, pair_params(model, side, cond), data, step - 1, side, optimizer)
-        if (ad.eval_every and step % ad.eval_every == 0) or step == steps:
-            curve.append(point(step, top1(), loss=float(loss)))
-    add_encoder(run_dir, meta, side.name, side.text, side.width, weights, cond.detach())
+    decoding, pairs = model.with_encoder(side.name, side.width, side.text, start.to(model.log_scale.device),
+                                         side.partner_index)
+    vectors = decoding.source.text_cond if side.text else decoding.source.cond
+    vectors.requires_grad_(True)  # the parameter filter: only the new row is ever drawn (the others: untouched)
+    images, texts = side.encoders()
+    data = FeatureBatches(features, images, texts, ad.batch_size, cfg.train.seed, rank=accelerator.process_index,
+                          world=accelerator.num_processes, pad_to=(model.shape.image_width, model.shape.text_width))
+    curve: list[dict] = []
+    plan = Plan(decoding, data, steps, pairs, ad.lr, {"total": step_flops}, phase="autodecode",
+                ledger_key=f"decode/{side.name}", seed=cfg.train.seed, slots=_slots(decoding, side),
+                probe=_curve_probe(probe, decoding, pairs, f"autodecode_probe/{probe.key}/{side.name}", step_flops,
+                                   ad.batch_size, curve),
+                probe_every=ad.eval_every or steps, probe_at_start=True, desc=f"autodecode {side.name}")
+    out = fit(plan, accelerator, ledger)
+    row = decoding.encoder_row(side.name, side.text)
+    with torch.no_grad():
+        params = out["model"].source(torch.as_tensor(pairs, device=vectors.device))
     spent = steps * step_flops
-    ledger.charge("autodecode", f"decode/{side.name}", spent, steps=steps, samples=steps * ad.batch_size,
-                  per_step=step_flops)
-    result = {"encoder": side.name, "side": "text" if side.text else "image", "width": side.width, "init": ad.init,
-              "steps": steps, "samples": steps * ad.batch_size, "flops": spent, "top1": curve[-1]["top1"],
-              "pairs_top1": curve[-1]["pairs_top1"], "curve": curve, "dataset": cfg.eval.datasets[0],
-              "device": str(cond.device), "features_device": str(probe.labels.device)}
-    if ad.finetune_steps > 0:
-        params = pair_params(model, side, cond.detach())
-        result["finetune"] = finetune(cfg, model, params, side, data, probe, run_dir)
-        probe.charge_heads(ledger, model, probe_key, len(side.partners))
-        ledger.charge("autodecode", f"finetune/{side.name}", result["finetune"]["flops"], steps=ad.finetune_steps,
-                      samples=ad.finetune_steps * ad.batch_size)
-    return result
+    return {"encoder": side.name, "side": "text" if side.text else "image", "width": side.width, "init": ad.init,
+            "steps": steps, "samples": steps * ad.batch_size, "flops": spent, "top1": curve[-1]["top1"],
+            "pairs_top1": curve[-1]["pairs_top1"], "curve": curve, "dataset": cfg.eval.datasets[0],
+            "device": str(vectors.device), "features_device": str(probe.labels.device),
+            "cond": vectors.detach()[row].cpu().clone(), "params": params}
 
 
-def _clip_step(model: StitchModel, params, data: FeatureBatches, micro_step: int, side: Side, optimizer):
-    """One contrastive step over the side's pairs (loss: their mean) on the frozen model's device."""
-    device = model.log_scale.device
-    n = len(side.partners)
-    if side.text:  # the run's image encoders, the new text encoder's captions
-        image, text = data.batch(micro_step, np.arange(n), np.array([0]))
-    else:  # the new image encoder, the run's text encoders' captions
-        image, text = data.batch(micro_step, np.array([0]), np.arange(n))
-        image = image.expand(n, -1, -1)
-    text = text[0] if text.shape[0] == 1 else text
-    # the batch is padded to its own widest encoder; the connectors take the run's D_max and T_max
-    image = F.pad(image.to(device), (0, model.shape.image_width - image.shape[-1]))
-    text = F.pad(text.to(device), (0, model.shape.text_width - text.shape[-1]))
-    widths, text_widths = side.widths(device)
-    a, b = project(model.shape, params, widths, text_widths, image, text)
-    loss = clip_loss(a, b, model.logit_scale(), gather=False)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+def _slots(model: StitchModel, side: Side) -> tuple[np.ndarray, np.ndarray]:
+    """Model encoder index -> position in the decoding data (the new encoder first on its side, then partners)."""
+    image, text = np.full(len(model.image_names), -1), np.full(len(model.text_names), -1)
+    mine, theirs = (text, image) if side.text else (image, text)
+    mine[model.encoder_row(side.name, side.text)] = 0
+    theirs[side.partner_index] = np.arange(len(side.partners))
+    return image, text
 
 
-class PrefixFeatures:
-    """The first `count` samples of the training data, read the way FeatureBatches reads a cache: each name's
-    features from the cache given for it (the new encoder's from a cache of only the samples the budget uses, or
-    the training cache when it already holds the encoder)."""
-
-    def __init__(self, sources: dict[str, CachedFeatures], count: int):
-        self.count = count
-        self.arrays = {name: cache[name] for name, cache in sources.items()}  # only rows < count are ever read
-        self.widths = {name: cache.width(name) for name, cache in sources.items()}
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self.arrays[name]
-
-    def width(self, name: str) -> int:
-        return self.widths[name]
-
-
-def decoding_data(cfg: Config, spec, side: Side, budget: int, train_cache: CachedFeatures,
-                  accelerator) -> tuple[FeatureBatches, dict]:
-    """Batches over the first `budget` training samples (all the decoding and fine-tuning steps use) for the side's
-    pairs, and what embedding them with the new encoder costs: {samples, flops, cached}. Sets side.width."""
+def decoding_features(cfg: Config, spec, side: Side, budget: int, train_cache: CachedFeatures,
+                      accelerator) -> tuple[PrefixFeatures, dict]:
+    """The first `budget` training samples (all the decoding and fine-tuning steps use) of the side's encoders, and
+    what embedding them with the new encoder costs: {samples, flops, cached}. Sets side.width."""
     count = min(max(budget, cfg.autodecode.batch_size), train_cache.count)
-    key = text_key(side.name) if side.text else side.name
+    key, partners = side.keys()
     cached = cached_name(train_cache.manifest, key) is not None
-    new = train_cache if cached else _prefix_cache(cfg, spec, side.text, count, train_cache, accelerator)
-    partners = [text_key(p) if not side.text else p for p in side.partners]
+    new = train_cache if cached else first_samples_cache(cfg, spec, side.text, count, train_cache, accelerator)
     features = PrefixFeatures({key: new} | {p: train_cache for p in partners}, count)
-    images, texts = (side.partners, [side.name]) if side.text else ([side.name], side.partners)
-    data = FeatureBatches(features, images, texts, cfg.autodecode.batch_size, cfg.train.seed)
     side.width = features.width(key)
     if side.text:
         per_caption = train_cache.manifest.get("flops_per_sample", {}).get(key) if cached else None
@@ -295,45 +248,36 @@ def decoding_data(cfg: Config, spec, side: Side, budget: int, train_cache: Cache
         flops = per_caption * count
     else:
         flops = forward_flops(side.name, count)
-    return data, {"samples": count, "flops": int(flops), "cached": cached}
+    return features, {"samples": count, "flops": int(flops), "cached": cached}
 
 
-def _prefix_cache(cfg: Config, spec, text: bool, count: int, train_cache: CachedFeatures,
-                  accelerator) -> CachedFeatures:
-    """Embed the new encoder over exactly the first `count` training samples: one unit reading the shards in
-    order and stopping there (later shards are never opened; small by construction, so not split over ranks)."""
-    with accelerator.main_process_first():
-        pattern = prepare_shards(cfg)
-    unit = first_samples_unit(shard_units(pattern), count)
-    name = spec if text else spec.name
-    root = cfg.cache_path / "autodecode" / f"{files.slug(text_key(name) if text else name)}_first{count}"
-    build_cache(root, [unit], [] if text else [spec], [name] if text else None,
-                batch_size=cfg.data.embed_batch_size, num_workers=0, accelerator=accelerator)
-    cache = CachedFeatures(root, [text_key(name) if text else name])
-    if cache.keys() != train_cache.keys()[:count]:
-        raise CacheError(f"{root}: its samples are not the first {count} of the training cache {cfg.cache_path}")
-    return cache
-
-
-def finetune(cfg: Config, model: StitchModel, params, side: Side, data: FeatureBatches, probe: ZeroShotProbe,
-             run_dir) -> dict:
-    """Optionally fine-tune the decoded connectors' weights directly (the hypernetwork is not involved); each
-    pair's saved as a plain connector at RUN_DIR/autodecode/<pair>.finetuned.safetensors."""
-    ad = cfg.autodecode
-    params = [(w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()) for w, b in params]
-    optimizer = torch.optim.Adam([t for pair in params for t in pair], lr=ad.finetune_lr)
-    for step in range(ad.finetune_steps):
-        _clip_step(model, params, data, 10_000_000 + step, side, optimizer)  # batches after the decoding ones
-    widths, text_widths = side.widths("cpu")
-    multi = side.text or len(model.text_names) > 1
-    for p, (image, text) in enumerate(side.pairs()):
-        one = [(w[p:p + 1].detach().cpu(), b[p:p + 1].detach().cpu()) for w, b in params]
-        connector = Connector.from_params(model.shape, one, int(widths[p]), int(text_widths[p]))
-        path = run_dir / "autodecode" / f"{files.slug(pair_label(image, text, multi))}.finetuned.safetensors"
-        files.write_safetensors(path, connector.state_dict())
-    n = len(side.partners)
+def finetune(cfg: Config, model: StitchModel, params, side: Side, names: list[str], features: PrefixFeatures,
+             probe: ZeroShotProbe, run_dir, ledger: FlopsLedger, accelerator) -> dict:
+    """Fine-tune the decoded connectors' weights directly (the hypernetwork is not involved), through the run loop
+    as separate connectors started from the decoded ones (sharing the run's frozen logit scale); each pair's saved
+    as a plain connector at RUN_DIR/autodecode/<pair>.finetuned.safetensors. `names`: the pairs' names."""
+    ad, n = cfg.autodecode, len(side.partners)
+    images, texts = side.encoders()
+    if side.text:
+        widths, text_widths, cells = side.partner_widths, [side.width], [[p, 0] for p in range(n)]
+    else:
+        widths, text_widths, cells = [side.width], side.partner_widths, [[0, p] for p in range(n)]
+    connectors = model.separate_from(params, widths, text_widths, Pairs.from_list(cells), (images, texts))
+    data = FeatureBatches(features, images, texts, ad.batch_size, cfg.train.seed, rank=accelerator.process_index,
+                          world=accelerator.num_processes, pad_to=(model.shape.image_width, model.shape.text_width))
     step_flops = finetune_step_flops(model.shape, n, ad.batch_size)
-    scores = _top1(model, probe, side, [(w.detach(), b.detach()) for w, b in params])
+    plan = Plan(connectors, data, ad.finetune_steps, np.arange(n), ad.finetune_lr, {"total": step_flops},
+                phase="autodecode", ledger_key=f"finetune/{side.name}", seed=cfg.train.seed,
+                first_micro_step=10_000_000, desc=f"finetune {side.name}")  # batches after the decoding ones
+    tuned = fit(plan, accelerator, ledger)["model"]
+    if accelerator.is_main_process:
+        for p, name in enumerate(names):
+            one = [(w[p:p + 1].detach().cpu(), b[p:p + 1].detach().cpu()) for w, b in tuned.source(torch.tensor([p]))]
+            connector = Connector.from_params(model.shape, one, int(tuned.widths[p]), int(tuned.text_widths[p]))
+            files.write_safetensors(run_dir / runs.AUTODECODE / f"{files.slug(name)}.finetuned.safetensors",
+                                    connector.state_dict())
+    probe.charge_heads(ledger, model, f"autodecode_probe/{probe.key}/{side.name}", n)
+    scores = dict(zip(names, probe.top1(tuned, np.arange(n))))
     return {"steps": ad.finetune_steps, "flops": int(step_flops * ad.finetune_steps),
             "top1": sum(scores.values()) / len(scores), "pairs_top1": scores}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from hnet import files
+from hnet import files, runs
 from hnet.config import Config, ConfigError, dataset_name
 from hnet.data.sources import prepare_shards
 from hnet.eval.evaluate import evaluate_run
@@ -64,7 +64,7 @@ def grid_search_steps(cfg: Config, count: int) -> int:
 
 def _spent(run_dir: Path) -> dict:
     """The search run's ledger: training, eval heads, and the two embedding passes, kept apart."""
-    phases = files.read_json(run_dir / "flops.json")["phases"]
+    phases = files.read_json(run_dir / runs.FLOPS)["phases"]
     eval_parts = phases["eval"].get("parts", {})
     eval_embed = sum(p["flops"] for k, p in eval_parts.items() if k.startswith("embed/"))
     final_heads = sum(p["flops"] for k, p in eval_parts.items() if k.startswith("heads/"))
@@ -81,7 +81,7 @@ def run_search(cfg: Config, separate_run: str | Path | None = None) -> dict:
     train_run(search)
     results = evaluate_run(search, search.run_dir, [spec])
     top1 = {n: m["top1"] for n, m in results["datasets"][dataset]["encoders"].items()}
-    meta = files.read_json(search.run_dir / "model.json")
+    meta = files.read_json(search.run_dir / runs.MODEL)
     manifest = files.read_json(search.cache_path / MANIFEST)
     spent = _spent(search.run_dir)
     text_flops = sum(manifest["flops_per_sample"][text_key(t)] for t in meta["text_encoders"])
@@ -95,15 +95,15 @@ def run_search(cfg: Config, separate_run: str | Path | None = None) -> dict:
            "flops": _totals(spent), "grid_search": _totals(grid), "pairs": results.get("pairs", {})}
     out["ratio"] = {k: out["grid_search"][k] / out["flops"][k] for k in ("train", "total", "total_with_embed")}
     if separate_run:
-        evaluated = files.read_json(Path(separate_run) / "eval.json")["datasets"]
+        evaluated = files.read_json(Path(separate_run) / runs.EVAL)["datasets"]
         if dataset not in evaluated:
             raise ConfigError(f"--separate {separate_run}: its eval.json has no '{dataset}' results (has: "
                               f"{', '.join(evaluated)}); evaluate it on search.dataset first")
         truth = evaluated[dataset]["encoders"]
         out["agreement"] = agreement(top1, {n: m["top1"] for n, m in truth.items()}) | {"separate": str(separate_run)}
     if PartialState().is_main_process:
-        files.write_json(search.run_dir / "search.json", out)
-        files.write_text(search.run_dir / "search.md", search_markdown(out))
+        files.write_json(search.run_dir / runs.SEARCH, out)
+        files.write_text(search.run_dir / runs.SEARCH_MD, search_markdown(out))
     return out
 
 

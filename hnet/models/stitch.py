@@ -65,7 +65,7 @@ class StitchModel(nn.Module):
         self.image_names, self.text_names = names or ([str(i) for i in range(len(widths))], [""] * len(text_widths))
         self.pairs = pairs or Pairs.grid(len(widths), len(text_widths))
         self.trained = np.arange(len(self.pairs)) if trained is None else np.asarray(trained)  # positions that train
-        self.method, self.shape = method, shape
+        self.method, self.shape, self.hypernet = method, shape, hypernet
         self.encoder_widths, self.text_encoder_widths = list(widths), list(text_widths)
         pair_widths = [widths[i] for i in self.pairs.image]
         pair_text_widths = [text_widths[j] for j in self.pairs.text]
@@ -108,6 +108,53 @@ class StitchModel(nn.Module):
         out = [(self.source.cond, np.setdiff1d(np.arange(len(self.source.cond)), image))]
         if self.source.text_cond is not None:
             out.append((self.source.text_cond, np.setdiff1d(np.arange(len(self.source.text_cond)), text)))
+        return out
+
+    def encoder_row(self, name: str, text: bool = False) -> int:
+        """Position of image (or text) encoder `name` in the model's encoders, and so in its cond vectors."""
+        return (self.text_names if text else self.image_names).index(name)
+
+    def with_encoder(self, name: str, width: int, text: bool, vector: torch.Tensor,
+                     partners: list[int]) -> tuple["StitchModel", np.ndarray]:
+        """A hypernetwork model with image (or `text`) encoder `name` added (or, if present, kept) with cond vector
+        `vector` and a pair with every encoder of the other side; returns it and the positions of its pairs with the
+        other side's encoders `partners`. Everything else is a copy of this model's state."""
+        images, texts = list(self.image_names), list(self.text_names)
+        widths, text_widths = list(self.encoder_widths), list(self.text_encoder_widths)
+        cells = self.pairs.as_list()
+        if name not in (texts if text else images):
+            side, side_widths = (texts, text_widths) if text else (images, widths)
+            side.append(name)
+            side_widths.append(width)
+            cells += [[i, len(texts) - 1] for i in range(len(images))] if text else \
+                [[len(images) - 1, j] for j in range(len(texts))]
+        with torch.random.fork_rng(devices=[]):  # a fresh init is overwritten below: leave the global RNG alone
+            out = StitchModel(self.method, self.shape, widths, self.hypernet, isinstance(self.log_scale, nn.Parameter),
+                              text_widths=text_widths, pairs=Pairs.from_list(cells), names=(images, texts))
+        out = out.to(self.log_scale.device)
+        state = self.state_dict()
+        key = "source.text_cond" if text else "source.cond"
+        row = out.encoder_row(name, text)
+        vectors = torch.cat([state[key], vector[None].to(state[key])]) if row == len(state[key]) else state[key].clone()
+        vectors[row] = vector
+        out.load_state_dict(state | {key: vectors})
+        mine = out.pairs.text if text else out.pairs.image
+        theirs = out.pairs.image if text else out.pairs.text
+        return out, np.array([p for p in range(len(out.pairs)) if mine[p] == row and theirs[p] in partners])
+
+    def separate_from(self, params, widths: list[int], text_widths: list[int], pairs: Pairs,
+                      names: tuple[list[str], list[str]]) -> "StitchModel":
+        """Separate connectors for `pairs` of the encoders `names` (their widths), started from connector `params`
+        (one per pair, this model's padded shape) and scored with this model's logit scale, frozen."""
+        with torch.random.fork_rng(devices=[]):
+            out = StitchModel("separate", self.shape, widths, self.hypernet, learnable_scale=False,
+                              text_widths=text_widths, pairs=pairs, names=names)
+        out = out.to(self.log_scale.device)
+        with torch.no_grad():
+            for layer, (weight, bias) in enumerate(params):
+                out.source.weights[layer].copy_(weight)
+                out.source.biases[layer].copy_(bias)
+            out.log_scale.copy_(self.log_scale.detach().expand_as(out.log_scale))
         return out
 
     def forward(self, index: torch.Tensor, image: torch.Tensor, text: torch.Tensor,

@@ -29,12 +29,12 @@ def encoder_subset(step: int, n: int, k: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, step, 17]).choice(n, size=k, replace=False))
 
 
-def draw_counts(cfg: Config, n: int, steps: int) -> np.ndarray:
-    """How many of the first `steps` optimizer steps trained each of n trainable pairs (draws are pure functions of
-    seed and step, so a resumed run starts from the same counts)."""
+def draw_counts(n: int, k: int, seed: int, steps: int) -> np.ndarray:
+    """How many of the first `steps` optimizer steps trained each of n pairs drawn k per step (draws are pure
+    functions of seed and step, so a resumed run starts from the same counts)."""
     counts = np.zeros(n, dtype=np.int64)
     for step in range(steps):
-        counts[encoder_subset(step, n, cfg.train.encoders_per_step, cfg.train.seed)] += 1
+        counts[encoder_subset(step, n, k, seed)] += 1
     return counts
 
 
