@@ -199,6 +199,7 @@ def _decode(cfg: Config, model: StitchModel, features: PrefixFeatures, probe: Ze
     start = initial_cond(model, side.width, ad.init, cfg.train.seed, side.text, decoded)
     decoding, pairs = model.with_encoder(side.name, side.width, side.text, start.to(model.log_scale.device),
                                          side.partner_index)
+    decoding.requires_grad_(False)
     vectors = decoding.source.text_cond if side.text else decoding.source.cond
     vectors.requires_grad_(True)  # the parameter filter: only the new row is ever drawn (the others: untouched)
     images, texts = side.encoders()

@@ -96,7 +96,7 @@ class Plan:
 def fit(plan: Plan, accelerator: Accelerator, ledger: FlopsLedger | None = None) -> dict:
     """Train `plan` on the accelerator's device(s); every rank runs it. A run's ledger is its run dir's (opened
     after resuming); other plans charge `ledger`. Returns the last metrics row, whether a signal stopped it, the
-    last loss and the model (unwrapped)."""
+    last loss, the model (unwrapped) and the names of the tensors the optimizer held."""
     accelerator.gradient_accumulation_steps = plan.grad_accum
     optimizer = torch.optim.AdamW(param_groups(plan.model, plan.weight_decay), lr=plan.lr)
     # Not prepared by accelerate: a prepared scheduler steps once per rank per optimizer step (split_batches=False)
@@ -149,7 +149,9 @@ def fit(plan: Plan, accelerator: Accelerator, ledger: FlopsLedger | None = None)
             if stopped:
                 accelerator.print(f"stopped by signal after step {done}; resume with train.resume=latest")
                 break
-    return {"last": last, "stopped": stopped, "model": raw, "loss": loss}
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return {"last": last, "stopped": stopped, "model": raw, "loss": loss,
+            "optimized": [name for name, p in raw.named_parameters() if id(p) in held]}
 
 
 def _charge_step(plan: Plan, ledger: FlopsLedger, draws: np.ndarray) -> None:
