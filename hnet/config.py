@@ -130,6 +130,7 @@ class SearchConfig:
     lr: float = 0  # the hypernetwork's learning rate at search (0 = train.lr)
     dataset: str = ""  # zero-shot set the ranking is scored on ("" = eval.datasets[0])
     grid_batch_size: int = 0  # the batch the grid search's separate runs use (0 = train.batch_size)
+    truth_seeds: int = 3  # rankings are scored against this many grid searches from seeds no method uses
 
 
 @dataclass
@@ -336,7 +337,8 @@ def _validate(cfg: Config) -> None:
     positive = {"train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
                 "hypernet.cond_dim": cfg.hypernet.cond_dim,
                 "hypernet.text_cond_dim": cfg.hypernet.text_cond_dim, "hypernet.chunk_size": cfg.hypernet.chunk_size,
-                "connector.hidden": cfg.connector.hidden, "data.shard_size": cfg.data.shard_size}
+                "connector.hidden": cfg.connector.hidden, "data.shard_size": cfg.data.shard_size,
+                "search.truth_seeds": cfg.search.truth_seeds}
     for where, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{where}: must be > 0, got {value}")

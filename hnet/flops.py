@@ -116,12 +116,13 @@ def logits_macs(n: int, batch: int, width: int, world: int = 1, local: bool = Fa
     return {"forward": per_rank * world, "backward": per_rank * world}
 
 
-def hypernet_macs(model, n: int, frozen: bool = False) -> dict:
-    """Generating n connectors: every chunk row goes through trunk + head. Backward always needs input
-    gradients (to reach the cond embeddings); weight gradients only when the hypernetwork itself trains."""
+def hypernet_macs(model, n: int, frozen: bool = False, world: int = 1) -> dict:
+    """Generating n connectors, summed over ranks (every rank generates all of them): every chunk row goes through
+    trunk + head. Backward always needs input gradients (to reach the cond embeddings); weight gradients only when
+    the hypernetwork itself trains."""
     rows = n * model.chunk_emb.shape[0]
     linears = [m for m in list(model.trunk) + [model.head] if isinstance(m, torch.nn.Linear)]
-    forward = sum(rows * m.in_features * m.out_features for m in linears)
+    forward = sum(rows * m.in_features * m.out_features for m in linears) * world
     return {"forward": forward, "backward": forward if frozen else 2 * forward}
 
 
@@ -150,7 +151,7 @@ def train_step_flops(model, n: int, batch: int, world: int = 1, frozen_hypernet:
     else:
         parts = {"connectors": connector_macs(shape.layers, n, batch),
                  "logits_loss": logits_macs(n, batch, width, world, local),
-                 "hypernet": hypernet_macs(model.source, n, frozen_hypernet)}
+                 "hypernet": hypernet_macs(model.source, n, frozen_hypernet, world)}
     out = {name: round(2 * (p["forward"] + p["backward"])) for name, p in parts.items()}
     out["total"] = sum(out.values())
     out["forward"] = round(2 * sum(p["forward"] for p in parts.values()))
@@ -192,18 +193,20 @@ def proxy_flops(name: str, n: int, d: int, t: int) -> float:
     return 2.0 * macs
 
 
-def grid_search_cost(cfg: Config, meta: dict, count: int, text_flops_per_sample: float, steps: int) -> dict:
+def grid_search_cost(cfg: Config, meta: dict, count: int, text_flops_per_sample: float, steps: int,
+                     world: int = 1, local: bool = False) -> dict:
     """FLOPs of training one separate connector per encoder pair of `meta` (a model.json: image_encoders,
     image_widths, text_widths, pairs) for `steps` steps at cfg.train's settings (batch: search.grid_batch_size when
-    set) over `count` samples in one process, and of embedding those samples with every image encoder and every
-    text encoder (`text_flops_per_sample`: all text encoders together, per caption)."""
+    set) over `count` samples on `world` ranks (`local`: local_loss), counted as the ledger counts a run, and of
+    embedding those samples with every image encoder and every text encoder (`text_flops_per_sample`: all text
+    encoders together, per caption)."""
     c, names, widths = cfg.connector, meta["image_encoders"], meta["image_widths"]
     shape = ConnectorShape(c.kind, c.direction, max(widths), max(meta["text_widths"]), c.depth, c.hidden)
     pairs = Pairs.from_list(meta["pairs"])
     with torch.device("meta"):
         model = StitchModel("separate", shape, widths, HypernetConfig(), text_widths=meta["text_widths"], pairs=pairs)
     batch = grid_batch_size(cfg)
-    per_step = train_step_flops(model, len(pairs), batch)["total"] * cfg.train.grad_accum
+    per_step = train_step_flops(model, len(pairs), batch, world=world, local=local)["total"] * cfg.train.grad_accum
     embed = sum(forward_flops(n, count) for n in names) + count * text_flops_per_sample
     return {"steps": steps, "batch": batch, "samples": count, "train": per_step * steps, "embed": embed}
 

@@ -286,17 +286,39 @@ def pair_grid_markdown(pairs: dict[str, list[str]], scores: dict[str, dict[str, 
     return lines
 
 
+AGREEMENT_ROWS = (("kendall", "Kendall", ".3f"), ("spearman", "Spearman", ".3f"),
+                  ("regret", "regret (points)", ".1f"), ("top1_hit", "same best pair", ".2f"),
+                  ("top3_recall", "top-3 recall", ".2f"))
+
+
+def agreement_markdown(a: dict, method: str, truth: str) -> list[str]:
+    """A split-half agreement (hnet.eval.ranking.split_agreement) with its 95% intervals, next to the truth's own
+    split-half agreement: the ceiling of what any method could reach against it."""
+    cell = lambda d, key, fmt: f"{d[key]:{fmt}} [{d['ci'][key][0]:{fmt}}, {d['ci'][key][1]:{fmt}}]"
+    h = a["halves"]
+    lines = [f"| figure | {method} vs {truth} (95% CI) | {truth} vs itself: split-half ceiling (95% CI) |",
+             "|---|---:|---:|"]
+    lines += [f"| {label} | {cell(a, key, fmt)} | {cell(a['ceiling'], key, fmt)} |"
+              for key, label, fmt in AGREEMENT_ROWS]
+    seeds = h.get("truth_seeds", 1)
+    lines += ["", f"{method} scored on {h['method']} evaluation images, {truth} ({seeds} seed{'s' * (seeds > 1)} no "
+                  f"method uses) on the other {h['truth']} (seeded split); intervals: {h['bootstrap']} bootstrap "
+                  f"resamples of the images and truth seeds. Best pair by {method}: "
+                  f"{', '.join(a['predicted_best'])}; by {truth}: {', '.join(a['true_best'])} (ties count as expected "
+                  f"values)."]
+    return lines
+
+
 def ranking_markdown(r: dict) -> str:
     lines = [f"### Encoder ranking on {r['dataset']}", ""]
     pairs = r.get("pairs", {})
     if len({t for _, t in pairs.values()}) > 1:
         scores = {m: dict(zip(r["encoders"], r[f"{m}_top1"])) for m in ("hypernet", "separate")}
         lines += pair_grid_markdown(pairs, scores) + [""]
-    lines += ["| encoder | hypernet top-1 | separate top-1 |", "|---|---:|---:|"]
+    lines += ["| encoder | hypernet top-1 | separate top-1 (truth: mean over its seeds) |", "|---|---:|---:|"]
     lines += [f"| {n} | {h:.1f} | {s:.1f} |" for n, h, s in zip(r["encoders"], r["hypernet_top1"], r["separate_top1"])]
-    lines += ["", f"Spearman {r['spearman']:.3f}, Kendall {r['kendall']:.3f}, same best encoder: "
-                  f"{'yes' if r['top1_agreement'] else 'no'} ({r['best_hypernet']} vs {r['best_separate']}); "
-                  f"training FLOPs separate / hypernet = {r['flops_ratio']:.2f}"]
+    lines += ["", *agreement_markdown(r, "hypernet", "separate"), "",
+              f"Training FLOPs separate (one grid search) / hypernet = {r['flops_ratio']:.2f}"]
     return "\n".join(lines)
 
 
@@ -318,9 +340,8 @@ def search_markdown(r: dict) -> str:
     lines.append(f"\nGrid search: {g['steps']} steps per connector over {g['samples']} pairs; both sides pay the same "
                  f"evaluation-set embedding ({f['eval_embed']:.3g} FLOPs).")
     if "agreement" in r:
-        a = r["agreement"]
-        lines.append(f"Against the finished grid search ({a['separate']}): Spearman {a['spearman']:.3f}, Kendall "
-                     f"{a['kendall']:.3f}, same best encoder: {'yes' if a['top1_hit'] else 'no'} "
-                     f"({a['predicted_best']} vs {a['true_best']}), regret {a['regret']:.1f} points, "
-                     f"top-3 recall {a['top3_recall']:.2f}.")
+        truth = r["agreement"]["separate"]
+        lines += ["", f"Against the finished grid search ({', '.join(truth) if isinstance(truth, list) else truth}):",
+                  "",
+                  *agreement_markdown(r["agreement"], "search", "grid search")]
     return "\n".join(lines) + "\n"

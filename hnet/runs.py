@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -57,6 +58,26 @@ def pair_top1(results: dict, dataset: str, names: list[str] | None = None) -> di
     if dataset not in evals:
         raise KeyError(f"eval.json: no results for '{dataset}' (has: {', '.join(evals)})")
     return {n: m["top1"] for n, m in evals[dataset]["encoders"].items() if names is None or n in names}
+
+
+def hits_file(run_dir: str | Path, dataset: str) -> Path:
+    return Path(run_dir) / EVAL_REPORTS / f"{dataset}.hits.npy"
+
+
+def write_hits(run_dir: str | Path, dataset: str, hits: dict[str, np.ndarray]) -> None:
+    """Per-image zero-shot hits [pairs, images] of a run on a data set, rows in eval.json's pair order (what the
+    ranking's split halves and bootstrap intervals are computed from)."""
+    files.write_npy(hits_file(run_dir, dataset), np.stack(list(hits.values())).astype(np.uint8))
+
+
+def read_hits(run_dir: str | Path, dataset: str, names: list[str]) -> np.ndarray:
+    """The rows of pairs `names` of a run's per-image hits on `dataset` ([len(names), images], 0/1)."""
+    path = hits_file(run_dir, dataset)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no per-image results (evaluate the run again with this hnet)")
+    order = list(files.read_json(Path(run_dir) / EVAL)["datasets"][dataset]["encoders"])
+    hits = np.load(path)
+    return hits[[order.index(n) for n in names]].astype(np.float64)
 
 
 def save_model(run_dir: str | Path, model: StitchModel, hypernet: HypernetConfig, weights: dict[str, str]) -> None:

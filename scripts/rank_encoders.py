@@ -1,6 +1,6 @@
 """Rank encoders by zero-shot accuracy under a hypernetwork run and a separate run; report their agreement.
 
-    python scripts/rank_encoders.py --hypernet RUN_DIR --separate RUN_DIR [--dataset cifar10] [--json]
+    python scripts/rank_encoders.py --hypernet RUN_DIR --separate RUN_DIR [RUN_DIR ...] [--dataset cifar10] [--json]
 """
 import argparse
 import json
@@ -14,7 +14,8 @@ from hnet.report import ranking_markdown
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hypernet", required=True)
-    parser.add_argument("--separate", required=True)
+    parser.add_argument("--separate", required=True, nargs="+", metavar="RUN_DIR",
+                        help="separate runs from seeds the hypernetwork did not use (the truth; several: their mean)")
     parser.add_argument("--dataset", default="cifar10")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

@@ -107,20 +107,30 @@ def test_compare_to_separate():
 
 
 def test_ranking_agreement(tmp_path):
-    def run(name, method, scores, flops):
+    """The hypernetwork's ranking (evaluation half A) against the separate one (half B), from per-image hits."""
+    import numpy as np
+
+    from hnet.runs import write_hits
+
+    rng = np.random.default_rng(0)
+
+    def run(name, accuracy, flops):
         d = tmp_path / name
-        files.write_json(d / "eval.json", {"datasets": {"cifar10": {"encoders": {k: {"top1": v}
-                                                                               for k, v in scores.items()}}}})
-        files.write_json(d / "model.json", {"names": list(scores)})
+        hits = {k: (rng.random(400) < v).astype(np.uint8) for k, v in accuracy.items()}
+        top1 = {k: {"top1": float(h.mean() * 100)} for k, h in hits.items()}
+        files.write_json(d / "eval.json", {"datasets": {"cifar10": {"encoders": top1}}})
+        write_hits(d, "cifar10", hits)
+        files.write_json(d / "model.json", {"names": list(accuracy)})
         files.write_json(d / "flops.json", {"phases": {"train": {"flops": flops}}})
         return d
 
-    h = run("h", "hypernet", {"a": 30, "b": 20, "c": 10, "d": 5}, 10)
-    s = run("s", "separate", {"a": 40, "b": 35, "c": 12, "d": 14}, 120)
+    h = run("h", {"a": 0.6, "b": 0.4, "c": 0.2, "d": 0.05}, 10)
+    s = run("s", {"a": 0.7, "b": 0.5, "c": 0.25, "d": 0.1}, 120)
     r = rank_encoders(h, s, "cifar10")
-    assert r["spearman"] == pytest.approx(0.8)
-    assert r["kendall"] == pytest.approx(2 / 3)
-    assert r["top1_agreement"] and r["flops_ratio"] == 12
+    assert r["halves"]["method"] + r["halves"]["truth"] == 400
+    assert r["kendall"] == pytest.approx(1.0) and r["top1_hit"] == 1.0 and r["regret"] == 0.0
+    assert r["ci"]["kendall"][0] > 0.3 and r["ceiling"]["kendall"] == pytest.approx(1.0)
+    assert r["flops_ratio"] == 12
 
 
 def test_optional_finetune_saves_a_plain_connector(hyper_run):

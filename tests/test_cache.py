@@ -67,6 +67,45 @@ def test_adding_an_encoder_reuses_the_cache(tiny_root, tmp_path):
     assert cache.count == 240
 
 
+def test_features_of_other_weights_are_embedded_again(tiny_root, tmp_path):
+    """Same encoder name, weights from a file instead of the seeded random init: the cached features are not
+    reused (the identity names what changed), the encoder is embedded again, and the others are left alone."""
+    import timm
+    from safetensors.torch import save_file
+
+    from hnet.models.encoders import parse_spec
+
+    _, units, specs = _tiny(tiny_root)
+    build_cache(tmp_path / "c", units, specs[:2], None)
+    before = {s.name: np.asarray(CachedFeatures(tmp_path / "c", [s.name])[s.name]).copy() for s in specs[:2]}
+    torch.manual_seed(123)
+    other = timm.create_model(specs[0].model_name, pretrained=False)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    changed = parse_spec({"name": specs[0].name, "weights": str(tmp_path / "w.safetensors")})
+    with pytest.warns(UserWarning, match=r"'resnet10t@img_size=32' were computed by another encoder \(weights "):
+        stats = build_cache(tmp_path / "c", units, [changed, specs[1]], None)
+    assert stats["embedded"] == [changed.name]
+    cache = CachedFeatures(tmp_path / "c", [s.name for s in specs[:2]])
+    assert not np.allclose(cache[changed.name], before[changed.name])
+    assert np.array_equal(cache[specs[1].name], before[specs[1].name])
+    assert cache.manifest["encoders"][changed.name]["identity"]["weights"].startswith("file:")
+    assert build_cache(tmp_path / "c", units, [changed, specs[1]], None)["embedded"] == []  # now up to date
+
+
+def test_text_encoder_identity_follows_its_files(tmp_path):
+    """A local text encoder folder is known by its files' digest: the same name over other bytes is another
+    encoder."""
+    from hnet.models.identity import text_identity
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"one")
+    first = text_identity(str(folder))
+    (folder / "weights.bin").write_bytes(b"two!")
+    assert text_identity(str(folder))["model"] != first["model"] and first["name"] == str(folder)
+    assert text_identity("all-MiniLM-L6-v2@layers=3")["name"] != text_identity("all-MiniLM-L6-v2")["name"]
+
+
 def _flip_byte(path, keep_mtime: bool) -> None:
     stat = path.stat()
     data = bytearray(path.read_bytes())

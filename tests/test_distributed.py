@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -178,3 +179,38 @@ def test_search_on_two_ranks(tiny_cfg, tmp_path):
     out = files.read_json(f"{run}/search.json")
     assert {r["world"] for r in files.read_jsonl(f"{run}/metrics.jsonl")} == {2}
     assert len(out["ranking"]) == 3 and out["flops"]["steps"] == 4
+    # the grid search is estimated at the search's world size, as a 2-rank separate run's ledger counts it
+    from hnet.experiments.search import grid_search_steps, training_sample_count
+    from hnet.flops import grid_search_cost
+
+    meta = files.read_json(f"{run}/model.json")
+    count = training_sample_count(cfg)
+    text = out["grid_search"]["embed"] / count - sum(files.read_json(f"{cfg.cache_root}/manifest.json")[
+        "flops_per_sample"][n] for n in meta["image_encoders"])
+    at_two = grid_search_cost(cfg, meta, count, text, grid_search_steps(cfg, count), world=2)
+    assert out["grid_search"]["train"] == at_two["train"] > grid_search_cost(
+        cfg, meta, count, text, grid_search_steps(cfg, count))["train"]
+
+
+def test_ledger_counts_what_every_rank_computes(tmp_path):
+    """One hypernetwork step on 2 ranks, counted by torch on each: the sum equals the ledger's formula at world 2,
+    with and without local_loss (every rank generates every connector and, without local_loss, computes all the
+    global logits)."""
+    from hnet.config import HypernetConfig
+    from hnet.flops import train_step_flops
+    from hnet.models.connectors import ConnectorShape
+    from hnet.models.stitch import StitchModel
+
+    model = StitchModel("hypernet", ConnectorShape("linear", "image_to_text", 48, 32), [48, 24, 40],
+                        HypernetConfig(hidden=64, chunk_size=256))
+    for local in (False, True):
+        out = tmp_path / f"local_{local}"
+        out.mkdir()
+        proc = subprocess.run(TORCHRUN + ["tests/workers/step_flops.py", str(out)] + (["local"] if local else []),
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        counts = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+        assert [c["world"] for c in counts] == [2, 2]
+        formula = train_step_flops(model, 3, 32, world=2, local=local)
+        assert formula["total"] == pytest.approx(sum(c["flops"] for c in counts), rel=0.01), local

@@ -6,6 +6,7 @@ import numpy as np
 
 from hnet import files
 from hnet.data.cache import CachedFeatures
+from hnet.eval.evaluate import evaluate_run
 from hnet.experiments.search import run_search
 from hnet.flops import encoder_flops
 from hnet.models.encoders import text_key
@@ -54,8 +55,7 @@ def test_grid_search_estimate_equals_a_real_separate_run(tiny_cfg):
     cfg = _budget(tiny_cfg, steps=3, samples_per_encoder=64)
     separate = dataclasses.replace(cfg, method="separate", name="grid")
     train(separate)
-    files.write_json(separate.run_dir / "eval.json", {"datasets": {"demo": {"encoders": {
-        n: {"top1": float(i)} for i, n in enumerate(tiny_cfg.encoders)}}}})
+    evaluate_run(separate, separate.run_dir, ["demo"])
     out = run_search(cfg, separate.run_dir)
     ledger = files.read_json(separate.run_dir / "flops.json")["phases"]
     manifest = files.read_json(tiny_cfg.cache_root / "manifest.json")

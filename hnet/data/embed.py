@@ -9,6 +9,7 @@ temp files and consolidates, behind barriers.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -21,6 +22,7 @@ from hnet import files
 from hnet.data.cache import Unit, _read_manifest, cached_name, consolidate
 from hnet.files import MANIFEST, slug
 from hnet.models.encoders import EncoderSpec, ImageEncoder, TextEncoder, text_key
+from hnet.models.identity import identity_changes, identity_digest, image_identity, text_identity
 
 # Transformed images one worker item may hold (a group larger than this on its own still goes whole, so the
 # encoders see the same batches as before). See _UnitDataset for the bound this gives.
@@ -130,19 +132,21 @@ class _UnitBuffer:
         self.arrays.setdefault(name, []).append(array)
 
 
-def _write_unit(folder: Path, buf: _UnitBuffer, names: list[str], skipped: int = 0) -> None:
+def _write_unit(folder: Path, buf: _UnitBuffer, names: list[str], skipped: int = 0,
+                identities: dict[str, str] | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
         parts = buf.arrays.get(name, [])
         array = np.concatenate(parts) if parts else np.zeros((0, 0), np.float16)
         files.write_npy(folder / f"{slug(name)}.npy", array)
-    files.write_json(folder / "done.json", {"keys": buf.keys, "names": names, "skipped": skipped})
+    files.write_json(folder / "done.json", {"keys": buf.keys, "names": names, "skipped": skipped,
+                                            "identities": identities or {}})
 
 
 def embed_pass(root: Path, units: list[Unit], encoders: dict[str, ImageEncoder], texts: dict[str, TextEncoder] | None,
                batch_size: int, num_workers: int, device: torch.device, rank: int = 0, world: int = 1,
                has_labels: bool = False, barrier: Callable[[], None] | None = None,
-               item_bytes: int | None = ITEM_BYTES) -> dict:
+               item_bytes: int | None = ITEM_BYTES, identities: dict[str, str] | None = None) -> dict:
     """Compute features for this process's share of units into `root/parts`. Returns timing stats.
 
     `barrier` (accelerator.wait_for_everyone) is required when world > 1: rank 0 removes temp files left by a
@@ -153,7 +157,8 @@ def embed_pass(root: Path, units: list[Unit], encoders: dict[str, ImageEncoder],
     parts = root / "parts"
     _clean_temps(parts, rank, world, barrier)
     mine = units[rank::world]
-    todo = [u for u in mine if not _unit_done(parts / u.name, names)]
+    identities = identities or {}
+    todo = [u for u in mine if not _unit_done(parts / u.name, names, identities)]
     stats = {"units": len(mine), "units_resumed": len(mine) - len(todo), "samples": 0, "seconds": 0.0}
     if not todo:
         return stats
@@ -168,7 +173,7 @@ def embed_pass(root: Path, units: list[Unit], encoders: dict[str, ImageEncoder],
         for item in loader:
             buf = buffers.setdefault(item["unit"], _UnitBuffer())
             if item["end"]:
-                _write_unit(parts / item["unit"], buffers.pop(item["unit"]), names, item["skipped"])
+                _write_unit(parts / item["unit"], buffers.pop(item["unit"]), names, item["skipped"], identities)
                 bar.update(1)
                 continue
             _embed_item(item, buf, encoders, groups, texts, device)
@@ -208,21 +213,32 @@ def _embed_item(item: dict, buf: _UnitBuffer, encoders: dict[str, ImageEncoder],
         buf.add("labels", item["labels"].numpy())
 
 
-def _unit_done(folder: Path, names: list[str]) -> bool:
+def _unit_done(folder: Path, names: list[str], identities: dict[str, str]) -> bool:
+    """A unit an earlier (killed) pass finished for these encoders, the same ones (identities) as now (parts from
+    before identities were recorded are taken as they are)."""
     done = folder / "done.json"
-    return done.exists() and set(names) <= set(files.read_json(done)["names"])
+    if not done.exists():
+        return False
+    record = files.read_json(done)
+    recorded = record.get("identities", {})
+    return set(names) <= set(record["names"]) and all(recorded.get(n, d) == d for n, d in identities.items())
 
 
 def build_cache(root: str | Path, units: list[Unit], specs: list[EncoderSpec], text_encoders: list[str] | None,
                 batch_size: int = 64, num_workers: int = 0, accelerator=None, has_labels: bool = False) -> dict:
-    """Embed whatever image encoders (`specs`) and text encoders (names; captions) the cache lacks over `units`;
-    resumable; safe under `accelerate launch`."""
+    """Embed whatever image encoders (`specs`) and text encoders (names; captions) the cache lacks over `units`, and
+    again those whose cached features another encoder computed (their identity differs: weights, preprocessing,
+    options, model files); resumable; safe under `accelerate launch`."""
     root = Path(root)
     device = accelerator.device if accelerator else torch.device("cpu")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     manifest = _read_manifest(root) or {"encoders": {}}
-    missing = [s for s in specs if s.name not in manifest["encoders"]]
-    want_texts = [t for t in text_encoders or [] if cached_name(manifest, text_key(t)) is None]
+    identities = ({s.name: image_identity(s) for s in specs}
+                  | {text_key(t): text_identity(t) for t in text_encoders or []})
+    stale = _stale_entries(root, manifest, identities, rank == 0)
+    missing = [s for s in specs if s.name not in manifest["encoders"] or s.name in stale]
+    want_texts = [t for t in text_encoders or []
+                  if cached_name(manifest, text_key(t)) is None or text_key(t) in stale]
     if not missing and not want_texts and (not has_labels or "labels" in manifest["encoders"]):
         return {"manifest": manifest, "samples": 0, "seconds": 0.0, "embedded": []}
     encoders = {s.name: ImageEncoder(s, device) for s in missing}
@@ -230,17 +246,38 @@ def build_cache(root: str | Path, units: list[Unit], specs: list[EncoderSpec], t
         encoders = {n: e.to(memory_format=torch.channels_last) for n, e in encoders.items()}
     texts = {t: TextEncoder(t, device) for t in want_texts}
     has_labels = has_labels and "labels" not in manifest["encoders"]
+    digests = {name: identity_digest(identities[name]) for name in [*encoders, *map(text_key, texts)]}
     stats = embed_pass(root, units, encoders, texts, batch_size, num_workers, device, rank, world, has_labels,
-                       barrier=accelerator.wait_for_everyone if accelerator else None)
+                       barrier=accelerator.wait_for_everyone if accelerator else None, identities=digests)
     if accelerator:
         accelerator.wait_for_everyone()
     widths = {n: e.width for n, e in encoders.items()}
     widths |= {text_key(t): text.width for t, text in texts.items()}
     if rank == 0:
         manifest = consolidate(root, units, widths, has_labels)
-        for name in widths:  # how many processes computed these features (checked by the 2-rank tests)
-            manifest["encoders"][name]["world"] = world
+        for name in widths:  # what computed them, and how many processes (checked by the 2-rank tests)
+            manifest["encoders"][name] |= {"identity": identities[name], "world": world}
         files.write_json(root / MANIFEST, manifest)
     if accelerator:
         accelerator.wait_for_everyone()
     return {"manifest": _read_manifest(root), **stats, "embedded": [s.name for s in missing]}
+
+
+def _stale_entries(root: Path, manifest: dict, identities: dict[str, dict], main: bool) -> set[str]:
+    """Cached entries computed by another encoder than the configured one (named in a warning; they are embedded
+    again). Entries from before identities were recorded are taken as they are and stamped with the current one."""
+    stale, stamped = set(), False
+    for name, identity in identities.items():
+        entry = manifest["encoders"].get(cached_name(manifest, name) or name)
+        if entry is None:
+            continue
+        if "identity" not in entry:
+            entry["identity"], stamped = identity, True
+        elif entry["identity"] != identity:
+            stale.add(name)
+            if main:
+                warnings.warn(f"{root}: cached features of '{name}' were computed by another encoder "
+                              f"({', '.join(identity_changes(entry['identity'], identity))} changed); embedding again")
+    if stamped and main:
+        files.write_json(root / MANIFEST, manifest)
+    return stale

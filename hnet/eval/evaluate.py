@@ -53,7 +53,8 @@ def _score(probe: ZeroShotProbe, model: StitchModel, names: list[str], run_dir: 
         raise RuntimeError(f"evaluation features on {probe.labels.device}, model on {model_device(model)}")
     dataset = probe.dataset
     name, classes = dataset.name, dataset.classnames
-    per_encoder = {label: probe.metrics(model, p) for p, label in enumerate(names)}
+    per_encoder = {label: probe.metrics(model, p, per_image=True) for p, label in enumerate(names)}
+    runs.write_hits(run_dir, name, {label: m.pop("hits") for label, m in per_encoder.items()})
     probe.charge_embedding(ledger)
     probe.charge_heads(ledger, model, f"heads/{probe.key}", len(names))
     out = {"classes": classes, "encoders": per_encoder, "chance_top1": 100.0 / len(classes),

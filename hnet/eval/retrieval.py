@@ -25,6 +25,7 @@ from hnet.data.embed import build_cache
 from hnet.data.sources import shard_units
 from hnet.flops import FlopsLedger, retrieval_head_flops
 from hnet.models.encoders import TextEncoder, specs_for, text_key
+from hnet.models.identity import identity_digest, text_identity
 from hnet.models.stitch import StitchModel, padded_pair, project
 
 KS = RECALL_KS
@@ -149,8 +150,8 @@ def _captions_features(cfg: Config, specs, texts: list[str], accelerator):
              for i in range(0, len(caps.images), CHUNK)]
     stats = build_cache(root, units, specs, None, batch_size=ev.batch_size, num_workers=cfg.data.num_workers,
                         accelerator=accelerator, has_labels=True)
-    text = {t: caption_embeddings(t, caps.texts, root / f"captions_{_digest(t, *caps.texts)}.safetensors", accelerator)
-            for t in texts}
+    path = lambda t: root / f"captions_{_digest(t, identity_digest(text_identity(t)), *caps.texts)}.safetensors"
+    text = {t: caption_embeddings(t, caps.texts, path(t), accelerator) for t in texts}
     return root, stats, text, torch.tensor(caps.text_image)
 
 

@@ -23,6 +23,7 @@ from hnet.data.zeroshot import ZeroShotSet, load_zeroshot, templates_for
 from hnet.distributed import default_accelerator
 from hnet.flops import FlopsLedger, forward_flops, zeroshot_head_flops
 from hnet.models.encoders import TextEncoder, specs_for
+from hnet.models.identity import identity_digest, text_identity
 from hnet.models.losses import contrastive_logits
 from hnet.models.stitch import StitchModel, padded_pair, project
 
@@ -33,7 +34,8 @@ def class_embeddings(text_encoder: str, classnames: list[str], templates: tuple[
                      cache_dir: Path, accelerator=None) -> torch.Tensor:
     """[C, T] prompt-ensembled, L2-normalised class embeddings on the accelerator's device; cached on disk
     (computed and written by the main process, read by the others)."""
-    digest = hashlib.sha256("\n".join([text_encoder, *classnames, *templates]).encode()).hexdigest()[:16]
+    identity = identity_digest(text_identity(text_encoder))  # the model's files, not only its name
+    digest = hashlib.sha256("\n".join([identity, text_encoder, *classnames, *templates]).encode()).hexdigest()[:16]
     path = cache_dir / f"classifier_{digest}.safetensors"
     device = accelerator.device if accelerator else torch.device("cpu")
     if (accelerator is None or accelerator.is_main_process) and not path.exists():
@@ -129,11 +131,12 @@ class ZeroShotProbe:
     def key(self) -> str:
         return self.dataset.key
 
-    def metrics(self, model: StitchModel, index: int) -> dict:
-        """Pair `index` of the model."""
+    def metrics(self, model: StitchModel, index: int, per_image: bool = False) -> dict:
+        """Pair `index` of the model (`per_image`: also its hits, 1/0 per image, under "hits")."""
         image, text = model.pair_names(index)
         logits = zero_shot_logits(model, index, self.features[image], self.classifiers[text])
-        return classification_metrics(logits, self.labels, len(self.dataset.classnames))
+        out = classification_metrics(logits, self.labels, len(self.dataset.classnames))
+        return out | ({"hits": hits(logits, self.labels).to(torch.uint8).cpu().numpy()} if per_image else {})
 
     @torch.no_grad()
     def top1(self, model: StitchModel, pairs) -> list[float]:

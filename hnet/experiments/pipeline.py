@@ -15,7 +15,7 @@ from hnet.config import Config, ConfigError, dataset_name
 from hnet.eval.evaluate import evaluate_run
 from hnet.eval.ranking import rank_encoders
 from hnet.experiments.autodecode import autodecode, compare_to_separate
-from hnet.experiments.search import has_budget, run_search
+from hnet.experiments.search import has_budget, run_search, train_truth
 from hnet.experiments.train_run import train_run
 from hnet.models.encoders import TEXT_PREFIX, read_encoder_list
 from hnet.models.pairs import held_labels, resolve_pairs
@@ -127,8 +127,10 @@ def run_pipeline(cfg: Config, control: bool = True) -> dict:
     for name in map(dataset_name, cfg.eval.datasets):
         summary["datasets"][name] = {"chance": evals["hypernet"]["datasets"][name]["chance_top1"],
                                      **{m: mean_top1(evals[m], name, shared) for m in evals}}
-    ranking = rank_encoders(hyper.run_dir, separate.run_dir, dataset)
-    summary["ranking"] = {k: ranking[k] for k in ("spearman", "kendall", "top1_agreement", "flops_ratio")}
+    truth = train_truth(cfg, list(dict.fromkeys([cfg.eval.datasets[0], cfg.search.dataset or cfg.eval.datasets[0]])))
+    ranking = rank_encoders(hyper.run_dir, truth, dataset)
+    summary["ranking"] = {k: ranking[k] for k in ("spearman", "kendall", "top1_hit", "regret", "top3_recall", "ci",
+                                                  "ceiling", "halves", "flops_ratio")}
     print("\n" + ranking_markdown(ranking))
     if control:
         shuffled = _variant(hyper, "_shuffled", "hypernet", data=dataclasses.replace(cfg.data, shuffle_pairs=True),
@@ -141,7 +143,7 @@ def run_pipeline(cfg: Config, control: bool = True) -> dict:
                                                  shared)
     _print_summary(summary, control)
     run_dirs = [hyper.run_dir, separate.run_dir]
-    search = run_search(cfg, separate.run_dir) if has_budget(cfg) else None
+    search = run_search(cfg, truth) if has_budget(cfg) else None
     print("\n== FLOPs ==\n" + render(build_table(run_dirs + ([Path(search["run"])] if search else []))))
     curves = run_dirs + ([_variant(cfg, "_heldout", "separate").run_dir] if cfg.held_out else [])
     summary["plot"] = str(plot_accuracy_vs_flops(curves, cfg.run_dir.parent / f"{cfg.name}_accuracy_vs_flops.png"))

@@ -17,7 +17,7 @@ from hnet import files, runs
 from hnet.config import Config, ConfigError, dataset_name
 from hnet.data.sources import prepare_shards
 from hnet.eval.evaluate import evaluate_run
-from hnet.eval.ranking import agreement
+from hnet.eval.ranking import read_truth_hits, split_agreement
 from hnet.experiments.train_run import train_run
 from hnet.files import MANIFEST
 from hnet.files import MANIFEST as SHARDS_MANIFEST
@@ -74,7 +74,29 @@ def _spent(run_dir: Path) -> dict:
             "steps": phases["train"]["steps"], "samples_embedded": phases["embed"]["samples"]}
 
 
-def run_search(cfg: Config, separate_run: str | Path | None = None) -> dict:
+TRUTH_SEED_OFFSET = 1000  # truth run i trains from seed train.seed + 1000 + i: init and data order no method uses
+
+
+def truth_configs(cfg: Config) -> list[Config]:
+    """The grid searches every ranking is scored against: separate connectors over every pair of the zoo at the
+    config's `train` settings, from `search.truth_seeds` seeds that no method run uses."""
+    return [dataclasses.replace(cfg, name=f"{cfg.name}_truth{i}", method="separate", held_out_pairs=[],
+                                train=dataclasses.replace(cfg.train, seed=cfg.train.seed + TRUTH_SEED_OFFSET + i,
+                                                          eval_every=0))
+            for i in range(cfg.search.truth_seeds)]
+
+
+def train_truth(cfg: Config, datasets: list[str]) -> list[Path]:
+    """Train and evaluate the truth's runs (their cost is the protocol's, charged to no method)."""
+    out = []
+    for truth in truth_configs(cfg):
+        train_run(truth)
+        evaluate_run(truth, truth.run_dir, datasets)
+        out.append(truth.run_dir)
+    return out
+
+
+def run_search(cfg: Config, separate_runs: list[str | Path] | None = None) -> dict:
     search = search_config(cfg)
     spec = cfg.search.dataset or cfg.eval.datasets[0]
     dataset = dataset_name(spec)
@@ -86,7 +108,9 @@ def run_search(cfg: Config, separate_run: str | Path | None = None) -> dict:
     spent = _spent(search.run_dir)
     text_flops = sum(manifest["flops_per_sample"][text_key(t)] for t in meta["text_encoders"])
     count = training_sample_count(cfg)
-    grid = grid_search_cost(cfg, meta, count, text_flops, grid_search_steps(cfg, count))
+    ran = files.read_json(search.run_dir / runs.FLOPS)["phases"]["train"]["parts"]  # at the search's world size
+    grid = grid_search_cost(cfg, meta, count, text_flops, grid_search_steps(cfg, count), ran.get("world", 1),
+                            ran.get("local_loss", False))
     # the same final evaluation (not the search run's mid-run probes, which a grid search need not run)
     grid["eval_heads"], grid["eval_embed"] = spent["final_eval_heads"], spent["eval_embed"]
     out = {"dataset": dataset, "run": str(search.run_dir), "budget": dataclasses.asdict(cfg.search),
@@ -94,13 +118,19 @@ def run_search(cfg: Config, separate_run: str | Path | None = None) -> dict:
                        for i, n in enumerate(sorted(top1, key=top1.get, reverse=True))],
            "flops": _totals(spent), "grid_search": _totals(grid), "pairs": results.get("pairs", {})}
     out["ratio"] = {k: out["grid_search"][k] / out["flops"][k] for k in ("train", "total", "total_with_embed")}
-    if separate_run:
-        evaluated = files.read_json(Path(separate_run) / runs.EVAL)["datasets"]
-        if dataset not in evaluated:
-            raise ConfigError(f"--separate {separate_run}: its eval.json has no '{dataset}' results (has: "
-                              f"{', '.join(evaluated)}); evaluate it on search.dataset first")
-        truth = evaluated[dataset]["encoders"]
-        out["agreement"] = agreement(top1, {n: m["top1"] for n, m in truth.items()}) | {"separate": str(separate_run)}
+    if isinstance(separate_runs, (str, Path)):
+        separate_runs = [separate_runs]
+    if separate_runs:
+        common = list(top1)
+        for run in separate_runs:
+            evaluated = files.read_json(Path(run) / runs.EVAL)["datasets"]
+            if dataset not in evaluated:
+                raise ConfigError(f"--separate {run}: its eval.json has no '{dataset}' results (has: "
+                                  f"{', '.join(evaluated)}); evaluate it on search.dataset first")
+            common = [n for n in common if n in evaluated[dataset]["encoders"]]
+        split = split_agreement(runs.read_hits(search.run_dir, dataset, common),
+                                read_truth_hits(separate_runs, dataset, common), common)
+        out["agreement"] = split | {"separate": [str(r) for r in separate_runs]}
     if PartialState().is_main_process:
         files.write_json(search.run_dir / runs.SEARCH, out)
         files.write_text(search.run_dir / runs.SEARCH_MD, search_markdown(out))

@@ -85,7 +85,7 @@ def specs_for(names: list[str], weights: dict[str, str], default: str) -> list[E
     return [parse_spec({"name": n, "weights": weights.get(n, default)}) for n in names]
 
 
-def _create_timm(spec: EncoderSpec, device: str | torch.device = "cpu") -> nn.Module:
+def create_timm(spec: EncoderSpec, device: str | torch.device = "cpu") -> nn.Module:
     kwargs: dict[str, Any] = {"num_classes": 0}
     if "img_size" in spec.options:
         kwargs["img_size"] = spec.options["img_size"]
@@ -126,21 +126,27 @@ def feature_width(model: nn.Module) -> int:
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
+def data_config(model: nn.Module, spec: EncoderSpec) -> dict:
+    """The preprocessing an encoder's images get: timm's data config of the model, with the spec's overrides."""
+    config = timm.data.resolve_model_data_config(model)
+    if "img_size" in spec.options:
+        size = spec.options["img_size"]
+        config["input_size"] = (3, size, size)
+    for key in ("mean", "std"):  # the weights' own preprocessing, where it differs from timm's default
+        if key in spec.options:
+            config[key] = (spec.options[key],) * 3
+    return config
+
+
 class ImageEncoder(nn.Module):
     """Frozen timm model -> L2-normalised pooled pre-logits features."""
 
     def __init__(self, spec: EncoderSpec, device: str | torch.device = "cpu"):
         super().__init__()
         self.spec = spec
-        self.model = _create_timm(spec, device).eval().requires_grad_(False)
+        self.model = create_timm(spec, device).eval().requires_grad_(False)
         self.width = feature_width(self.model)
-        self.data_config = timm.data.resolve_model_data_config(self.model)
-        if "img_size" in spec.options:
-            size = spec.options["img_size"]
-            self.data_config["input_size"] = (3, size, size)
-        for key in ("mean", "std"):  # the weights' own preprocessing, where it differs from timm's default
-            if key in spec.options:
-                self.data_config[key] = (spec.options[key],) * 3
+        self.data_config = data_config(self.model, spec)
         self.transform = timm.data.create_transform(**self.data_config, is_training=False)
 
     @property
@@ -155,7 +161,7 @@ class ImageEncoder(nn.Module):
 def image_encoder_width(spec: EncoderSpec) -> int:
     """Width without allocating weights (meta device); same value as ImageEncoder(spec).width."""
     with torch.device("meta"):
-        model = _create_timm(EncoderSpec(spec.name, spec.model_name, spec.options, "random"), "meta")
+        model = create_timm(EncoderSpec(spec.name, spec.model_name, spec.options, "random"), "meta")
     return feature_width(model)
 
 

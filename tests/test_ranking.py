@@ -1,0 +1,83 @@
+"""Ranking figures a decision can rest on: tie-aware, method and truth on disjoint evaluation images, intervals."""
+import numpy as np
+import pytest
+
+from hnet.eval.ranking import agreement, in_top_k, split_agreement, split_halves
+
+
+def test_ties_are_expected_values_whatever_the_order():
+    """Two pairs tie as the predicted best: one is the true best, the other the true worst. Regret is the mean of
+    taking either (5 points), the top-1 hit a coin flip, in any key order."""
+    truth = {"a": 0.0, "b": 10.0, "c": 5.0}
+    orders = [{"a": 1.0, "b": 1.0, "c": 0.0}, {"b": 1.0, "a": 1.0, "c": 0.0}, {"c": 0.0, "b": 1.0, "a": 1.0}]
+    results = [agreement(p, dict(reversed(list(truth.items())))) for p in orders]
+    for r in results:
+        assert r["regret"] == 5.0 and r["top1_hit"] == 0.5
+        assert sorted(r["predicted_best"]) == ["a", "b"] and r["true_best"] == ["b"]
+    assert len({r["kendall"] for r in results}) == 1
+
+
+def test_top_k_membership_under_ties():
+    # scores 3, 2, 2, 2, 1: the best is in any top-2; each of the three tied is in it one time in three
+    assert in_top_k(np.array([3, 2, 2, 2, 1.0]), 2).tolist() == pytest.approx([1, 1 / 3, 1 / 3, 1 / 3, 0])
+    recall = agreement({"a": 1.0, "b": 1.0, "c": 1.0, "d": 0.0}, {"a": 4.0, "b": 3.0, "c": 2.0, "d": 1.0})
+    assert recall["top3_recall"] == pytest.approx(1.0)  # the three tied are exactly the true top 3
+
+
+def test_halves_are_disjoint_seeded_and_cover_every_image():
+    a, b = split_halves(101)
+    assert len(np.intersect1d(a, b)) == 0 and sorted(np.concatenate([a, b]).tolist()) == list(range(101))
+    assert np.array_equal(split_halves(101)[0], a) and not np.array_equal(split_halves(101, seed=1)[0], a)
+
+
+def _noisy_hits(pairs: int, images: int, seed: int) -> np.ndarray:
+    """Pairs whose true accuracies are close (30..40%), each image a coin flip: rankings on few images are noisy."""
+    rng = np.random.default_rng(seed)
+    accuracy = np.linspace(0.30, 0.40, pairs)[:, None]
+    return (rng.random((pairs, images)) < accuracy).astype(float)
+
+
+def test_a_method_never_sees_the_truths_images():
+    """A 'method' that is the truth itself agrees with it exactly as much as the truth's two halves agree with each
+    other (the ceiling), not perfectly: it is scored on half A, the truth on half B."""
+    truth = _noisy_hits(8, 200, seed=0)
+    names = [f"p{i}" for i in range(8)]
+    out = split_agreement(truth, truth, names, boot=50)
+    assert out["kendall"] == out["ceiling"]["kendall"] < 1.0
+    assert out["halves"] == {"method": 100, "truth": 100, "seed": 0, "bootstrap": 50, "truth_seeds": 1}
+
+
+def test_bootstrap_intervals_hold_the_estimate_and_shrink_with_images():
+    names = [f"p{i}" for i in range(6)]
+    small = split_agreement(_noisy_hits(6, 200, 1), _noisy_hits(6, 200, 2), names, boot=200)
+    large = split_agreement(_noisy_hits(6, 20000, 1), _noisy_hits(6, 20000, 2), names, boot=200)
+    for r in (small, large):
+        for key in ("kendall", "spearman", "regret"):
+            low, high = r["ci"][key]
+            assert low <= r[key] <= high, (key, r[key], r["ci"][key])
+    width = lambda r: r["ci"]["kendall"][1] - r["ci"]["kendall"][0]
+    assert width(large) < width(small)
+    assert large["ci"]["kendall"][0] > 0.5  # 20,000 images separate pairs 2 points apart
+
+
+def test_truth_seeds_are_averaged_and_resampled():
+    """Two truth seeds that order the pairs oppositely: the truth is their mean, and resampling the seeds widens the
+    intervals beyond what one seed's images give."""
+    names = [f"p{i}" for i in range(5)]
+    one = _noisy_hits(5, 4000, 3)
+    reversed_seed = one[::-1].copy()
+    single = split_agreement(one, one, names, boot=200)
+    both = split_agreement(one, np.stack([one, reversed_seed]), names, boot=200)
+    assert both["halves"]["truth_seeds"] == 2 and single["halves"]["truth_seeds"] == 1
+    width = lambda r: r["ci"]["kendall"][1] - r["ci"]["kendall"][0]
+    assert width(both) > width(single)
+
+
+def test_truth_runs_use_seeds_no_method_uses(tiny_cfg):
+    from hnet.experiments.search import truth_configs
+
+    truths = truth_configs(tiny_cfg)
+    seeds = [t.train.seed for t in truths]
+    assert len(truths) == tiny_cfg.search.truth_seeds == 3 and len(set(seeds)) == 3
+    assert tiny_cfg.train.seed not in seeds and len({t.run_dir for t in truths}) == 3
+    assert all(t.method == "separate" and not t.held_out_pairs for t in truths)
