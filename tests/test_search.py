@@ -12,6 +12,7 @@ from hnet.flops import encoder_flops
 from hnet.models.encoders import text_key
 from hnet.train.loop import train
 from hnet.train.optim import encoder_subset
+from tests.conftest import with_train
 
 TEXT = text_key("all-MiniLM-L6-v2")  # the tiny configs' text encoder
 
@@ -83,3 +84,13 @@ def test_first_samples_split_into_whole_shards_and_one_cut_shard(tiny_cfg, tmp_p
     (copy / "manifest.json").unlink()
     units = first_samples_units(str(copy / Path(pattern).name), 128)
     assert len(units) == 1 and len(list(units[0].samples())) == 128
+
+
+def test_search_warmup_scales_with_its_budget(tiny_cfg):
+    """A 10-step budget does not spend 20 steps warming up: it gets the full run's share of warmup."""
+    from hnet.experiments.search import search_config
+
+    cfg = with_train(_budget(tiny_cfg, steps=10), warmup_steps=20)
+    assert search_config(cfg, full_steps=420).train.warmup_steps == 1
+    assert search_config(_budget(cfg, steps=210), full_steps=420).train.warmup_steps == 10
+    assert search_config(cfg).train.warmup_steps == 1  # no full schedule known: at most a tenth of the budget

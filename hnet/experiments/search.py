@@ -32,15 +32,27 @@ def has_budget(cfg: Config) -> bool:
     return bool(s.steps or s.encoders_per_step or s.samples_per_encoder or s.lr)
 
 
-def search_config(cfg: Config) -> Config:
-    """The hypernetwork run at the search budget (`search.*` over `train`/`data`)."""
+def search_config(cfg: Config, full_steps: int = 0) -> Config:
+    """The hypernetwork run at the search budget (`search.*` over `train`/`data`). Its warmup is the full run's
+    share of warmup applied to the budget's steps (`full_steps`: the full schedule's), so a short budget is not all
+    warmup."""
     s = cfg.search
     train = dataclasses.replace(cfg.train, encoders_per_step=s.encoders_per_step, lr=s.lr or cfg.train.lr)
     if s.steps:  # exactly this many steps, however many epochs over the budget's pairs that is
-        train = dataclasses.replace(train, max_steps=s.steps, epochs=max(cfg.train.epochs, float(s.steps)))
+        warmup = scaled_warmup(cfg.train.warmup_steps, s.steps, full_steps)
+        train = dataclasses.replace(train, max_steps=s.steps, epochs=max(cfg.train.epochs, float(s.steps)),
+                                    warmup_steps=warmup)
     data = dataclasses.replace(cfg.data, samples_per_encoder=s.samples_per_encoder)
     return dataclasses.replace(cfg, name=f"{cfg.name}_search", method="hypernet", train=train, data=data,
                                held_out="", held_out_pairs=[])
+
+
+def scaled_warmup(warmup: int, steps: int, full_steps: int) -> int:
+    """The full schedule's warmup share of `steps` (at least 1); without a full schedule, the configured warmup
+    capped at a tenth of the steps."""
+    if full_steps > 0:
+        return max(1, round(warmup * steps / full_steps))
+    return max(1, min(warmup, steps // 10))
 
 
 def training_sample_count(cfg: Config) -> int:
@@ -97,7 +109,8 @@ def train_truth(cfg: Config, datasets: list[str]) -> list[Path]:
 
 
 def run_search(cfg: Config, separate_runs: list[str | Path] | None = None) -> dict:
-    search = search_config(cfg)
+    count = training_sample_count(cfg)
+    search = search_config(cfg, grid_search_steps(cfg, count))
     spec = cfg.search.dataset or cfg.eval.datasets[0]
     dataset = dataset_name(spec)
     train_run(search)
@@ -107,7 +120,6 @@ def run_search(cfg: Config, separate_runs: list[str | Path] | None = None) -> di
     manifest = files.read_json(search.cache_path / MANIFEST)
     spent = _spent(search.run_dir)
     text_flops = sum(manifest["flops_per_sample"][text_key(t)] for t in meta["text_encoders"])
-    count = training_sample_count(cfg)
     ran = files.read_json(search.run_dir / runs.FLOPS)["phases"]["train"]["parts"]  # at the search's world size
     grid = grid_search_cost(cfg, meta, count, text_flops, grid_search_steps(cfg, count), ran.get("world", 1),
                             ran.get("local_loss", False))
