@@ -27,6 +27,7 @@ from hnet.config import load_config  # noqa: E402
 from hnet.data.embed import embed_pass  # noqa: E402
 from hnet.data.sources import prepare_shards, shard_units  # noqa: E402
 from hnet.models.encoders import ImageEncoder, read_encoder_list  # noqa: E402
+from hnet.provenance import stamp  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -71,7 +72,7 @@ def main(argv=None) -> dict:
               "forward_images_per_s": args.samples / forward, "pass_vs_forward_ratio": forward / one_pass,
               "single_passes_s": singles, "one_pass_s": one_pass, "one_pass_speedup": singles / one_pass}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    files.write_json(RESULTS / "bench_embed.json", result)
+    files.write_json(RESULTS / "bench_embed.json", stamp(result, vars(args)))
     print(json.dumps({k: result[k] for k in ("pass_vs_forward_ratio", "one_pass_speedup", "pass_images_per_s",
                                             "forward_images_per_s")}))
     return result

@@ -40,6 +40,7 @@ import torch  # noqa: E402
 from hnet import files  # noqa: E402
 from hnet.data.cache import CachedFeatures, Unit, write_cache  # noqa: E402
 from hnet.models.encoders import text_key  # noqa: E402
+from hnet.provenance import stamp  # noqa: E402
 
 TEXT = text_key("all-MiniLM-L6-v2")  # the configs' text encoder
 from hnet.data.embed import ITEM_BYTES, _UnitDataset, transform_groups  # noqa: E402
@@ -259,7 +260,7 @@ def main(argv=None) -> dict:
                               child("embed", 0, 64, args.images // 2, args.image_size)]
     result["targets"] = targets(result)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    files.write_json(RESULTS / "bench_scale.json", result)
+    files.write_json(RESULTS / "bench_scale.json", stamp(result, vars(args)))
     print(json.dumps({"samples": args.samples, **result["targets"]}))
     return result
 

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hnet import files  # noqa: E402
 from hnet.data.cache import CachedFeatures, write_cache  # noqa: E402
 from hnet.models.encoders import text_key  # noqa: E402
+from hnet.provenance import stamp  # noqa: E402
 
 TEXT_ENCODER = "all-MiniLM-L6-v2"
 from hnet.config import HypernetConfig  # noqa: E402
@@ -169,7 +170,7 @@ def main(argv=None) -> dict:
         "data_wait_share": feed["data_wait_share"],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    files.write_json(RESULTS / "bench_train_step.json", result)
+    files.write_json(RESULTS / "bench_train_step.json", stamp(result, vars(args)))
     _plot(scaling_n, scaling_b, RESULTS / "bench_train_step.png")
     print(json.dumps({k: result[k] for k in ("matmul_peak_ratio", "loop_speedup", "data_wait_share",
                                             "step_flops_per_s", "matmul_flops_per_s")}))

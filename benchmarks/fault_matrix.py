@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hnet import files  # noqa: E402
+from hnet.provenance import stamp  # noqa: E402
 
 FAULTS = [
     ("training SIGKILLed, then resume=latest", "tests/test_faults.py::test_sigkill_then_resume_equals_uninterrupted",
@@ -81,7 +82,7 @@ def main() -> dict:
         print(f"| {r['fault']} | {r['behaviour']} | {'none' if r['survived'] else 'see test'} |")
     summary = {"faults": len(rows), "survived": sum(r["survived"] for r in rows),
                "data_lost": sum(1 for r in rows if not r["survived"])}
-    files.write_json(RESULTS, {**summary, "rows": rows})
+    files.write_json(RESULTS, stamp({**summary, "rows": rows}, {"faults": [r[0] for r in FAULTS]}))
     print(json.dumps(summary))
     return summary
 

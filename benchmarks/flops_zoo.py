@@ -15,6 +15,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hnet import files  # noqa: E402
 from hnet.flops import encoder_flops  # noqa: E402
+from hnet.provenance import stamp  # noqa: E402
 
 PUBLISHED_GMACS = {"vit_small_patch16_224": 4.61, "deit_small_patch16_224": 4.61, "vit_base_patch16_224": 17.58,
                    "vit_large_patch16_224": 61.6}
@@ -37,7 +38,7 @@ def main(argv=None) -> dict:
     summary = {"encoders": len(rows), "max_rel_error_vs_published": max(abs(r["rel_error"]) for r in rows
                                                                         if r["rel_error"] is not None),
                "encoders_with_uncounted_ops": sum(bool(r["unsupported_ops"]) for r in rows), "rows": rows}
-    files.write_json(RESULTS, summary)
+    files.write_json(RESULTS, stamp(summary, vars(args)))
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))
     return summary
 

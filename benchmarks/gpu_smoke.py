@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from hnet import files  # noqa: E402
 from hnet.config import load_config  # noqa: E402
 from hnet.experiments.pipeline import run_pipeline  # noqa: E402
+from hnet.provenance import stamp  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "gpu_smoke.json"
 
@@ -92,7 +93,7 @@ def main(argv=None) -> dict:
               "train_steps_per_s": {"cuda": gpu["train_steps_per_s"], "cpu": cpu["train_steps_per_s"]},
               "seconds": {"cuda": gpu["seconds"], "cpu": cpu.get("seconds")},
               "held_out": {"cuda": gpu.get("held_out"), "cpu": cpu.get("held_out")}}
-    files.write_json(RESULTS, result)
+    files.write_json(RESULTS, stamp(result, vars(args)))
     print(json.dumps(result))
     if off_gpu or not result["within"]:
         sys.exit(1)

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from hnet import files  # noqa: E402
 from hnet.config import load_config  # noqa: E402
 from hnet.experiments.pipeline import run_pipeline  # noqa: E402
+from hnet.provenance import stamp  # noqa: E402
 
 BASE = "deit_tiny_patch16_224"
 VARIANTS = [BASE, f"{BASE}@img_size=160", f"{BASE}@img_size=192", f"{BASE}@depth=10", f"{BASE}@depth=8",
@@ -68,9 +69,10 @@ def main(argv=None) -> dict | None:
     if not (data / "weights" / f"{BASE}.safetensors").exists():
         print(json.dumps({"skipped": f"no real data under {data}"}))
         return None
-    summary = run_pipeline(real_config(data, Path(args.out), args.held_out, args.overrides), control=True)
+    cfg = real_config(data, Path(args.out), args.held_out, args.overrides)
+    summary = run_pipeline(cfg, control=True)
     if len(texts) > 1:
-        return _write(PAIRS_RESULTS, pairs_result(summary, texts))
+        return _write(PAIRS_RESULTS, pairs_result(summary, texts), cfg)
     by = summary["by_encoder"]
     held = summary["held_out"]
     result = {"separate_cifar10_top1": by["separate"][BASE], "hypernet_cifar10_top1": by["hypernet"][BASE],
@@ -84,7 +86,7 @@ def main(argv=None) -> dict | None:
               "held_out": held, "by_encoder": by,
               "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
               "threads": torch.get_num_threads()}
-    return _write(RESULTS, result)
+    return _write(RESULTS, result, cfg)
 
 
 def pairs_result(summary: dict, texts: list[str]) -> dict:
@@ -103,7 +105,8 @@ def pairs_result(summary: dict, texts: list[str]) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def _write(path: Path, result: dict) -> dict:
+def _write(path: Path, result: dict, cfg) -> dict:
+    result = stamp(result, cfg)
     files.write_json(path, result)
     print(json.dumps(result))
     return result

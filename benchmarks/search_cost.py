@@ -45,6 +45,7 @@ from hnet.models.encoders import (
     read_encoder_list,  # noqa: E402
     text_key,  # noqa: E402
 )
+from hnet.provenance import stamp  # noqa: E402
 from hnet.runs import load_model  # noqa: E402
 from hnet.train.loop import train  # noqa: E402
 
@@ -292,7 +293,7 @@ def main(argv=None) -> dict | None:
     args = parser.parse_args(argv)
     if args.tune:
         result = tune(Path(args.out))
-        files.write_json(RESULTS / "search_tune_demo.json", result)
+        files.write_json(RESULTS / "search_tune_demo.json", stamp(result, vars(args)))
         print(json.dumps(result))
         return result
     data = Path(args.data)
@@ -306,7 +307,7 @@ def main(argv=None) -> dict | None:
     files.write_text(RESULTS / f"search_cost_{args.zoo}.md", table)
     path = RESULTS / "search_cost.json"
     everything = files.read_json(path) if path.exists() else {}
-    files.write_json(path, everything | {args.zoo: result})
+    files.write_json(path, everything | {args.zoo: stamp(result, vars(args))})
     print(json.dumps(result))
     return result
 

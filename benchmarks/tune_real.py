@@ -24,6 +24,7 @@ from hnet.data.shards import expand_urls  # noqa: E402
 from hnet.data.sources import prepare_shards  # noqa: E402
 from hnet.eval.evaluate import evaluate_run  # noqa: E402
 from hnet.experiments.train_run import train_run  # noqa: E402
+from hnet.provenance import stamp  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "real_tune.json"
 GRID = {"lr": (2e-3, 1e-2), "weight_decay": (0.1, 1.0, 5.0), "epochs": (20, 50, 150)}
@@ -57,7 +58,7 @@ def main(argv=None) -> dict | None:
     best = max(rows, key=lambda r: r["retrieval"])
     result = {"validation": f"retrieval on {held_out_shard} (250 pairs), trained on the first 750", "rows": rows,
               "best": best}
-    files.write_json(RESULTS, result)
+    files.write_json(RESULTS, stamp(result, vars(args)))
     print(json.dumps(result))
     return result
 

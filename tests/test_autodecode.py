@@ -106,6 +106,25 @@ def test_compare_to_separate():
     assert out["fraction_of_separate_top1"] == pytest.approx(30 / 33)
 
 
+def test_comparison_chooses_points_on_validation_and_reports_test():
+    """The baseline's best stopping point is the one validation picks (not the test set's best), the auto-decoding
+    is compared at the same FLOPs along both curves, and the FLOPs to equal accuracy are matched on validation."""
+    from hnet.experiments.autodecode import validated_comparison
+
+    decoding = [{"step": 0, "flops": 0.0, "top1_val": 10.0, "top1_test": 11.0},
+                {"step": 5, "flops": 10.0, "top1_val": 30.0, "top1_test": 28.0},
+                {"step": 10, "flops": 20.0, "top1_val": 29.0, "top1_test": 31.0}]
+    separate = [{"flops": 5.0, "top1_val": 20.0, "top1_test": 21.0},
+                {"flops": 40.0, "top1_val": 36.0, "top1_test": 33.0},
+                {"flops": 80.0, "top1_val": 34.0, "top1_test": 37.0}]  # test's best is not validation's best
+    v = validated_comparison(decoding, separate)
+    assert v["autodecode"] == {"step": 5, "flops": 10.0, "top1_val": 30.0, "top1_test": 28.0}
+    assert v["separate_best"] == {"flops": 40.0, "top1_val": 36.0, "top1_test": 33.0}
+    assert v["separate_test_top1_at_autodecode_flops"] == 21.0
+    assert v["autodecode_test_top1_at_separate_best_flops"] == 31.0
+    assert v["separate_flops_to_autodecode_accuracy"] == 40.0 and v["flops_ratio_at_equal_accuracy"] == 4.0
+
+
 def test_ranking_agreement(tmp_path):
     """The hypernetwork's ranking (evaluation half A) against the separate one (half B), from per-image hits."""
     import numpy as np

@@ -69,6 +69,13 @@ def split_halves(n: int, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray
     return np.sort(order[: n // 2]), np.sort(order[n // 2:])
 
 
+def halves_top1(hits: np.ndarray) -> dict[str, float]:
+    """Top-1 (%) of one pair's per-image hits on all images, on validation (half A: where points are chosen) and on
+    test (half B: where they are reported)."""
+    a, b = split_halves(len(hits))
+    return {"all": float(hits.mean() * 100), "val": float(hits[a].mean() * 100), "test": float(hits[b].mean() * 100)}
+
+
 def _scores(hits: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Top-1 (%) of every pair (rows of `hits` [pairs, images]) under image weights (counts of a resample)."""
     return hits @ weights / weights.sum() * 100

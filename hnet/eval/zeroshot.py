@@ -139,16 +139,20 @@ class ZeroShotProbe:
         return out | ({"hits": hits(logits, self.labels).to(torch.uint8).cpu().numpy()} if per_image else {})
 
     @torch.no_grad()
-    def top1(self, model: StitchModel, pairs) -> list[float]:
-        """Top-1 of the model's pairs `pairs`, their connectors generated in one call."""
+    def pair_hits(self, model: StitchModel, pairs) -> np.ndarray:
+        """Per-image hits [pairs, images] of the model's pairs `pairs`, their connectors generated in one call."""
         params = model.source(torch.as_tensor(pairs, device=model.widths.device))
-        scores = []
+        rows = []
         for slot, p in enumerate(pairs):
             image, text = model.pair_names(int(p))
             one = [(w[slot:slot + 1], b[slot:slot + 1]) for w, b in params]
             logits = zero_shot_logits(model, int(p), self.features[image], self.classifiers[text], params=one)
-            scores.append(zero_shot_top1(logits, self.labels))
-        return scores
+            rows.append(hits(logits, self.labels).cpu().numpy())
+        return np.stack(rows)
+
+    def top1(self, model: StitchModel, pairs) -> list[float]:
+        """Top-1 (%) of the model's pairs `pairs` on all images."""
+        return [float(h.mean() * 100) for h in self.pair_hits(model, pairs)]
 
     def encoder_flops(self, name: str) -> float:
         return forward_flops(name, len(self.labels))

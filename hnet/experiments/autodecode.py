@@ -30,6 +30,7 @@ from hnet.data.cache import CachedFeatures, CacheError, cached_name, open_traini
 from hnet.data.features import FeatureBatches, PrefixFeatures, first_samples_cache
 from hnet.data.sources import prepare_shards, shard_units
 from hnet.distributed import default_accelerator
+from hnet.eval.ranking import halves_top1
 from hnet.eval.zeroshot import ZeroShotProbe
 from hnet.flops import (
     FlopsLedger,
@@ -185,10 +186,13 @@ def _curve_probe(probe: ZeroShotProbe, model: StitchModel, pairs: np.ndarray, ke
 
     def point(step: int, loss: float, ledger: FlopsLedger) -> dict:
         probe.charge_heads(ledger, model, key, len(pairs))
-        scores = dict(zip([labels[p] for p in pairs], probe.top1(model, pairs)))
+        halves = [halves_top1(h) for h in probe.pair_hits(model, pairs)]
+        scores = dict(zip([labels[p] for p in pairs], [h["all"] for h in halves]))
+        mean = lambda half: sum(h[half] for h in halves) / len(halves)
         extra = {"loss": float(loss)} if step else {}
         curve.append({"step": step, "flops": step * step_flops, "samples": step * batch,
-                      "top1": sum(scores.values()) / len(scores), "pairs_top1": scores, **extra})
+                      "top1": sum(scores.values()) / len(scores), "top1_val": mean("val"), "top1_test": mean("test"),
+                      "pairs_top1": scores, **extra})
         return {}
     return point
 
@@ -284,19 +288,43 @@ def finetune(cfg: Config, model: StitchModel, params, side: Side, names: list[st
 
 
 def compare_to_separate(result: dict, separate_curve: list[dict]) -> dict:
-    """Auto-decoding vs a separate connector trained from scratch on the same encoder.
+    """Auto-decoding vs a separate connector trained from scratch on the same encoder, along both accuracy-vs-FLOPs
+    curves (training FLOPs).
 
-    `separate_curve`: [{"flops", "top1"}] along the baseline's training. Returns the baseline's accuracy at the
-    auto-decoding's FLOPs, and the FLOPs the baseline needed to first reach the auto-decoded accuracy.
+    `separate_curve`: [{"flops", "top1", "top1_val", "top1_test"}] along the baseline's training. The lead figures
+    (`validated`) choose each curve's point on validation images (evaluation half A) and report it on test images
+    (half B): the auto-decoding's point and the baseline's best stopping point, each one's test top-1 at the other's
+    FLOPs, and the FLOPs the baseline needs to reach the auto-decoded accuracy (on validation). The figures against
+    the baseline's whole (possibly overtrained) run stay as secondary ones.
     """
     flops, top1 = result["flops"], result["top1"]
     at_equal = [p["top1"] for p in separate_curve if p["flops"] <= flops]
     reached = [p["flops"] for p in separate_curve if p["top1"] >= top1]
     final = separate_curve[-1]
-    return {"autodecode_top1": top1, "autodecode_flops": flops,
-            "separate_top1_at_equal_flops": at_equal[-1] if at_equal else None,
-            "separate_flops_to_equal_top1": reached[0] if reached else None,
-            "flops_ratio_to_equal_top1": (reached[0] / flops) if reached and flops else None,
-            "separate_final_top1": final["top1"], "separate_total_flops": final["flops"],
-            "fraction_of_separate_top1": top1 / final["top1"] if final["top1"] else None,
-            "separate_total_flops_ratio": final["flops"] / flops if flops else None}
+    out = {"autodecode_top1": top1, "autodecode_flops": flops,
+           "separate_top1_at_equal_flops": at_equal[-1] if at_equal else None,
+           "separate_flops_to_equal_top1": reached[0] if reached else None,
+           "flops_ratio_to_equal_top1": (reached[0] / flops) if reached and flops else None,
+           "separate_final_top1": final["top1"], "separate_total_flops": final["flops"],
+           "fraction_of_separate_top1": top1 / final["top1"] if final["top1"] else None,
+           "separate_total_flops_ratio": final["flops"] / flops if flops else None}
+    if "top1_val" in final and "top1_val" in result["curve"][-1]:
+        out["validated"] = validated_comparison(result["curve"], separate_curve)
+    return out
+
+
+def validated_comparison(decoding: list[dict], separate: list[dict]) -> dict:
+    """Both curves' points chosen on validation top-1 (`top1_val`), reported on test top-1 (`top1_test`)."""
+    chosen = lambda curve: max(curve, key=lambda p: (p["top1_val"], -p["flops"]))  # best, earliest of ties
+    at_most = lambda curve, f: ([p for p in curve if p["flops"] <= f] or [None])[-1]
+    test = lambda p: None if p is None else p["top1_test"]
+    mine, best = chosen(decoding), chosen(separate)
+    reach = next((p for p in separate if p["top1_val"] >= mine["top1_val"]), None)
+    return {"autodecode": {k: mine[k] for k in ("step", "flops", "top1_val", "top1_test")},
+            "separate_best": {k: best[k] for k in ("flops", "top1_val", "top1_test")},
+            "separate_test_top1_at_autodecode_flops": test(at_most(separate, mine["flops"])),
+            "autodecode_test_top1_at_separate_best_flops": test(at_most(decoding, best["flops"])),
+            "separate_flops_to_autodecode_accuracy": None if reach is None else reach["flops"],
+            "separate_test_top1_there": test(reach),
+            "flops_ratio_at_equal_accuracy": None if reach is None or not mine["flops"] else
+            reach["flops"] / mine["flops"]}

@@ -49,8 +49,9 @@ def _train_and_eval(cfg: Config, datasets: list[str], show: bool = True, train: 
 def _curve(run_dir, key: str = "zeroshot_top1") -> list[dict]:
     """Accuracy vs training FLOPs along a run (rows logged with train.eval_every): of one pair
     (`zeroshot_top1/NAME`), or the mean over the run's pairs."""
-    return [{"flops": r["train_flops_cum"], "top1": r[key]} for r in files.read_jsonl(run_dir / runs.METRICS)
-            if key in r]
+    rows = [r for r in files.read_jsonl(run_dir / runs.METRICS) if key in r]
+    halves = lambda r: {f"top1_{h}": r[f"{key}_{h}"] for h in ("val", "test") if f"{key}_{h}" in r}
+    return [{"flops": r["train_flops_cum"], "top1": r[key], **halves(r)} for r in rows]
 
 
 def held_out_study(cfg: Config, specs, dataset: str) -> dict:
@@ -65,14 +66,17 @@ def held_out_study(cfg: Config, specs, dataset: str) -> dict:
     # the mean over the held-out encoder's pairs (one per text encoder) on both sides
     comparison = compare_to_separate(decoded, _curve(alone.run_dir))
     comparison.update(flops_with_embed(decoded, alone.run_dir))
-    print(f"\n== auto-decoding {held.name} (never seen by the hypernetwork) ==\n"
-          f"auto-decoded: {decoded['top1']:.1f}% top-1 for {decoded['flops']:.3g} FLOPs ({decoded['steps']} steps)\n"
-          f"separate from scratch: {comparison['separate_final_top1']:.1f}% for "
-          f"{comparison['separate_total_flops']:.3g} FLOPs; at equal FLOPs it had "
-          f"{_pct(comparison['separate_top1_at_equal_flops'])}; it first matched the auto-decoded accuracy after "
-          f"{_sci(comparison['separate_flops_to_equal_top1'])} FLOPs\n"
-          f"FLOPs ratio separate / auto-decoding: training only x{comparison['flops_ratio']:.1f}; with each side's "
-          f"encoder forwards x{comparison['flops_ratio_with_embed']:.1f}")
+    print(f"\n== auto-decoding {held.name} (never seen by the hypernetwork) ==")
+    if "validated" in comparison:
+        print(validated_lines(comparison["validated"]))
+    print(f"against the whole separate run (secondary): auto-decoded {decoded['top1']:.1f}% top-1 (all images) for "
+          f"{decoded['flops']:.3g} FLOPs ({decoded['steps']} steps); separate from scratch "
+          f"{comparison['separate_final_top1']:.1f}% for {comparison['separate_total_flops']:.3g} FLOPs, at equal "
+          f"FLOPs "
+          f"{_pct(comparison['separate_top1_at_equal_flops'])}, first matched the auto-decoded accuracy after "
+          f"{_sci(comparison['separate_flops_to_equal_top1'])} FLOPs; FLOPs ratio separate / auto-decoding: training "
+          f"only x{comparison['flops_ratio']:.1f}, with each side's encoder forwards "
+          f"x{comparison['flops_ratio_with_embed']:.1f}")
     return {"encoder": held.name, **comparison}
 
 
@@ -96,6 +100,21 @@ def flops_with_embed(decoded: dict, separate_run) -> dict:
             "autodecode_flops_with_embed": with_embed["autodecode"],
             "autodecode_embedded_samples": decoded["embed"]["samples"],
             "separate_embedded_samples": phases["embed"]["samples"]}
+
+
+def validated_lines(v: dict) -> str:
+    """The lead comparison: each curve's point chosen on validation images, reported on test images."""
+    a, b = v["autodecode"], v["separate_best"]
+    ratio = v["flops_ratio_at_equal_accuracy"]
+    return (f"points chosen on validation images (evaluation half A), scored on test images (half B):\n"
+            f"auto-decoded: {a['top1_test']:.1f}% test top-1 at step {a['step']} ({a['flops']:.3g} training FLOPs); "
+            f"separate from scratch, best stopping point: {b['top1_test']:.1f}% at {b['flops']:.3g} FLOPs\n"
+            f"at the auto-decoding's FLOPs the separate connector had "
+            f"{_pct(v['separate_test_top1_at_autodecode_flops'])}; at the separate connector's best FLOPs the "
+            f"auto-decoding had "
+            f"{_pct(v['autodecode_test_top1_at_separate_best_flops'])}; the separate connector reached the "
+            f"auto-decoded validation accuracy after {_sci(v['separate_flops_to_autodecode_accuracy'])} FLOPs"
+            + ("" if ratio is None else f" (x{ratio:.2f} of the auto-decoding's)"))
 
 
 def _pct(x: float | None) -> str:
@@ -130,7 +149,7 @@ def run_pipeline(cfg: Config, control: bool = True) -> dict:
     truth = train_truth(cfg, list(dict.fromkeys([cfg.eval.datasets[0], cfg.search.dataset or cfg.eval.datasets[0]])))
     ranking = rank_encoders(hyper.run_dir, truth, dataset)
     summary["ranking"] = {k: ranking[k] for k in ("spearman", "kendall", "top1_hit", "regret", "top3_recall", "ci",
-                                                  "ceiling", "halves", "flops_ratio")}
+                                                  "ceiling", "halves", "predicted_best", "true_best", "flops_ratio")}
     print("\n" + ranking_markdown(ranking))
     if control:
         shuffled = _variant(hyper, "_shuffled", "hypernet", data=dataclasses.replace(cfg.data, shuffle_pairs=True),

@@ -26,6 +26,7 @@ from hnet.config import Config
 from hnet.data.cache import open_training_cache
 from hnet.data.features import FeatureBatches, Prefetcher
 from hnet.distributed import StopFlag, make_accelerator, step_all_reduce
+from hnet.eval.ranking import halves_top1
 from hnet.eval.zeroshot import ZeroShotProbe
 from hnet.flops import FlopsLedger, train_step_flops
 from hnet.models.encoders import read_encoder_list
@@ -266,8 +267,11 @@ def _run_probe(probe: ZeroShotProbe, model: StitchModel):
     trained = [labels[p] for p in model.trained]
 
     def scores(step: int, loss: float, ledger: FlopsLedger) -> dict:
-        top1 = {n: probe.metrics(model, i)["top1"] for i, n in enumerate(labels)}
+        measured = {n: probe.metrics(model, i, per_image=True) for i, n in enumerate(labels)}
         probe.charge_heads(ledger, model, f"train_probe/{probe.key}", len(labels))
-        return {"zeroshot_top1": sum(top1[n] for n in trained) / len(trained),
-                **{f"zeroshot_top1/{n}": v for n, v in top1.items()}}
+        halves = [halves_top1(measured[n]["hits"]) for n in trained]
+        mean = lambda half: sum(h[half] for h in halves) / len(halves)
+        return {"zeroshot_top1": sum(measured[n]["top1"] for n in trained) / len(trained),
+                "zeroshot_top1_val": mean("val"), "zeroshot_top1_test": mean("test"),
+                **{f"zeroshot_top1/{n}": m["top1"] for n, m in measured.items()}}
     return scores

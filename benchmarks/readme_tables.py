@@ -1,0 +1,105 @@
+"""The README's generated results: each block between `<!-- results: NAME -->` and `<!-- end results -->` in
+README.md is rendered from the results file it reports (benchmarks/results/NAME.json), with that file's commit and
+config digest, so a README number is always the one the file holds (tests/test_readme.py checks).
+
+    python benchmarks/readme_tables.py          # rewrite the blocks from the results files
+    python benchmarks/readme_tables.py --check  # exit 1, naming the blocks, when README.md disagrees with them
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+from hnet.report import agreement_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+RESULTS = ROOT / "benchmarks" / "results"
+BLOCK = re.compile(r"(<!-- results: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end results -->)", re.S)
+
+
+def _source(name: str, r: dict) -> str:
+    p = r.get("provenance", {})
+    dirty = " (with uncommitted changes)" if p.get("dirty") else ""
+    return (f"_Rendered from `benchmarks/results/{name}.json`: commit `{p.get('commit', 'unknown')[:12]}`{dirty}, "
+            f"config digest `{p.get('config_digest', '?')}`._")
+
+
+def render_demo(r: dict) -> str:
+    d = r["datasets"]["demo"]
+    lines = ["| zero-shot top-1 (%), mean over the pairs both runs trained | hypernet | separate (APE) | "
+             "shuffled-caption control | chance |", "|---|---:|---:|---:|---:|",
+             f"| demo (480 held-out images, 24 classes) | {d['hypernet']:.1f} | {d['separate']:.1f} | "
+             f"{d['shuffled_control']:.1f} | {d['chance']:.1f} |", "",
+             "Pair ranking, hypernetwork against the grid search (separate connectors from seeds no run above "
+             f"uses, mean of {r['ranking']['halves']['truth_seeds']}):", "",
+             *agreement_markdown(r["ranking"], "hypernet", "separate")]
+    held = r.get("held_out")
+    if held and "validated" in held:
+        v = held["validated"]
+        a, b = v["autodecode"], v["separate_best"]
+        pct = lambda x: "n/a" if x is None else f"{x:.1f}"
+        lines += ["", f"Auto-decoding the held-out image encoder `{held['encoder']}` (both its pairs; points chosen on "
+                      "validation images, evaluation half A, and scored on test images, half B):", "",
+                  "| | test top-1 (%) | training FLOPs |", "|---|---:|---:|",
+                  f"| auto-decoded (step {a['step']}) | {a['top1_test']:.1f} | {a['flops']:.3g} |",
+                  f"| separate from scratch, best stopping point | {b['top1_test']:.1f} | {b['flops']:.3g} |",
+                  f"| separate at the auto-decoding's FLOPs | {pct(v['separate_test_top1_at_autodecode_flops'])} | "
+                  f"{a['flops']:.3g} |",
+                  f"| auto-decoding at the separate connector's best FLOPs | "
+                  f"{pct(v['autodecode_test_top1_at_separate_best_flops'])} | {b['flops']:.3g} |"]
+        reach = v["separate_flops_to_autodecode_accuracy"]
+        lines += ["", "The separate connector reached the auto-decoded validation accuracy after "
+                      + ("never" if reach is None else f"{reach:.3g} FLOPs (x{v['flops_ratio_at_equal_accuracy']:.2f} "
+                                                       "of the auto-decoding's)")
+                      + f"; against its whole run (secondary): x{held['flops_ratio']:.1f} training FLOPs, "
+                        f"x{held['flops_ratio_with_embed']:.1f} with each side's encoder forwards."]
+    search = r.get("search")
+    if search and "agreement" in search:
+        ratio = search["ratio"]
+        lines += ["", f"The search at `configs/demo.yaml`'s budget ({search['flops']['steps']} hypernetwork steps over "
+                      f"{search['flops']['samples_embedded']} pairs) against the grid search: the grid search costs "
+                      f"x{ratio['total_with_embed']:.2f} the search's FLOPs with every embedding pass, "
+                      f"x{ratio['train']:.2f} in training alone.", "",
+                  *agreement_markdown(search["agreement"], "search", "grid search")]
+    return "\n".join(lines)
+
+
+RENDER = {"demo": render_demo}
+
+
+def rendered(name: str) -> str:
+    path = RESULTS / f"{name}.json"
+    result = json.loads(path.read_text())
+    return RENDER[name](result) + "\n\n" + _source(name, result) + "\n"
+
+
+def update(text: str) -> tuple[str, list[str]]:
+    """README text with every block rendered again, and the names of the blocks that changed."""
+    changed = []
+
+    def block(m: re.Match) -> str:
+        body = rendered(m["name"])
+        if body != m["body"]:
+            changed.append(m["name"])
+        return m.group(1) + body + m.group(4)
+    return BLOCK.sub(block, text), changed
+
+
+def main(argv: list[str]) -> int:
+    text = README.read_text()
+    new, changed = update(text)
+    if "--check" in argv:
+        if changed:
+            print(f"README.md: results block(s) {changed} differ from benchmarks/results; run "
+                  f"python benchmarks/readme_tables.py")
+        return 1 if changed else 0
+    README.write_text(new)
+    print(f"README.md: rewrote {changed or 'nothing'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,35 @@
+"""Where a number comes from: the git commit it was measured at (and whether the tree had uncommitted changes) and
+a digest of the resolved config. Every results file carries both (`stamp`), so a number in the README can be traced
+to the code and settings that produced it, and a stale one is visible."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_state(root: Path = ROOT) -> dict:
+    """{"commit": HEAD's sha (or "unknown" outside a git checkout), "dirty": uncommitted changes to tracked files}."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": "unknown", "dirty": None}
+
+
+def config_digest(config: Any) -> str:
+    """sha256 (16 hex digits) of a resolved config: a dataclass (hnet's Config) or a JSON-able mapping."""
+    tree = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stamp(result: dict, config: Any) -> dict:
+    """`result` with its provenance: git commit, dirty flag, the config's digest and the config itself."""
+    tree = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    return result | {"provenance": git_state() | {"config_digest": config_digest(tree), "config": tree}}
