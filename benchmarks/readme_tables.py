@@ -48,7 +48,7 @@ def render_demo(r: dict) -> str:
                   f"| separate from scratch, best stopping point | {b['top1_test']:.1f} | {b['flops']:.3g} |",
                   f"| separate at the auto-decoding's FLOPs | {pct(v['separate_test_top1_at_autodecode_flops'])} | "
                   f"{a['flops']:.3g} |",
-                  f"| auto-decoding at the separate connector's best FLOPs | "
+                  f"| auto-decoding, its last point within the separate connector's best FLOPs | "
                   f"{pct(v['autodecode_test_top1_at_separate_best_flops'])} | {b['flops']:.3g} |"]
         reach = v["separate_flops_to_autodecode_accuracy"]
         lines += ["", "The separate connector reached the auto-decoded validation accuracy after "
@@ -56,6 +56,10 @@ def render_demo(r: dict) -> str:
                                                        "of the auto-decoding's)")
                       + f"; against its whole run (secondary): x{held['flops_ratio']:.1f} training FLOPs, "
                         f"x{held['flops_ratio_with_embed']:.1f} with each side's encoder forwards."]
+    for name, pair in r.get("held_out_pairs", {}).items():
+        lines += ["", f"The pair the hypernetwork never trained, `{name}` (generated from its encoders' vectors, each "
+                      f"trained in other pairs): {pair['hypernet_untrained']:.1f}% top-1, against "
+                      f"{pair['separate']:.1f}% for its separate connector."]
     search = r.get("search")
     if search and "agreement" in search:
         ratio = search["ratio"]

@@ -22,7 +22,8 @@ def main(argv=None):
     side.add_argument("--encoder", help="image encoder: timm name (zoo syntax, e.g. deit_tiny_patch16_224@depth=10)")
     side.add_argument("--text-encoder", help="text encoder: sentence-transformers name (e.g. all-MiniLM-L6-v2@layers=4)"
                                              " or open_clip:ARCH/TAG")
-    parser.add_argument("--run", required=True, help="a hypernetwork run dir")
+    parser.add_argument("--run", "--run-dir", dest="run", required=True,
+                        help="a hypernetwork run dir (--run-dir under torchrun, which reads --run as its --run-path)")
     parser.add_argument("--weights", help="image encoder: pretrained | random | path to .safetensors/.pth "
                                           "(default: the run's)")
     parser.add_argument("overrides", nargs="*")

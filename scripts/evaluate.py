@@ -19,7 +19,9 @@ from hnet.eval.evaluate import evaluate_run
 @main_guard
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="run dir written by learn_multi_mapper / learn_separate_mapper")
+    parser.add_argument("--run", "--run-dir", dest="run", required=True,
+                        help="run dir written by learn_multi_mapper / learn_separate_mapper (--run-dir under torchrun, "
+                             "which reads --run as its --run-path)")
     parser.add_argument("--datasets", default="", help="comma list of names or NAME=PATH; default: the run "
                         "config's eval.datasets")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. eval.cifar10=/data/cifar10 eval.templates=cifar")

@@ -214,3 +214,35 @@ def test_ledger_counts_what_every_rank_computes(tmp_path):
         assert [c["world"] for c in counts] == [2, 2]
         formula = train_step_flops(model, 3, 32, world=2, local=local)
         assert formula["total"] == pytest.approx(sum(c["flops"] for c in counts), rel=0.01), local
+
+
+def test_autodecode_two_ranks_match_one_process(tiny_cfg, tmp_path):
+    """scripts/autodecode.py on 2 ranks (the batch split over them, as in a run) decodes what 1 process decodes."""
+    import shutil
+
+    from hnet.train.loop import train
+    from tests.conftest import TINY_ENCODERS
+
+    new = TINY_ENCODERS[2]
+    cfg = dataclasses.replace(with_train(tiny_cfg, max_steps=4), encoders=TINY_ENCODERS[:2], name="ad2")
+    train(cfg)
+    decoded = {}
+    for processes in (1, 2):
+        run = tmp_path / f"run{processes}"
+        shutil.copytree(cfg.run_dir, run)
+        launcher = TORCHRUN if processes == 2 else [sys.executable]
+        proc = subprocess.run(launcher + ["scripts/autodecode.py", "--encoder", new, "--run-dir", str(run), "--weights",
+                                          "random", "autodecode.steps=3", "autodecode.eval_every=1",
+                                          "autodecode.batch_size=64"], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        decoded[processes] = (files.read_json(run / "autodecode" / f"{files.slug(new)}.json"),
+                              load_file(str(run / "cond_embeddings.safetensors"))[new])
+    (one, vec1), (two, vec2) = decoded[1], decoded[2]
+    assert one["world"] == 1 and two["world"] == 2, "the 2-rank decoding did not run on 2 ranks"
+    assert [p["step"] for p in two["curve"]] == [0, 1, 2, 3]
+    torch.testing.assert_close(torch.tensor([p["top1"] for p in two["curve"]]),
+                               torch.tensor([p["top1"] for p in one["curve"]]), rtol=0, atol=1.1)  # <= 1 image
+    losses = lambda result: torch.tensor([p["loss"] for p in result["curve"][1:]])
+    torch.testing.assert_close(losses(two), losses(one), rtol=1e-5, atol=1e-6)  # the same global batches
+    torch.testing.assert_close(vec2, vec1, rtol=1e-4, atol=1e-5)

@@ -224,6 +224,7 @@ def _decode(cfg: Config, model: StitchModel, features: PrefixFeatures, probe: Ze
             "steps": steps, "samples": steps * ad.batch_size, "flops": spent, "top1": curve[-1]["top1"],
             "pairs_top1": curve[-1]["pairs_top1"], "curve": curve, "dataset": cfg.eval.datasets[0],
             "device": str(vectors.device), "features_device": str(probe.labels.device),
+            "world": accelerator.num_processes,
             "cond": vectors.detach()[row].cpu().clone(), "params": params}
 
 

@@ -1,0 +1,41 @@
+"""The README's results are the results files' numbers, not copies that drift from them."""
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tables():
+    spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "benchmarks" / "readme_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_results_blocks_equal_what_the_results_files_render():
+    tables = _tables()
+    text = (ROOT / "README.md").read_text()
+    names = [m["name"] for m in tables.BLOCK.finditer(text)]
+    assert "demo" in names
+    _, changed = tables.update(text)
+    assert changed == [], f"README.md blocks {changed} differ from benchmarks/results: run benchmarks/readme_tables.py"
+
+
+def test_a_hand_edited_number_is_caught():
+    tables = _tables()
+    text = (ROOT / "README.md").read_text()
+    start = text.index("<!-- results: demo -->")
+    digit = next(i for i in range(start, len(text)) if text[i].isdigit())
+    edited = text[:digit] + str((int(text[digit]) + 1) % 10) + text[digit + 1:]
+    assert tables.update(edited)[1] == ["demo"]
+
+
+def test_results_carry_commit_and_config_digest():
+    from hnet.config import load_config
+    from hnet.provenance import config_digest, stamp
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    stamped = stamp({"x": 1}, cfg)["provenance"]
+    assert len(stamped["commit"]) == 40 and stamped["config_digest"] == config_digest(cfg)
+    other = load_config(ROOT / "configs" / "demo.yaml", ["train.lr=0.5"])
+    assert config_digest(other) != config_digest(cfg)
