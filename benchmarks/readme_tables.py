@@ -54,7 +54,7 @@ def render_demo(r: dict) -> str:
         lines += ["", "The separate connector reached the auto-decoded validation accuracy after "
                       + ("never" if reach is None else f"{reach:.3g} FLOPs (x{v['flops_ratio_at_equal_accuracy']:.2f} "
                                                        "of the auto-decoding's)")
-                      + f"; against its whole run (secondary): x{held['flops_ratio']:.1f} training FLOPs, "
+                      + f"; against its whole run (secondary): x{held['flops_ratio'] or 0:.1f} training FLOPs, "
                         f"x{held['flops_ratio_with_embed']:.1f} with each side's encoder forwards."]
     for name, pair in r.get("held_out_pairs", {}).items():
         lines += ["", f"The pair the hypernetwork never trained, `{name}` (generated from its encoders' vectors, each "

@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from hnet import runs
 from hnet.cli import main_guard
 from hnet.config import ConfigError, load_config
 from hnet.experiments.autodecode import autodecode
@@ -29,11 +30,11 @@ def main(argv=None):
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     run = Path(args.run)
-    if not (run / "config.yaml").is_file():
+    if not (run / runs.CONFIG).is_file():
         raise ConfigError(f"--run: {run} is not a run dir (no config.yaml)")
     if args.text_encoder and args.weights:
         raise ConfigError("--weights: only for an image encoder (--encoder)")
-    cfg = load_config(run / "config.yaml", args.overrides)
+    cfg = load_config(run / runs.CONFIG, args.overrides)
     text = args.text_encoder is not None
     result = autodecode(cfg, run, args.text_encoder if text else args.encoder, args.weights, text=text)
     print(json.dumps({k: v for k, v in result.items() if k != "curve"}))

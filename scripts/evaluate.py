@@ -11,6 +11,7 @@ Writes RUN_DIR/eval.json, eval.md, eval.csv and eval/<dataset>.json (clip_benchm
 import argparse
 from pathlib import Path
 
+from hnet import runs
 from hnet.cli import main_guard
 from hnet.config import ConfigError, load_config, parse_dataset_spec
 from hnet.eval.evaluate import evaluate_run
@@ -27,15 +28,15 @@ def main(argv=None):
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. eval.cifar10=/data/cifar10 eval.templates=cifar")
     args = parser.parse_args(argv)
     run = Path(args.run)
-    if not (run / "config.yaml").is_file():
+    if not (run / runs.CONFIG).is_file():
         raise ConfigError(f"--run: {run} is not a run dir (no config.yaml)")
-    cfg = load_config(run / "config.yaml", args.overrides)
+    cfg = load_config(run / runs.CONFIG, args.overrides)
     datasets = [d for d in args.datasets.split(",") if d] or cfg.eval.datasets
     names = [parse_dataset_spec(d, "--datasets")[0] for d in datasets]
     if len(set(names)) != len(names):
         raise ConfigError(f"--datasets: a dataset name is given twice: {names}")
     results = evaluate_run(cfg, run, datasets)
-    print((run / "eval.md").read_text())
+    print((run / runs.EVAL_MD).read_text())
     return results
 
 

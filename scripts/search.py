@@ -16,9 +16,9 @@ from hnet.report import search_markdown
 @main_guard
 def main(argv=None):
     parser = config_parser(__doc__)
-    parser.add_argument("--separate", nargs="+", metavar="RUN_DIR",
-                        help="finished separate (APE) runs over the same zoo, from seeds the search does not use (the "
-                             "truth; several: their mean): report the agreement")
+    parser.add_argument("--separate", action="append", metavar="RUN_DIR",
+                        help="a finished separate (APE) run over the same zoo, from seeds the search does not use (the "
+                             "truth; repeat the flag for several: their mean): report the agreement")
     args, cfg = parse_config(parser, argv)
     result = run_search(cfg, args.separate)
     print(search_markdown(result))

@@ -241,6 +241,40 @@ def test_text_encoder_autodecoded_alone_with_the_hypernetwork_frozen(pairs_run):
     assert files.read_json(run / "model.json")["names"] == names and again["side"] == "text"
 
 
+def test_finetuning_every_pair_of_a_decoded_text_encoder(pairs_run):
+    """A new text encoder pairs with both image encoders: each pair's fine-tuned connector is saved at its own
+    true widths (the second one too), from the batches decoding did not use."""
+    from safetensors.torch import load_file as load
+
+    from hnet.models.connectors import Connector
+
+    cfg = dataclasses.replace(pairs_run, autodecode=dataclasses.replace(pairs_run.autodecode, finetune_steps=2))
+    new = "all-MiniLM-L6-v2@layers=2"
+    result = autodecode(cfg, pairs_run.run_dir, new, text=True)
+    pairs = [f"{image} + {new}" for image in TINY_ENCODERS[:2]]
+    assert list(result["finetune"]["pairs_top1"]) == pairs
+    widths = {TINY_ENCODERS[0]: 512, TINY_ENCODERS[1]: 192}  # resnet10t / vit_tiny features
+    for image, pair in zip(TINY_ENCODERS[:2], pairs):
+        state = load(str(pairs_run.run_dir / "autodecode" / f"{files.slug(pair)}.finetuned.safetensors"))
+        module = Connector([(widths[image], 384)], "image_to_text")
+        module.load_state_dict(state)
+        assert torch.isfinite(module.layers[0].weight).all() and module.layers[0].weight.abs().sum() > 0
+
+
+def test_a_namesake_in_the_training_cache_is_not_reused(hyper_run, tmp_path):
+    """The training cache holds NEW with its seeded random init; decoding NEW with weights from a file embeds its
+    own samples instead of training on the namesake's features."""
+    import timm
+    from safetensors.torch import save_file
+
+    assert autodecode(hyper_run, hyper_run.run_dir, NEW, "random")["embed"]["cached"]
+    torch.manual_seed(5)
+    other = timm.create_model(NEW.split("@")[0], pretrained=False)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    result = autodecode(hyper_run, hyper_run.run_dir, NEW, str(tmp_path / "w.safetensors"))
+    assert result["embed"]["cached"] is False and result["embed"]["samples"] == 3 * 64
+
+
 def test_text_side_needs_a_run_with_several_text_encoders(hyper_run):
     with pytest.raises(ConfigError, match="one text encoder"):
         autodecode(hyper_run, hyper_run.run_dir, "all-MiniLM-L6-v2@layers=2", text=True)

@@ -269,7 +269,7 @@ def _stale_entries(root: Path, manifest: dict, identities: dict[str, dict], main
     stale, stamped = set(), False
     for name, identity in identities.items():
         entry = manifest["encoders"].get(cached_name(manifest, name) or name)
-        if entry is None:
+        if entry is None or identity.get("weights", "") is None:  # a weights file that is gone: nothing to check
             continue
         if "identity" not in entry:
             entry["identity"], stamped = identity, True

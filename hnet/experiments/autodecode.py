@@ -42,6 +42,7 @@ from hnet.flops import (
 )
 from hnet.models.connectors import Connector
 from hnet.models.encoders import parse_spec, text_key
+from hnet.models.identity import image_identity, text_identity
 from hnet.models.pairs import Pairs
 from hnet.models.stitch import StitchModel
 from hnet.runs import add_encoder, load_model
@@ -127,7 +128,7 @@ def autodecode(cfg: Config, run_dir, encoder: str, weights: str | None = None, a
     train_cache = open_training_cache(cfg, [])
     spec = None if text else parse_spec({"name": encoder, "weights": weights or cfg.image_weights})
     side = _side(model, train_cache, encoder, text, decoded)
-    step_flops = autodecode_step_flops(model, ad.batch_size, len(side.partners))
+    step_flops = autodecode_step_flops(model, ad.batch_size, len(side.partners), accelerator.num_processes)
     steps = planned_steps(ad, step_flops)
     features, embedded = decoding_features(cfg, spec or encoder, side, (steps + ad.finetune_steps) * ad.batch_size,
                                            train_cache, accelerator)
@@ -140,7 +141,7 @@ def autodecode(cfg: Config, run_dir, encoder: str, weights: str | None = None, a
     result = _decode(cfg, model, features, probe, side, steps, step_flops, ledger, tuple(decoded), accelerator)
     if ad.finetune_steps > 0:
         result["finetune"] = finetune(cfg, model, result.pop("params"), side, list(result["pairs_top1"]), features,
-                                      probe, run_dir, ledger, accelerator)
+                                      probe, run_dir, ledger, accelerator, steps)
     result.pop("params", None)
     result["embed"] = embedded
     out = run_dir / runs.AUTODECODE / f"{files.slug(encoder)}.json"
@@ -243,7 +244,9 @@ def decoding_features(cfg: Config, spec, side: Side, budget: int, train_cache: C
     what embedding them with the new encoder costs: {samples, flops, cached}. Sets side.width."""
     count = min(max(budget, cfg.autodecode.batch_size), train_cache.count)
     key, partners = side.keys()
-    cached = cached_name(train_cache.manifest, key) is not None
+    entry = train_cache.manifest["encoders"].get(cached_name(train_cache.manifest, key) or key, {})
+    identity = text_identity(side.name) if side.text else image_identity(spec)
+    cached = bool(entry) and entry.get("identity") in (None, identity)  # this encoder's, not a namesake's
     new = train_cache if cached else first_samples_cache(cfg, spec, side.text, count, train_cache, accelerator)
     features = PrefixFeatures({key: new} | {p: train_cache for p in partners}, count)
     side.width = features.width(key)
@@ -258,7 +261,7 @@ def decoding_features(cfg: Config, spec, side: Side, budget: int, train_cache: C
 
 
 def finetune(cfg: Config, model: StitchModel, params, side: Side, names: list[str], features: PrefixFeatures,
-             probe: ZeroShotProbe, run_dir, ledger: FlopsLedger, accelerator) -> dict:
+             probe: ZeroShotProbe, run_dir, ledger: FlopsLedger, accelerator, decoded_steps: int) -> dict:
     """Fine-tune the decoded connectors' weights directly (the hypernetwork is not involved), through the run loop
     as separate connectors started from the decoded ones (sharing the run's frozen logit scale); each pair's saved
     as a plain connector at RUN_DIR/autodecode/<pair>.finetuned.safetensors. `names`: the pairs' names."""
@@ -271,14 +274,16 @@ def finetune(cfg: Config, model: StitchModel, params, side: Side, names: list[st
     connectors = model.separate_from(params, widths, text_widths, Pairs.from_list(cells), (images, texts))
     data = FeatureBatches(features, images, texts, ad.batch_size, cfg.train.seed, rank=accelerator.process_index,
                           world=accelerator.num_processes, pad_to=(model.shape.image_width, model.shape.text_width))
-    step_flops = finetune_step_flops(model.shape, n, ad.batch_size)
+    step_flops = finetune_step_flops(model.shape, n, ad.batch_size, accelerator.num_processes)
     plan = Plan(connectors, data, ad.finetune_steps, np.arange(n), ad.finetune_lr, {"total": step_flops},
                 phase="autodecode", ledger_key=f"finetune/{side.name}", seed=cfg.train.seed,
-                first_micro_step=10_000_000, desc=f"finetune {side.name}")  # batches after the decoding ones
+                first_micro_step=decoded_steps, desc=f"finetune {side.name}")  # the batches decoding did not use
     tuned = fit(plan, accelerator, ledger)["model"]
     if accelerator.is_main_process:
+        with torch.no_grad():
+            params = tuned.source(torch.arange(n, device=tuned.widths.device))
         for p, name in enumerate(names):
-            one = [(w[p:p + 1].detach().cpu(), b[p:p + 1].detach().cpu()) for w, b in tuned.source(torch.tensor([p]))]
+            one = [(w[p:p + 1].detach().cpu(), b[p:p + 1].detach().cpu()) for w, b in params]
             connector = Connector.from_params(model.shape, one, int(tuned.widths[p]), int(tuned.text_widths[p]))
             files.write_safetensors(run_dir / runs.AUTODECODE / f"{files.slug(name)}.finetuned.safetensors",
                                     connector.state_dict())

@@ -75,8 +75,8 @@ def held_out_study(cfg: Config, specs, dataset: str) -> dict:
           f"FLOPs "
           f"{_pct(comparison['separate_top1_at_equal_flops'])}, first matched the auto-decoded accuracy after "
           f"{_sci(comparison['separate_flops_to_equal_top1'])} FLOPs; FLOPs ratio separate / auto-decoding: training "
-          f"only x{comparison['flops_ratio']:.1f}, with each side's encoder forwards "
-          f"x{comparison['flops_ratio_with_embed']:.1f}")
+          f"only {_times(comparison['flops_ratio'])}, with each side's encoder forwards "
+          f"{_times(comparison['flops_ratio_with_embed'])}")
     return {"encoder": held.name, **comparison}
 
 
@@ -115,6 +115,10 @@ def validated_lines(v: dict) -> str:
             f"{_pct(v['autodecode_test_top1_at_separate_best_flops'])}; the separate connector reached the "
             f"auto-decoded validation accuracy after {_sci(v['separate_flops_to_autodecode_accuracy'])} FLOPs"
             + ("" if ratio is None else f" (x{ratio:.2f} of the auto-decoding's)"))
+
+
+def _times(x: float | None) -> str:
+    return "n/a (no decoding steps)" if x is None else f"x{x:.1f}"
 
 
 def _pct(x: float | None) -> str:

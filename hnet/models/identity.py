@@ -52,10 +52,12 @@ def identity_changes(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
-def _weights_identity(spec: EncoderSpec) -> str:
+def _weights_identity(spec: EncoderSpec) -> str | None:
+    """None when a weights file is gone: its cached features (if any) can be used but not checked."""
     if spec.weights in ("random", "pretrained"):
         return f"{spec.weights}:{spec.model_name}"
-    return f"file:{file_digest(Path(spec.weights))}"
+    path = Path(spec.weights)
+    return f"file:{file_digest(path)}" if path.is_file() else None
 
 
 def _jsonable(config: dict) -> dict:

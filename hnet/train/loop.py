@@ -10,6 +10,7 @@ vector trains while the hypernetwork stays bit-identical. Batch order and pair c
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -119,7 +120,9 @@ def fit(plan: Plan, accelerator: Accelerator, ledger: FlopsLedger | None = None)
     tick, samples, skipped_total = time.perf_counter(), 0, 0
     if plan.probe is not None and plan.probe_at_start and start == 0:
         plan.probe(0, loss, ledger)
-    with StopFlag() as stop:
+    # a run checkpoints and stops cleanly on SIGTERM/SIGINT; a plan without a run dir (auto-decoding, fine-tuning)
+    # has nothing to resume from, so a signal interrupts it before anything is written
+    with StopFlag() if plan.run is not None else contextlib.nullcontext(StopFlag()) as stop:
         for step in bar:
             log = bool(plan.log_every) and ((step + 1) % plan.log_every == 0 or step + 1 == plan.steps)
             loss, stopped, grad_norm, layer_norms, skipped = _one_step(plan, accelerator, model, optimizer, scheduler,
