@@ -6,20 +6,15 @@ clear line before anything is written.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad config value, key or path; the message names the field."""
-
+from hnet.typed_yaml import ConfigError as ConfigError  # raised by the binding; every module imports it from here
+from hnet.typed_yaml import build, merge, parse_overrides, suggest
 
 NAMED_DATASETS = ("demo", "cifar10", "cifar100", "imagenet")
 RECALL_KS = (1, 5, 10)  # retrieval reports R@K at these K
@@ -37,7 +32,7 @@ def parse_dataset_spec(spec: str, where: str) -> tuple[str, str]:
     name, path = name.strip(), path.strip()
     if not sep:
         if name not in NAMED_DATASETS:
-            raise ConfigError(f"{where}: unknown dataset '{name}'{_suggest(name, NAMED_DATASETS)}; give NAME=PATH "
+            raise ConfigError(f"{where}: unknown dataset '{name}'{suggest(name, NAMED_DATASETS)}; give NAME=PATH "
                               f"for a data set folder (known names: {', '.join(NAMED_DATASETS)})")
         return name, ""
     if not DATASET_NAME.fullmatch(name) or name == "demo":
@@ -206,106 +201,6 @@ CHOICES = {
 }
 
 
-def _suggest(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check/convert a YAML value to the dataclass field type; raise ConfigError naming `where`."""
-    if tp is Any:
-        return value
-    origin = typing.get_origin(tp)
-    if origin is list:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{where}: unsupported union type")  # not used by any field
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if value is None:
-            return ""
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    raise ConfigError(f"{where}: unsupported type {tp}")
-
-
-def _build(cls, values: dict, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        where = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"unknown config key '{where}'{_suggest(key, names)}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-            kwargs[key] = _build(tp, value, f"{where}.")
-        else:
-            kwargs[key] = _coerce(value, tp, where)
-            choices = CHOICES.get(where)
-            if choices and kwargs[key] not in choices:
-                raise ConfigError(f"{where}: '{kwargs[key]}' is not one of {list(choices)}"
-                                  f"{_suggest(str(kwargs[key]), choices)}")
-    return cls(**kwargs)
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
-    node[parts[-1]] = value
-
-
-def parse_overrides(items: list[str]) -> dict:
-    tree: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}': expected key=value, e.g. train.lr=1e-3")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
-        _set_dotted(tree, key.strip(), value)
-    return tree
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **fixed) -> Config:
     """Load YAML (if given), apply `key=value` overrides, then `fixed` top-level values (e.g. method=...)."""
     tree: dict = {}
@@ -319,9 +214,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"--config {path}: not valid YAML: {err}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"--config {path}: expected a mapping at top level")
-    tree = _merge(tree, parse_overrides(overrides or []))
+    tree = merge(tree, parse_overrides(overrides or []))
     tree.update({k: v for k, v in fixed.items() if v is not None})
-    cfg = _build(Config, tree)
+    cfg = build(Config, tree, CHOICES)
     _validate(cfg)
     return cfg
 
