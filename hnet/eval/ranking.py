@@ -76,6 +76,11 @@ def halves_top1(hits: np.ndarray) -> dict[str, float]:
     return {"all": float(hits.mean() * 100), "val": float(hits[a].mean() * 100), "test": float(hits[b].mean() * 100)}
 
 
+def mean_halves(halves: list[dict[str, float]]) -> dict[str, float]:
+    """The mean over pairs of their `halves_top1` figures."""
+    return {half: sum(h[half] for h in halves) / len(halves) for half in ("all", "val", "test")}
+
+
 def _scores(hits: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Top-1 (%) of every pair (rows of `hits` [pairs, images]) under image weights (counts of a resample)."""
     return hits @ weights / weights.sum() * 100

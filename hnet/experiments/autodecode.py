@@ -30,7 +30,7 @@ from hnet.data.cache import CachedFeatures, CacheError, cached_name, open_traini
 from hnet.data.features import FeatureBatches, PrefixFeatures, first_samples_cache
 from hnet.data.sources import prepare_shards, shard_units
 from hnet.distributed import default_accelerator
-from hnet.eval.ranking import halves_top1
+from hnet.eval.ranking import halves_top1, mean_halves
 from hnet.eval.zeroshot import ZeroShotProbe
 from hnet.flops import (
     FlopsLedger,
@@ -189,10 +189,10 @@ def _curve_probe(probe: ZeroShotProbe, model: StitchModel, pairs: np.ndarray, ke
         probe.charge_heads(ledger, model, key, len(pairs))
         halves = [halves_top1(h) for h in probe.pair_hits(model, pairs)]
         scores = dict(zip([labels[p] for p in pairs], [h["all"] for h in halves]))
-        mean = lambda half: sum(h[half] for h in halves) / len(halves)
+        mean = mean_halves(halves)
         extra = {"loss": float(loss)} if step else {}
         curve.append({"step": step, "flops": step * step_flops, "samples": step * batch,
-                      "top1": sum(scores.values()) / len(scores), "top1_val": mean("val"), "top1_test": mean("test"),
+                      "top1": sum(scores.values()) / len(scores), "top1_val": mean["val"], "top1_test": mean["test"],
                       "pairs_top1": scores, **extra})
         return {}
     return point

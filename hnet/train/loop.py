@@ -27,7 +27,7 @@ from hnet.config import Config
 from hnet.data.cache import open_training_cache
 from hnet.data.features import FeatureBatches, Prefetcher
 from hnet.distributed import StopFlag, make_accelerator, step_all_reduce
-from hnet.eval.ranking import halves_top1
+from hnet.eval.ranking import halves_top1, mean_halves
 from hnet.eval.zeroshot import ZeroShotProbe
 from hnet.flops import FlopsLedger, train_step_flops
 from hnet.models.encoders import read_encoder_list
@@ -114,6 +114,8 @@ def fit(plan: Plan, accelerator: Accelerator, ledger: FlopsLedger | None = None)
     accum = plan.grad_accum
     feed = Prefetcher(plan.data, lambda micro: plan.encoders(plan.drawn((micro - plan.first_micro_step) // accum)))
     draws = draw_counts(len(plan.pairs), plan.pairs_per_step, plan.seed, start)
+    labels = raw.labels()
+    names = [labels[p] for p in plan.pairs]  # the ledger's keys for the draw counts, named once
     bar = tqdm(range(start, plan.steps), initial=start, total=plan.steps, desc=plan.desc,
                disable=not accelerator.is_main_process)
     last, stopped, loss = {}, False, float("nan")
@@ -130,7 +132,7 @@ def fit(plan: Plan, accelerator: Accelerator, ledger: FlopsLedger | None = None)
             draws[encoder_subset(step, len(plan.pairs), plan.pairs_per_step, plan.seed)] += 1
             skipped_total += skipped
             samples += plan.data.batch_size * accum
-            _charge_step(plan, ledger, draws)
+            _charge_step(plan, ledger, draws, names)
             done = step + 1
             row = {}
             if log or skipped:
@@ -158,14 +160,14 @@ def fit(plan: Plan, accelerator: Accelerator, ledger: FlopsLedger | None = None)
             "optimized": [name for name, p in raw.named_parameters() if id(p) in held]}
 
 
-def _charge_step(plan: Plan, ledger: FlopsLedger, draws: np.ndarray) -> None:
+def _charge_step(plan: Plan, ledger: FlopsLedger, draws: np.ndarray, names: list[str]) -> None:
+    """One step's FLOPs; a run's ledger also keeps how often each of its pairs (`names`) was drawn."""
     flops, samples = plan.step_flops["total"] * plan.grad_accum, plan.data.batch_size * plan.grad_accum
     if plan.ledger_key:
         ledger.charge(plan.phase, plan.ledger_key, flops, steps=1, samples=samples, per_step=plan.step_flops["total"])
         return
-    labels = plan.model.labels()
     ledger.add(plan.phase, flops, steps=1, samples=samples,
-               parts=plan.step_flops | {"encoder_draws": dict(zip([labels[p] for p in plan.pairs], draws.tolist()))})
+               parts=plan.step_flops | {"encoder_draws": dict(zip(names, draws.tolist()))})
 
 
 def _record(plan: Plan, accelerator: Accelerator, row: dict, step: int) -> None:
@@ -272,9 +274,8 @@ def _run_probe(probe: ZeroShotProbe, model: StitchModel):
     def scores(step: int, loss: float, ledger: FlopsLedger) -> dict:
         measured = {n: probe.metrics(model, i, per_image=True) for i, n in enumerate(labels)}
         probe.charge_heads(ledger, model, f"train_probe/{probe.key}", len(labels))
-        halves = [halves_top1(measured[n]["hits"]) for n in trained]
-        mean = lambda half: sum(h[half] for h in halves) / len(halves)
+        mean = mean_halves([halves_top1(measured[n]["hits"]) for n in trained])
         return {"zeroshot_top1": sum(measured[n]["top1"] for n in trained) / len(trained),
-                "zeroshot_top1_val": mean("val"), "zeroshot_top1_test": mean("test"),
+                "zeroshot_top1_val": mean["val"], "zeroshot_top1_test": mean["test"],
                 **{f"zeroshot_top1/{n}": m["top1"] for n, m in measured.items()}}
     return scores
