@@ -56,6 +56,7 @@ class DataConfig:
     embed_batch_size: int = 64
     num_workers: int = 0
     shuffle_pairs: bool = False  # control run: captions shuffled against images
+    captions: str = "all"  # images with several captions: all (one drawn per step) | first (only the first)
     samples_per_encoder: int = 0  # >0: embed and train on only the first N pairs (a search budget)
 
 
@@ -152,7 +153,9 @@ class Config:
     encoders: Any = field(default_factory=list)  # list of names/dicts, or a path to configs/encoders/*.yaml
     image_weights: str = "pretrained"  # pretrained | random; per-encoder `weights:` overrides
     text_encoder: str = "all-MiniLM-L6-v2"  # the one-element case of `text_encoders`
-    text_encoders: list[str] = field(default_factory=list)  # several: every (image, text) pair is stitched
+    # several: every (image, text) pair is stitched; an entry is a name (hub name, options after @) or
+    # {name: NAME, path: DIR}, a local sentence-transformers folder known by NAME (a hub name and its copy are one)
+    text_encoders: list[Any] = field(default_factory=list)
     held_out: str = ""  # pipeline: an encoder of `encoders` left out of the hypernetwork and auto-decoded after
     held_out_pairs: list[str] = field(default_factory=list)  # "IMAGE + TEXT" pairs the hypernetwork never trains
     method: str = "hypernet"  # hypernet | separate (set by the script)
@@ -171,8 +174,8 @@ class Config:
 
     @property
     def texts(self) -> list[str]:
-        """The run's text encoders: `text_encoders`, else the one `text_encoder`."""
-        return list(self.text_encoders) or [self.text_encoder]
+        """The run's text encoders' names: `text_encoders`, else the one `text_encoder`."""
+        return [text_entry_name(t) for t in self.text_encoders] or [self.text_encoder]
 
     @property
     def cache_root(self) -> Path:
@@ -188,6 +191,7 @@ class Config:
 
 CHOICES = {
     "data.source": ("demo", "cc595k"),
+    "data.captions": ("all", "first"),
     "connector.kind": ("linear", "mlp"),
     "connector.direction": ("image_to_text", "text_to_image"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
@@ -245,18 +249,49 @@ def _validate(cfg: Config) -> None:
     _validate_eval(cfg.eval)
 
 
+# Local text-encoder folders by name (`text_encoders: [{name, path}]`), for the process: every place that loads a
+# text encoder by name (training, evaluation, FLOPs, identity) finds the folder here, as it finds a hub name's copy.
+TEXT_FOLDERS: dict[str, str] = {}
+
+
+def text_entry_name(entry: Any) -> str:
+    return str(entry["name"]) if isinstance(entry, dict) else str(entry)
+
+
+def register_text_folders(entries: list, where: str = "text_encoders") -> None:
+    """Record the `{name, path}` entries' folders (path: a folder, `~` expanded) under their names."""
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            continue
+        unknown = sorted(set(entry) - {"name", "path"})
+        if "name" not in entry or "path" not in entry or unknown:
+            raise ConfigError(f"{where}[{i}]: expected {{name, path}}, got keys {sorted(entry)}")
+        folder = Path(str(entry["path"])).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(f"{where}[{i}].path: folder not found: {folder} (text encoder '{entry['name']}')")
+        name = str(entry["name"])
+        if "@" in name:  # options apply to a name (NAME@layers=3 finds NAME's folder)
+            raise ConfigError(f"{where}[{i}].name: '{name}': name the folder without options, and list "
+                              f"'{name}' as a further text encoder")
+        if TEXT_FOLDERS.get(name, str(folder)) != str(folder):
+            raise ConfigError(f"{where}[{i}].path: '{name}' is already the folder {TEXT_FOLDERS[name]}, not {folder}")
+        TEXT_FOLDERS[name] = str(folder)
+
+
 def _validate_texts(cfg: Config) -> None:
-    twice = sorted({t for t in cfg.text_encoders if cfg.text_encoders.count(t) > 1})
+    names = cfg.texts if cfg.text_encoders else []
+    twice = sorted({t for t in names if names.count(t) > 1})
     if twice:
         raise ConfigError(f"text_encoders: listed twice: {twice}")
     default = Config.text_encoder
-    if cfg.text_encoders and cfg.text_encoder not in (default, *cfg.text_encoders):
-        raise ConfigError(f"text_encoder: '{cfg.text_encoder}' is not one of text_encoders {cfg.text_encoders}; set "
+    if names and cfg.text_encoder not in (default, *names):
+        raise ConfigError(f"text_encoder: '{cfg.text_encoder}' is not one of text_encoders {names}; set "
                           f"one of the two (text_encoders wins)")
-    for i, name in enumerate(cfg.text_encoders):
+    for i, name in enumerate(names):
         if "=" in name and "@" not in name:
             raise ConfigError(f"text_encoders[{i}]: '{name}' is an option without its encoder: a list split it off "
                               f"at a comma; quote specs with several options, e.g. [\"A@layers=3,pool=cls\"]")
+    register_text_folders(cfg.text_encoders)
 
 
 def _validate_eval(ev: EvalConfig) -> None:

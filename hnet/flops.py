@@ -195,12 +195,12 @@ def proxy_flops(name: str, n: int, d: int, t: int) -> float:
 
 
 def grid_search_cost(cfg: Config, meta: dict, count: int, text_flops_per_sample: float, steps: int,
-                     world: int = 1, local: bool = False) -> dict:
+                     world: int = 1, local: bool = False, captions: int | None = None) -> dict:
     """FLOPs of training one separate connector per encoder pair of `meta` (a model.json: image_encoders,
     image_widths, text_widths, pairs) for `steps` steps at cfg.train's settings (batch: search.grid_batch_size when
     set) over `count` samples on `world` ranks (`local`: local_loss), counted as the ledger counts a run, and of
     embedding those samples with every image encoder and every text encoder (`text_flops_per_sample`: all text
-    encoders together, per caption)."""
+    encoders together, per caption; `captions`: how many the samples have, default one each)."""
     c, names, widths = cfg.connector, meta["image_encoders"], meta["image_widths"]
     shape = ConnectorShape(c.kind, c.direction, max(widths), max(meta["text_widths"]), c.depth, c.hidden)
     pairs = Pairs.from_list(meta["pairs"])
@@ -208,7 +208,7 @@ def grid_search_cost(cfg: Config, meta: dict, count: int, text_flops_per_sample:
         model = StitchModel("separate", shape, widths, HypernetConfig(), text_widths=meta["text_widths"], pairs=pairs)
     batch = grid_batch_size(cfg)
     per_step = train_step_flops(model, len(pairs), batch, world=world, local=local)["total"] * cfg.train.grad_accum
-    embed = sum(forward_flops(n, count) for n in names) + count * text_flops_per_sample
+    embed = sum(forward_flops(n, count) for n in names) + (captions or count) * text_flops_per_sample
     return {"steps": steps, "batch": batch, "samples": count, "train": per_step * steps, "embed": embed}
 
 
@@ -252,12 +252,14 @@ def record_cache_flops(root: Path, manifest: dict, units: list[Unit], names: lis
 
 
 def embedding_flops(manifest: dict, cfg: Config) -> tuple[float, int, dict]:
-    """One-time embedding cost of this run's image encoders + every text encoder over the cached samples:
-    (flops, samples, parts)."""
-    names = [s.name for s in read_encoder_list(cfg.encoders, cfg.image_weights)] + [text_key(t) for t in cfg.texts]
-    count = manifest["count"]
-    parts = {name: manifest["flops_per_sample"][name] * count for name in names}
-    return sum(parts.values()), count, parts
+    """One-time embedding cost of this run's image encoders (per image) + every text encoder (per caption: all of an
+    image's captions, or only its first with data.captions=first) over the cached samples: (flops, images, parts)."""
+    images = manifest["count"]
+    captions = int(manifest.get("caption_count", images)) if cfg.data.captions == "all" else images
+    parts = {s.name: manifest["flops_per_sample"][s.name] * images
+             for s in read_encoder_list(cfg.encoders, cfg.image_weights)}
+    parts |= {text_key(t): manifest["flops_per_sample"][text_key(t)] * captions for t in cfg.texts}
+    return sum(parts.values()), images, parts
 
 
 # ---------------------------------------------------------------- the ledger

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from hnet import files, runs
-from hnet.config import RECALL_KS
+from hnet.config import RECALL_KS, text_entry_name
 
 
 def _sci(x: float | None) -> str:
@@ -29,7 +29,7 @@ def run_row(run_dir: str | Path) -> dict:
     metrics = files.read_jsonl(run_dir / runs.METRICS)
     train_flops = phases["train"]["flops"] + phases["autodecode"]["flops"]
     row = {"run": run_dir.name, "method": cfg["method"], "encoders": len(meta["names"]),
-           "text_encoder": ", ".join(cfg.get("text_encoders") or [cfg["text_encoder"]]),
+           "text_encoder": ", ".join(map(text_entry_name, cfg.get("text_encoders") or [cfg["text_encoder"]])),
            "connector": f"{cfg['connector']['kind']} {cfg['connector']['direction']}",
            "batch": cfg["train"]["batch_size"], "steps": phases["train"]["steps"],
            "epochs": round(metrics[-1]["epoch"], 2) if metrics else 0,

@@ -8,7 +8,10 @@ Layout of a cache folder:
     <slug>.f16.npy       float16 [count, width] per image encoder (np.load(..., mmap_mode="r")), and per text
                          encoder its caption embeddings under the name `text:NAME` (training caches; caches from
                          before several text encoders hold one `text` array + manifest `text_encoder`)
-    labels.npy           int64 class labels (zero-shot caches)
+    labels.i64.npy       int64 class labels (zero-shot caches)
+    caption_counts.i64.npy  int64 [count]: how many captions each image has. Text arrays hold one row per caption
+                         (manifest `caption_count` rows), image i's captions at rows offsets[i] .. offsets[i+1]-1;
+                         without this file, caption i belongs to image i
     parts/<unit>/        per-unit results of an unfinished pass (resume point), removed once consolidated
 
 Each unit (a shard, or a chunk of an image folder) is written atomically with a `done.json` marker, so a killed
@@ -37,6 +40,8 @@ from hnet import files
 from hnet.files import MANIFEST, slug
 from hnet.models.encoders import TEXT_PREFIX, text_key
 
+CAPTION_COUNTS = "caption_counts"
+INT_ARRAYS = ("labels", CAPTION_COUNTS)
 TEXT = "text"  # the one text array of a cache written before text encoders had names in it
 
 
@@ -88,8 +93,20 @@ def consolidate(root: Path, units: list[Unit], widths: dict[str, int], has_label
     arrays = dict(widths)
     if has_labels:
         arrays["labels"] = 0
+    texts = [n for n in widths if n.startswith(TEXT_PREFIX)]
+    if texts:
+        arrays[CAPTION_COUNTS] = 0
+        counts = [np.load(parts / u.name / f"{CAPTION_COUNTS}.npy") for u in units]
+        captions = int(sum(c.sum() for c in counts))
+        cached_texts = any(n.startswith(TEXT_PREFIX) or n == TEXT for n in manifest["encoders"])
+        before = manifest.get("caption_count", len(keys) if cached_texts else captions)
+        if before != captions:
+            raise CacheError(f"{root}/{MANIFEST}: the data now have {captions} captions where the cached text "
+                             f"features have {before}; embed the captions into a new cache")
+        manifest["caption_count"] = captions
     for name, width in arrays.items():
-        manifest["encoders"][name] = _concat_parts(root, parts, units, name, width, len(keys))
+        rows = manifest["caption_count"] if name.startswith(TEXT_PREFIX) else len(keys)
+        manifest["encoders"][name] = _concat_parts(root, parts, units, name, width, rows)
     manifest["units"] = [u.name for u in units]
     manifest["skipped_samples"] = skipped  # bad samples the reader skipped, per unit
     files.write_json(root / "keys.json", keys)
@@ -99,11 +116,11 @@ def consolidate(root: Path, units: list[Unit], widths: dict[str, int], has_label
 
 
 def _concat_parts(root: Path, parts: Path, units: list[Unit], name: str, width: int, count: int) -> dict:
-    labels = name == "labels"
-    file = root / f"{slug(name)}.{'i64' if labels else 'f16'}.npy"
+    integers = name in INT_ARRAYS
+    file = root / f"{slug(name)}.{'i64' if integers else 'f16'}.npy"
     chunks = (np.load(parts / u.name / f"{slug(name)}.npy") for u in units)
-    return write_array(file, (c for c in chunks if len(c)), np.int64 if labels else np.float16,
-                       (count,) if labels else (count, width))
+    return write_array(file, (c for c in chunks if len(c)), np.int64 if integers else np.float16,
+                       (count,) if integers else (count, width))
 
 
 def write_array(file: Path, chunks: Iterable[np.ndarray], dtype, shape: tuple[int, ...]) -> dict:
@@ -142,19 +159,29 @@ def _read_manifest(root: Path) -> dict | None:
 
 
 def write_cache(root: str | Path, keys: list[str], arrays: dict[str, np.ndarray | Iterable[np.ndarray]],
-                text_encoder: str | None = None) -> dict:
+                text_encoder: str | None = None, caption_counts: np.ndarray | None = None) -> dict:
     """Write ready-made feature arrays as a cache (synthetic data for tests and benchmarks). A value is an array
-    or an iterable of [rows, width] chunks, written as they come (for caches larger than memory)."""
+    or an iterable of [rows, width] chunks, written as they come (for caches larger than memory). With
+    `caption_counts` (captions per image), text arrays hold sum(caption_counts) rows."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     manifest = {"count": len(keys), "keys_sha256": keys_digest(keys), "encoders": {}, "text_encoder": text_encoder}
+    captions = len(keys)
+    if caption_counts is not None:
+        counts = np.asarray(caption_counts, np.int64)
+        if counts.shape != (len(keys),) or counts.min(initial=1) < 1:
+            raise CacheError(f"{root}: caption_counts needs one count >= 1 per key")
+        manifest["encoders"][CAPTION_COUNTS] = write_array(root / f"{CAPTION_COUNTS}.i64.npy", [counts], np.int64,
+                                                           counts.shape)
+        captions = manifest["caption_count"] = int(counts.sum())
     for name, array in arrays.items():
         chunks = iter([array] if isinstance(array, np.ndarray) else array)
         first = next(chunks, None)
         if first is None:
             raise CacheError(f"{root}: '{name}' has no rows")
+        rows = captions if name.startswith(TEXT_PREFIX) or name == TEXT else len(keys)
         manifest["encoders"][name] = write_array(root / f"{slug(name)}.f16.npy", itertools.chain([first], chunks),
-                                                 np.float16, (len(keys), first.shape[1]))
+                                                 np.float16, (rows, first.shape[1]))
     files.write_json(root / "keys.json", keys)
     files.write_json(root / MANIFEST, manifest)
     return manifest
@@ -225,9 +252,20 @@ class CachedFeatures:
         if self.verify:
             _check_file(path, entry, full=self.verify == "full")
         array = np.load(path, mmap_mode="r")
-        if array.shape[0] != self.count:
-            raise CacheError(f"{path}: {array.shape[0]} rows but the manifest says {self.count}")
+        rows = self.caption_rows if name.startswith(TEXT_PREFIX) or key == TEXT else self.count
+        if array.shape[0] != rows:
+            raise CacheError(f"{path}: {array.shape[0]} rows but the manifest says {rows}")
         return array
+
+    @property
+    def caption_rows(self) -> int:
+        return int(self.manifest.get("caption_count", self.count))
+
+    def caption_counts(self) -> np.ndarray:
+        """Captions per image (int64 [count]); ones for a cache with one caption per image."""
+        if CAPTION_COUNTS not in self.manifest["encoders"]:
+            return np.ones(self.count, np.int64)
+        return np.asarray(self[CAPTION_COUNTS], np.int64)
 
     def width(self, name: str) -> int:
         return int(self.manifest["encoders"][cached_name(self.manifest, name)]["width"])

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from hnet import files
-from hnet.data.cache import Unit, _read_manifest, cached_name, consolidate
+from hnet.data.cache import CAPTION_COUNTS, Unit, _read_manifest, cached_name, consolidate
 from hnet.files import MANIFEST, slug
 from hnet.models.encoders import EncoderSpec, ImageEncoder, TextEncoder, text_key
 from hnet.models.identity import identity_changes, identity_digest, image_identity, text_identity
@@ -101,8 +101,10 @@ class _UnitDataset(IterableDataset):
     @staticmethod
     def _header(unit: str, batch: list[dict]) -> dict:
         out = {"unit": unit, "end": False, "keys": [s["key"] for s in batch], "images": {}}
-        if "caption" in batch[0]:
-            out["captions"] = [s["caption"] for s in batch]
+        if "caption" in batch[0]:  # every caption of every image, flat, and how many each image has
+            captions = [s.get("captions") or [s["caption"]] for s in batch]
+            out["captions"] = [c for caps in captions for c in caps]
+            out["caption_counts"] = torch.tensor([len(caps) for caps in captions])
         if "label" in batch[0]:
             out["labels"] = torch.tensor([s["label"] for s in batch])
         return out
@@ -153,7 +155,8 @@ def embed_pass(root: Path, units: list[Unit], encoders: dict[str, ImageEncoder],
     killed pass while every other rank waits, so no rank can delete a file another rank is writing.
     """
     texts = texts or {}
-    names = list(encoders) + [text_key(t) for t in texts] + (["labels"] if has_labels else [])
+    names = list(encoders) + [text_key(t) for t in texts] + ([CAPTION_COUNTS] if texts else []) \
+        + (["labels"] if has_labels else [])
     parts = root / "parts"
     _clean_temps(parts, rank, world, barrier)
     mine = units[rank::world]
@@ -206,9 +209,10 @@ def _embed_item(item: dict, buf: _UnitBuffer, encoders: dict[str, ImageEncoder],
             with _autocast(device):
                 feats = encoders[name](images)
             buf.add(name, feats.half().cpu().numpy())
-    if "captions" in item:
+    if "captions" in item and texts:
         for name, text in texts.items():
             buf.add(text_key(name), text.encode(item["captions"]).half().numpy())
+        buf.add(CAPTION_COUNTS, item["caption_counts"].numpy())
     if "labels" in item:
         buf.add("labels", item["labels"].numpy())
 

@@ -1,8 +1,11 @@
-"""Training batches from the memory-mapped embedding cache: shuffled indices, image features padded to the widest
-image encoder, caption embeddings to the widest text encoder.
+"""Training batches from the memory-mapped embedding cache: shuffled images, image features padded to the widest
+image encoder, caption embeddings to the widest text encoder. An image with several captions contributes one of them
+per step, drawn afresh every step (an epoch is a pass over images, so no batch holds two captions of one image as
+each other's negatives).
 
 Memory stays flat with the data set size: only the rows of the current batch are read from the memmaps.
-The batch order is a pure function of (seed, micro-step), so a resumed run sees exactly the same batches.
+The batch order and the caption draws are pure functions of (seed, micro-step), so a resumed run sees exactly the
+same batches.
 """
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ from hnet.models.encoders import text_key
 class FeatureBatches:
     def __init__(self, cache: CachedFeatures, names: list[str], texts: list[str], batch_size: int, seed: int = 0,
                  shuffle_pairs: bool = False, overfit_batches: int = 0, rank: int = 0, world: int = 1,
-                 pad_to: tuple[int, int] | None = None):
-        """`pad_to`: (D_max, T_max) of a model whose encoders are more than these (default: these' widest)."""
+                 pad_to: tuple[int, int] | None = None, captions: str = "all"):
+        """`pad_to`: (D_max, T_max) of a model whose encoders are more than these (default: these' widest).
+        `captions`: "all" (one of each image's captions per step) or "first" (always its first caption)."""
         self.images = [cache[n] for n in names]
         self.widths = [cache.width(n) for n in names]
         self.texts = [cache[text_key(t)] for t in texts]
@@ -38,6 +42,11 @@ class FeatureBatches:
         self.pad_to = pad_to or (max(self.widths), max(self.text_widths))
         # control run: every image keeps one fixed, wrong caption (a derangement-like permutation)
         self.text_rows = np.random.default_rng(seed + 7).permutation(self.count) if shuffle_pairs else None
+        if captions not in ("all", "first"):
+            raise ConfigError(f"data.captions: expected all or first, got {captions!r}")
+        counts = cache.caption_counts()[: self.count]
+        self.caption_counts = counts if captions == "all" else np.ones_like(counts)
+        self.caption_offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         self._perm_epoch, self._perm = -1, None
 
     @property
@@ -54,26 +63,44 @@ class FeatureBatches:
             self._perm_epoch = epoch
         return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
 
+    def caption_rows(self, micro_step: int, images: np.ndarray) -> np.ndarray:
+        """The caption row drawn for each image of a micro-step's global batch (`images` in batch order): uniform
+        over that image's captions, seeded by (seed, micro-step) and the position in the batch, so every rank
+        draws the same captions whatever its share."""
+        if self.overfit_batches:
+            micro_step %= self.overfit_batches
+        counts = self.caption_counts[images]
+        if counts.max(initial=1) == 1:
+            return self.caption_offsets[images]
+        draws = np.random.default_rng([self.seed, micro_step, 1]).integers(0, 1 << 62, len(images), dtype=np.int64)
+        return self.caption_offsets[images] + draws % counts
+
     def batch(self, micro_step: int, encoders: np.ndarray,
               texts: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share: image features [n_enc, B_local, D_max] of image encoders `encoders`, caption
         embeddings [n_text, B_local, T_max] of text encoders `texts` (default: the first), zero-padded."""
         local = self.batch_size // self.world
-        rows = self.indices(micro_step)[self.rank * local:(self.rank + 1) * local]
-        order = np.argsort(rows)  # read memmaps in file order, then restore the batch order
-        sorted_rows = rows[order]
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
+        share = slice(self.rank * local, (self.rank + 1) * local)
+        batch_rows = self.indices(micro_step)
+        partners = batch_rows if self.text_rows is None else self.text_rows[batch_rows]
+        rows, text_rows = batch_rows[share], self.caption_rows(micro_step, partners)[share]
         d_max, t_max = self.pad_to
         image = np.zeros((len(encoders), local, d_max), np.float32)
         for slot, e in enumerate(encoders):
-            image[slot, :, : self.widths[e]] = self.images[e][sorted_rows][inverse]
-        text_rows = sorted_rows if self.text_rows is None else self.text_rows[sorted_rows]
+            image[slot, :, : self.widths[e]] = _gather(self.images[e], rows)
         texts = np.zeros(1, np.int64) if texts is None else texts
         text = np.zeros((len(texts), local, t_max), np.float32)
         for slot, t in enumerate(texts):
-            text[slot, :, : self.text_widths[t]] = self.texts[t][text_rows][inverse]
+            text[slot, :, : self.text_widths[t]] = _gather(self.texts[t], text_rows)
         return torch.from_numpy(image), torch.from_numpy(text)
+
+
+def _gather(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """array[rows], reading a memmap in file order, then restoring the order of `rows`."""
+    order = np.argsort(rows, kind="stable")
+    out = np.empty((len(rows), *array.shape[1:]), array.dtype)
+    out[order] = array[rows[order]]
+    return out
 
 
 class Prefetcher:
@@ -104,6 +131,13 @@ class PrefixFeatures:
         self.count = count
         self.arrays = {name: cache[name] for name, cache in sources.items()}  # only rows < count are ever read
         self.widths = {name: cache.width(name) for name, cache in sources.items()}
+        counts = {name: tuple(cache.caption_counts()[:count]) for name, cache in sources.items()}
+        if len(set(counts.values())) > 1:
+            raise CacheError(f"{sorted(counts)}: these caches hold different captions for the same samples")
+        self._caption_counts = next(iter(sources.values())).caption_counts()[:count]
+
+    def caption_counts(self) -> np.ndarray:
+        return self._caption_counts
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.arrays[name]

@@ -36,7 +36,9 @@ def _caption_from_chat(record: dict) -> str:
 
 
 def load_metadata(path: str | Path) -> list[dict]:
-    """Read `metadata.json` (list of {id, image, caption}) or `chat.json` (LLaVA conversations)."""
+    """Read `metadata.json` (list of {id, image, caption | captions}) or `chat.json` (LLaVA conversations) into one
+    record per image with every caption of it (`captions`): records naming the same image, as in a one-row-per-pair
+    file like `metadata_all_captions.json`, are grouped (id: the image's file stem), in order of first appearance."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--metadata: file not found: {path}")
@@ -46,14 +48,36 @@ def load_metadata(path: str | Path) -> list[dict]:
         raise DataError(f"--metadata {path}: not valid JSON ({err})") from None
     if not isinstance(records, list):
         raise DataError(f"--metadata {path}: expected a list of records")
-    out = []
+    by_image: dict[str, dict] = {}
     for i, rec in enumerate(records):
         if not isinstance(rec, dict) or "image" not in rec:
             raise DataError(f"--metadata {path}: record {i} has no 'image' field")
-        caption = rec["caption"] if "caption" in rec else _caption_from_chat(rec)
-        out.append({"id": str(rec.get("id", Path(rec["image"]).stem)), "image": rec["image"], "caption": caption,
-                    "meta": {k: v for k, v in rec.items() if k not in ("conversations",)}})
+        captions = _captions(rec, f"--metadata {path}: record {i}")
+        image = str(rec["image"])
+        if image in by_image:
+            grouped = by_image[image]
+            grouped["captions"] += captions
+            grouped["id"] = Path(image).stem
+            continue
+        meta = {k: v for k, v in rec.items() if k not in ("conversations", "captions")}
+        by_image[image] = {"id": str(rec.get("id", Path(image).stem)), "image": image, "captions": captions,
+                           "meta": meta}
+    out = list(by_image.values())
+    for rec in out:
+        rec["caption"] = rec["captions"][0] if rec["captions"] else ""
+        rec["meta"]["captions"] = rec["captions"]
     return out
+
+
+def _captions(rec: dict, where: str) -> list[str]:
+    """A record's non-empty captions: `captions` (a list), `caption`, or the first gpt turn of a conversation."""
+    if "captions" in rec:
+        if not isinstance(rec["captions"], list) or not all(isinstance(c, str) for c in rec["captions"]):
+            raise DataError(f"{where}: 'captions' must be a list of strings")
+        captions = rec["captions"]
+    else:
+        captions = [str(rec["caption"]) if "caption" in rec else _caption_from_chat(rec)]
+    return [c for c in captions if c.strip()]
 
 
 def sample_key(record_id: str) -> str:
@@ -106,6 +130,7 @@ def make_shards(metadata: str | Path, images: str | Path, out: str | Path, shard
         files.write_json(manifest_path, manifest)
     manifest["complete"] = True
     manifest["total"] = sum(s["count"] for s in manifest["shards"])
+    manifest["total_captions"] = sum(s.get("captions", s["count"]) for s in manifest["shards"])
     manifest["pattern"] = shard_pattern(out, len(manifest["shards"]))
     files.write_json(manifest_path, manifest)
     if manifest["skipped"]:
@@ -116,6 +141,7 @@ def make_shards(metadata: str | Path, images: str | Path, out: str | Path, shard
 def _write_one_shard(chunk: list[dict], index: int, images: Path, out: Path, seen: set, manifest: dict) -> dict:
     name = f"{index:06d}.tar"
     keys: list[str] = []
+    captions = 0
     with files.atomic_path(out / name) as tmp:
         with wds.TarWriter(str(tmp), mtime=0) as sink:  # reproducible bytes
             for rec in chunk:
@@ -131,9 +157,11 @@ def _write_one_shard(chunk: list[dict], index: int, images: Path, out: Path, see
                     continue
                 seen.add(key)
                 keys.append(key)
+                captions += len(rec["captions"])
+                # `txt`: the first caption (for other webdataset readers); `json` carries all of them
                 sink.write({"__key__": key, "jpg": _jpeg_bytes(data), "txt": rec["caption"],
                             "json": json.dumps(rec["meta"]).encode()})
-    manifest["shards"].append({"name": name, "count": len(keys)})
+    manifest["shards"].append({"name": name, "count": len(keys), "captions": captions})
     return manifest
 
 
@@ -167,18 +195,28 @@ class SkipCounter:
 
 
 def decode_sample(sample: dict) -> dict | None:
-    """Raw webdataset sample -> {key, image (PIL RGB), caption, url}; None when the image or caption is bad."""
+    """Raw webdataset sample -> {key, image (PIL RGB), caption, captions, url}: `captions` every caption of the image
+    (the `json` member's list, written by make_shards; else the one `txt`), `caption` the first; None when the
+    image or every caption is bad."""
     key, url = sample.get("__key__"), sample.get("__url__")
     try:
         image = Image.open(pyio.BytesIO(sample["jpg"])).convert("RGB")
-        caption = sample["txt"].decode("utf-8").strip()
+        captions = _sample_captions(sample)
     except Exception as err:
         warnings.warn(f"shard reader: bad sample {key} in {url}: {type(err).__name__}: {err}")
         return None
-    if not caption:
+    if not captions:
         warnings.warn(f"shard reader: empty caption for {key} in {url}")
         return None
-    return {"key": key, "image": image, "caption": caption, "url": url}
+    return {"key": key, "image": image, "caption": captions[0], "captions": captions, "url": url}
+
+
+def _sample_captions(sample: dict) -> list[str]:
+    listed = json.loads(sample["json"]).get("captions") if "json" in sample else None
+    if isinstance(listed, list) and listed:
+        return [str(c).strip() for c in listed if str(c).strip()]
+    caption = sample["txt"].decode("utf-8").strip()
+    return [caption] if caption else []
 
 
 def iter_shard(url: str, report_bad: bool = False) -> Iterator[dict]:

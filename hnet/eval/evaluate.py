@@ -7,9 +7,10 @@ from pathlib import Path
 from hnet import files, runs
 from hnet.config import Config
 from hnet.distributed import default_accelerator
-from hnet.eval.retrieval import evaluate_retrieval
+from hnet.eval.retrieval import evaluate_retrieval, retrieval_features
 from hnet.eval.zeroshot import ZeroShotProbe
 from hnet.flops import FlopsLedger
+from hnet.models.encoders import read_encoder_list
 from hnet.models.stitch import StitchModel
 from hnet.report import plot_reliability, write_reports
 from hnet.runs import load_model
@@ -46,6 +47,17 @@ def evaluate_run(cfg: Config, run_dir: Path, datasets: list[str], accelerator=No
         write_reports(run_dir, results)
     accelerator.wait_for_everyone()
     return results if main else files.read_json(run_dir / runs.EVAL)
+
+
+def embed_eval_sets(cfg: Config, accelerator=None) -> None:
+    """Embed every evaluation set of cfg (zero-shot images and class prompts, retrieval images and captions) with
+    every configured encoder ahead of the runs that read them (the one-time cost, resumable)."""
+    accelerator = accelerator or default_accelerator(cfg)
+    specs = read_encoder_list(cfg.encoders, cfg.image_weights)
+    for spec in cfg.eval.datasets:
+        ZeroShotProbe(cfg, spec, [s.name for s in specs], {s.name: s.weights for s in specs}, accelerator, cfg.texts)
+    if cfg.eval.retrieval:
+        retrieval_features(cfg, specs, cfg.texts, accelerator)
 
 
 def _score(probe: ZeroShotProbe, model: StitchModel, names: list[str], run_dir: Path, ledger: FlopsLedger) -> dict:

@@ -163,7 +163,14 @@ def _shard_features(cfg: Config, specs, texts: list[str], accelerator):
         return root, stats, None, None
     cache = CachedFeatures(root, [text_key(t) for t in texts])
     text = {t: torch.from_numpy(np.asarray(cache[text_key(t)], np.float32)) for t in texts}
-    return root, stats, text, torch.arange(cache.count)
+    return root, stats, text, torch.from_numpy(np.repeat(np.arange(cache.count), cache.caption_counts()))
+
+
+def retrieval_features(cfg: Config, specs, texts: list[str], accelerator=None):
+    """cfg.eval.retrieval's images embedded by `specs` and captions by `texts` (cached; reused after the first
+    call): (cache root, embedding stats, {text: [captions, T]} on the main process, caption -> image index)."""
+    features = _captions_features if cfg.eval.retrieval.endswith(".json") else _shard_features
+    return features(cfg, specs, texts, accelerator)
 
 
 def evaluate_retrieval(cfg: Config, model: StitchModel, names: list[str], weights: dict[str, str],
@@ -174,8 +181,7 @@ def evaluate_retrieval(cfg: Config, model: StitchModel, names: list[str], weight
     images = model.image_names
     specs = specs_for(images, weights, cfg.image_weights)
     is_file = cfg.eval.retrieval.endswith(".json")
-    features = _captions_features if is_file else _shard_features
-    root, stats, texts, text_image = features(cfg, specs, model.text_names, accelerator)
+    root, stats, texts, text_image = retrieval_features(cfg, specs, model.text_names, accelerator)
     if accelerator is not None and not accelerator.is_main_process:
         return {}
     device = model.log_scale.device

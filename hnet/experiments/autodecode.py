@@ -209,7 +209,8 @@ def _decode(cfg: Config, model: StitchModel, features: PrefixFeatures, probe: Ze
     vectors.requires_grad_(True)  # the parameter filter: only the new row is ever drawn (the others: untouched)
     images, texts = side.encoders()
     data = FeatureBatches(features, images, texts, ad.batch_size, cfg.train.seed, rank=accelerator.process_index,
-                          world=accelerator.num_processes, pad_to=(model.shape.image_width, model.shape.text_width))
+                          world=accelerator.num_processes, pad_to=(model.shape.image_width, model.shape.text_width),
+                          captions=cfg.data.captions)
     curve: list[dict] = []
     plan = Plan(decoding, data, steps, pairs, ad.lr, {"total": step_flops}, phase="autodecode",
                 ledger_key=f"decode/{side.name}", seed=cfg.train.seed, slots=_slots(decoding, side),
@@ -254,10 +255,11 @@ def decoding_features(cfg: Config, spec, side: Side, budget: int, train_cache: C
         per_caption = train_cache.manifest.get("flops_per_sample", {}).get(key) if cached else None
         if per_caption is None:
             per_caption = text_flops_per_caption(side.name, caption_sample(shard_units(prepare_shards(cfg))))
-        flops = per_caption * count
+        captions = int(features.caption_counts().sum()) if cfg.data.captions == "all" else count
+        flops = per_caption * captions
     else:
-        flops = forward_flops(side.name, count)
-    return features, {"samples": count, "flops": int(flops), "cached": cached}
+        captions, flops = 0, forward_flops(side.name, count)
+    return features, {"samples": count, "captions": captions, "flops": int(flops), "cached": cached}
 
 
 def finetune(cfg: Config, model: StitchModel, params, side: Side, names: list[str], features: PrefixFeatures,
@@ -273,7 +275,8 @@ def finetune(cfg: Config, model: StitchModel, params, side: Side, names: list[st
         widths, text_widths, cells = [side.width], side.partner_widths, [[0, p] for p in range(n)]
     connectors = model.separate_from(params, widths, text_widths, Pairs.from_list(cells), (images, texts))
     data = FeatureBatches(features, images, texts, ad.batch_size, cfg.train.seed, rank=accelerator.process_index,
-                          world=accelerator.num_processes, pad_to=(model.shape.image_width, model.shape.text_width))
+                          world=accelerator.num_processes, pad_to=(model.shape.image_width, model.shape.text_width),
+                          captions=cfg.data.captions)
     step_flops = finetune_step_flops(model.shape, n, ad.batch_size, accelerator.num_processes)
     plan = Plan(connectors, data, ad.finetune_steps, np.arange(n), ad.finetune_lr, {"total": step_flops},
                 phase="autodecode", ledger_key=f"finetune/{side.name}", seed=cfg.train.seed,

@@ -67,6 +67,16 @@ def training_sample_count(cfg: Config) -> int:
                       f"embed the full data once or make the shards with scripts/make_shards.py")
 
 
+def training_caption_count(cfg: Config, count: int) -> int:
+    """Captions of the whole training set (what a grid search embeds with each text encoder): from the full cache,
+    else the shards' manifest, else one per pair."""
+    manifest = cfg.cache_root / MANIFEST
+    if manifest.exists():
+        return int(files.read_json(manifest).get("caption_count", count))
+    shards = Path(prepare_shards(cfg)).parent / SHARDS_MANIFEST
+    return int(files.read_json(shards).get("total_captions", count)) if shards.exists() else count
+
+
 def grid_search_steps(cfg: Config, count: int) -> int:
     """Steps of each separate connector of a grid search at cfg.train's settings over `count` samples."""
     batch = grid_batch_size(cfg)
@@ -122,7 +132,7 @@ def run_search(cfg: Config, separate_runs: list[str | Path] | None = None) -> di
     text_flops = sum(manifest["flops_per_sample"][text_key(t)] for t in meta["text_encoders"])
     ran = files.read_json(search.run_dir / runs.FLOPS)["phases"]["train"]["parts"]  # at the search's world size
     grid = grid_search_cost(cfg, meta, count, text_flops, grid_search_steps(cfg, count), ran.get("world", 1),
-                            ran.get("local_loss", False))
+                            ran.get("local_loss", False), training_caption_count(cfg, count))
     # the same final evaluation (not the search run's mid-run probes, which a grid search need not run)
     grid["eval_heads"], grid["eval_embed"] = spent["final_eval_heads"], spent["eval_embed"]
     out = {"dataset": dataset, "run": str(search.run_dir), "budget": dataclasses.asdict(cfg.search),

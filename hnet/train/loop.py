@@ -240,7 +240,8 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
     names, weights = [s.name for s in specs], {s.name: s.weights for s in specs}
     cache = open_training_cache(cfg, names)
     data = FeatureBatches(cache, names, cfg.texts, cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle_pairs,
-                          cfg.train.overfit_batches, accelerator.process_index, accelerator.num_processes)
+                          cfg.train.overfit_batches, accelerator.process_index, accelerator.num_processes,
+                          captions=cfg.data.captions)
     model = build_model(cfg, names, data.widths, cfg.texts, data.text_widths)
     t, world = cfg.train, accelerator.num_processes
     steps = total_steps(cfg, data.steps_per_epoch)
