@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from hnet.report import agreement_markdown
+from hnet.report import agreement_markdown, pair_grid_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -71,7 +71,55 @@ def render_demo(r: dict) -> str:
     return "\n".join(lines)
 
 
-RENDER = {"demo": render_demo}
+def _gap(g: dict, what: str) -> str:
+    value = g.get("mean", g.get("gap"))
+    return f"{what}: {value:+.1f} points (95% CI [{g['ci'][0]:+.1f}, {g['ci'][1]:+.1f}])"
+
+
+def render_real_zoo(r: dict) -> str:
+    e = r["embedding"]
+    fmt = lambda x: "-" if x is None else f"{x:.1f}"
+    lines = ["| pair (image + text) | APE top-1 (mean +- sd over seeds) | hypernet top-1 | APE text->image R@5 | "
+             "hypernet text->image R@5 | APE first caption only, R@5 |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {p['pair']} | {p['ape_top1']:.1f} +- {p['ape_top1_sd']:.1f} | {fmt(p['hypernet_top1'])} | "
+              f"{p['ape_r5']:.1f} +- {p['ape_r5_sd']:.1f} | {fmt(p['hypernet_r5'])} | "
+              f"{fmt(p['ape_first_caption_r5'])} |"
+              for p in r["pairs"]]
+    c = r["control"]
+    lines += ["", f"Top-1: CIFAR-10 zero-shot ({r['ranking']['halves']['method'] * 2} class-balanced test images); "
+                  f"R@5: Flickr8k val, 1,000 images x 5 captions. APE: {len(r['ape_seeds'])} seeds. Chance "
+                  f"{c['chance']:.0f}%; the shuffled-caption control (hypernetwork) {c['shuffled_control']:.1f}%.", "",
+              "- " + _gap(r["all_captions_minus_first_r5"], "Training on all 5 captions instead of the first, APE, "
+                                                            "text->image R@5 (interval over the pairs)"),
+              "- " + _gap(r["hypernet_minus_ape_r5"], "Hypernetwork minus APE, text->image R@5, pairs it trained "
+                                                      "(interval over the pairs)"),
+              "- " + _gap(r["hypernet_minus_ape_top1"], "Hypernetwork minus APE, zero-shot top-1 (interval over "
+                                                        "images and APE seeds)"), "",
+              "N x M grid, zero-shot top-1 (hypernet / APE mean over seeds):", "", *pair_grid_markdown(**r["grid"]),
+              "", "Pair ranking, hypernetwork against APE from seeds it never used:", "",
+              *agreement_markdown(r["ranking"], "hypernet", "APE")]
+    held = r.get("held_out_image")
+    if held and "validated" in held:
+        a, b = held["validated"]["autodecode"], held["validated"]["separate_best"]
+        lines += ["", f"Auto-decoding the held-out image encoder `{held['encoder']}` (points chosen on validation "
+                      f"images, scored on test images): {a['top1_test']:.1f}% top-1 at {a['flops']:.3g} training "
+                      f"FLOPs; "
+                      f"its separate connector at its best stopping point {b['top1_test']:.1f}% at {b['flops']:.3g}; "
+                      f"with each side's encoder forwards the separate connector costs "
+                      f"x{held['flops_ratio_with_embed']:.2f} the auto-decoding."]
+    t = r["held_out_text"]
+    lines += ["", f"Auto-decoding the text encoder `{t['text_encoder']}` into a hypernetwork trained without it: "
+                  f"{t['decoded_top1']:.1f}% top-1 (mean over its {len(t['decoded_pairs_top1'])} pairs) against "
+                  f"{t['ape_top1_same_pairs']:.1f}% for APE's connectors of the same pairs; {t['decode_flops']:.3g} "
+                  f"decoding FLOPs, {t['embed_flops']:.3g} for its forwards over {t['embed_captions']} captions "
+                  f"(APE: {t['ape_train_flops_per_pair']['train']:.3g} training FLOPs per pair).",
+              "", f"Embedding pass (this 2-core CPU, once): {e['train_images']} training images x 7 image encoders and "
+                  f"{e['train_captions']} captions x 3 text encoders in {e['train_seconds'] / 60:.0f} min; the "
+                  f"evaluation sets in {e['eval_seconds'] / 60:.0f} min."]
+    return "\n".join(lines)
+
+
+RENDER = {"demo": render_demo, "real_zoo": render_real_zoo}
 
 
 def rendered(name: str) -> str:
