@@ -105,16 +105,19 @@ class Zoo:
         self.eval_embed_flops = self.probe.embed_flops
 
     def embed_flops(self, samples: int) -> float:
-        """Embedding `samples` training pairs with every encoder and the text encoder."""
-        return samples * sum(self.per_sample[n] for n in self.names + [self.text])
+        """Embedding `samples` training images with every encoder and their captions with the text encoder."""
+        captions = int(self.cache.caption_counts()[:samples].sum())
+        return samples * sum(self.per_sample[n] for n in self.names) + captions * self.per_sample[self.text]
 
     def prefix(self, samples: int) -> None:
         """The training cache of the first `samples` pairs (data.samples_per_encoder), cut from the full one."""
         root = self.cfg.cache_root / f"first_{samples}"
         if samples >= self.cache.count or (root / MANIFEST).exists():
             return
-        arrays = {n: np.asarray(self.cache[n][:samples]) for n in self.names + [self.text]}
-        manifest = write_cache(root, self.cache.keys()[:samples], arrays)
+        counts = self.cache.caption_counts()[:samples]  # the text arrays hold every caption of those images
+        arrays = {n: np.asarray(self.cache[n][:samples]) for n in self.names}
+        arrays[self.text] = np.asarray(self.cache[self.text][:int(counts.sum())])
+        manifest = write_cache(root, self.cache.keys()[:samples], arrays, caption_counts=counts)
         files.write_json(root / MANIFEST, manifest | {"flops_per_sample": self.per_sample})
 
     def top1(self, run_dir: Path, half: str) -> dict[str, float]:
