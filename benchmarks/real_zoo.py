@@ -32,6 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from hnet import files, runs  # noqa: E402
 from hnet.config import Config, dataset_name, load_config  # noqa: E402
 from hnet.data.cache import CachedFeatures  # noqa: E402
+from hnet.distributed import make_accelerator  # noqa: E402
 from hnet.eval.evaluate import embed_eval_sets, evaluate_run  # noqa: E402
 from hnet.experiments.autodecode import autodecode  # noqa: E402
 from hnet.experiments.pipeline import run_pipeline  # noqa: E402
@@ -67,7 +68,7 @@ def missing_inputs(data: Path, encoders: Path) -> list[str]:
 def embed_phase(cfg: Config) -> dict:
     """The one-time embedding pass over training and evaluation data; seconds of each part (0 when cached)."""
     start = time.perf_counter()
-    train = embed_training_data(cfg)
+    train = embed_training_data(cfg, make_accelerator(cfg))
     middle = time.perf_counter()
     embed_eval_sets(cfg)
     end = time.perf_counter()
@@ -233,10 +234,10 @@ def main(argv=None) -> dict | None:
     out = Path(args.out)
     cfg = real_config(data, encoders, out, args.overrides)
     timing_file = out / "embed_timing.json"
-    timing = embed_phase(cfg)
-    if timing_file.exists() and not timing["embedded_now"]:
-        timing = files.read_json(timing_file)  # the first pass's times: this one found everything cached
-    files.write_json(timing_file, timing)
+    timing = embed_phase(cfg)  # the first, complete pass's times are kept: a later one finds everything cached
+    if not timing_file.exists():
+        files.write_json(timing_file, timing)
+    timing = files.read_json(timing_file)
     print(json.dumps({"embedding": timing}))
     if args.phase == "embed":
         return {"embedding": timing}

@@ -155,7 +155,9 @@ def trained_point(zoo: Zoo, name: str, method: str, steps: int | None, samples: 
 
 def proxy_point(zoo: Zoo, proxy: str, samples: int) -> dict:
     samples = min(samples, zoo.cache.count)
-    text = torch.from_numpy(np.asarray(zoo.cache[zoo.text][:samples], np.float32))
+    counts = zoo.cache.caption_counts()
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])[:samples]  # each image's first caption
+    text = torch.from_numpy(np.asarray(zoo.cache[zoo.text][first], np.float32))
     scores, flops = {}, 0.0
     for name in zoo.names:
         x = torch.from_numpy(np.asarray(zoo.cache[name][:samples], np.float32))

@@ -259,23 +259,29 @@ def text_entry_name(entry: Any) -> str:
 
 
 def register_text_folders(entries: list, where: str = "text_encoders") -> None:
-    """Record the `{name, path}` entries' folders (path: a folder, `~` expanded) under their names."""
+    """Record the `{name, path}` entries' folders (`~` expanded, made absolute, written back into the entry so that
+    a dumped config reloads from anywhere) under their names."""
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             continue
         unknown = sorted(set(entry) - {"name", "path"})
         if "name" not in entry or "path" not in entry or unknown:
             raise ConfigError(f"{where}[{i}]: expected {{name, path}}, got keys {sorted(entry)}")
-        folder = Path(str(entry["path"])).expanduser()
-        if not folder.is_dir():
-            raise ConfigError(f"{where}[{i}].path: folder not found: {folder} (text encoder '{entry['name']}')")
-        name = str(entry["name"])
-        if "@" in name:  # options apply to a name (NAME@layers=3 finds NAME's folder)
-            raise ConfigError(f"{where}[{i}].name: '{name}': name the folder without options, and list "
-                              f"'{name}' as a further text encoder")
-        if TEXT_FOLDERS.get(name, str(folder)) != str(folder):
-            raise ConfigError(f"{where}[{i}].path: '{name}' is already the folder {TEXT_FOLDERS[name]}, not {folder}")
-        TEXT_FOLDERS[name] = str(folder)
+        entry["path"] = register_text_folder(str(entry["name"]), str(entry["path"]), f"{where}[{i}]")
+
+
+def register_text_folder(name: str, path: str, where: str) -> str:
+    """Make text encoder `name` load from folder `path` in this process; returns the folder, absolute."""
+    folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        raise ConfigError(f"{where}.path: folder not found: {folder} (text encoder '{name}')")
+    if "@" in name:  # options apply to a name (NAME@layers=3 finds NAME's folder)
+        raise ConfigError(f"{where}.name: '{name}': name the folder without options, and list '{name}' as a "
+                          f"further text encoder")
+    if TEXT_FOLDERS.get(name, str(folder)) != str(folder):
+        raise ConfigError(f"{where}.path: '{name}' is already the folder {TEXT_FOLDERS[name]}, not {folder}")
+    TEXT_FOLDERS[name] = str(folder)
+    return str(folder)
 
 
 def _validate_texts(cfg: Config) -> None:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from hnet import files
-from hnet.config import HypernetConfig
+from hnet.config import TEXT_FOLDERS, HypernetConfig, register_text_folder
 from hnet.models.connectors import Connector, ConnectorShape
 from hnet.models.encoders import text_key
 from hnet.models.pairs import Pairs, pair_label
@@ -99,10 +99,22 @@ def save_model(run_dir: str | Path, model: StitchModel, hypernet: HypernetConfig
             "image_encoders": images, "image_widths": model.encoder_widths,
             "text_encoders": texts, "text_widths": model.text_encoder_widths, "pairs": model.pairs.as_list(),
             "shape": dataclasses.asdict(model.shape), "hypernet": dataclasses.asdict(hypernet), "weights": weights,
-            "learnable_scale": isinstance(model.log_scale, nn.Parameter)}
+            "learnable_scale": isinstance(model.log_scale, nn.Parameter), "text_folders": _text_folders(texts)}
     if trained != names:
         meta["trained"] = trained
     files.write_json(run_dir / MODEL, meta)
+
+
+def _text_folders(texts: list[str]) -> dict[str, str]:
+    """The local folders (config `{name, path}` entries) the run's text encoders load from, by base name."""
+    bases = {t.partition("@")[0] for t in texts}
+    return {b: TEXT_FOLDERS[b] for b in sorted(bases) if b in TEXT_FOLDERS}
+
+
+def register_run_text_folders(run_dir: str | Path, meta: dict) -> None:
+    """Make the run's local text folders loadable by name in this process (evaluation, auto-decoding)."""
+    for name, folder in meta.get("text_folders", {}).items():
+        register_text_folder(name, folder, f"{Path(run_dir) / MODEL}: text_folders.{name}")
 
 
 def run_encoders(run_dir: str | Path, meta: dict) -> tuple[list[str], list[int], list[str], list[int], Pairs]:
@@ -124,6 +136,7 @@ def load_model(run_dir: str | Path) -> tuple[StitchModel, list[str]]:
     if not meta_path.exists():
         raise FileNotFoundError(f"{meta_path}: no trained model in this run dir (train it first)")
     meta = files.read_json(meta_path)
+    register_run_text_folders(run_dir, meta)
     shape = ConnectorShape(**meta["shape"])
     images, widths, texts, text_widths, pairs = run_encoders(run_dir, meta)
     model = StitchModel(meta["method"], shape, widths, HypernetConfig(**meta["hypernet"]), meta["learnable_scale"],
@@ -182,6 +195,7 @@ def add_encoder(run_dir: Path, meta: dict, name: str, text: bool, width: int, we
         return
     meta["autodecoded"] = meta.get("autodecoded", []) + [name]
     if text:
+        meta["text_folders"] = meta.get("text_folders", {}) | _text_folders([name])
         texts, text_widths = texts + [name], text_widths + [width]
         new = [[i, len(texts) - 1] for i in range(len(images))]
     else:

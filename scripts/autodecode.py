@@ -2,6 +2,7 @@
 
     python scripts/autodecode.py --encoder vit_small_patch16_224 --run RUN_DIR [key=value ...]
     python scripts/autodecode.py --text-encoder all-MiniLM-L6-v2@layers=4 --run RUN_DIR [key=value ...]
+    python scripts/autodecode.py --text-encoder all-mpnet-base-v2 --text-path DIR --run RUN_DIR  (a local folder)
     (--encoder: a new image encoder, paired with the run's text encoders; --text-encoder: a new text encoder,
     paired with the run's image encoders, for runs trained with several text encoders.
     budget: autodecode.steps / autodecode.samples / autodecode.flops; init: autodecode.init=mean|same_width|random)
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from hnet import runs
 from hnet.cli import main_guard
-from hnet.config import ConfigError, load_config
+from hnet.config import ConfigError, load_config, register_text_folder
 from hnet.experiments.autodecode import autodecode
 
 
@@ -27,6 +28,8 @@ def main(argv=None):
                         help="a hypernetwork run dir (--run-dir under torchrun, which reads --run as its --run-path)")
     parser.add_argument("--weights", help="image encoder: pretrained | random | path to .safetensors/.pth "
                                           "(default: the run's)")
+    parser.add_argument("--text-path", help="text encoder: a local sentence-transformers folder, known by the name "
+                                            "--text-encoder gives it")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     run = Path(args.run)
@@ -34,7 +37,11 @@ def main(argv=None):
         raise ConfigError(f"--run: {run} is not a run dir (no config.yaml)")
     if args.text_encoder and args.weights:
         raise ConfigError("--weights: only for an image encoder (--encoder)")
+    if args.text_path and not args.text_encoder:
+        raise ConfigError("--text-path: only for a text encoder (--text-encoder NAME)")
     cfg = load_config(run / runs.CONFIG, args.overrides)
+    if args.text_path:
+        register_text_folder(args.text_encoder, args.text_path, "--text-path")
     text = args.text_encoder is not None
     result = autodecode(cfg, run, args.text_encoder if text else args.encoder, args.weights, text=text)
     print(json.dumps({k: v for k, v in result.items() if k != "curve"}))

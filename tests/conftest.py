@@ -8,6 +8,18 @@ import pytest  # noqa: E402
 from hnet.config import load_config  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _fresh_text_folders():
+    """Each test starts with no local text folders registered (the registry is per process)."""
+    from hnet.config import TEXT_FOLDERS
+
+    saved = dict(TEXT_FOLDERS)
+    TEXT_FOLDERS.clear()
+    yield
+    TEXT_FOLDERS.clear()
+    TEXT_FOLDERS.update(saved)
+
+
 def with_train(cfg, **train_kw):
     """cfg with some train.* fields changed."""
     import dataclasses

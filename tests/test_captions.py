@@ -194,3 +194,60 @@ def test_captions_of_a_changed_text_folder_are_embedded_again(local_minilm, tmp_
     config.write_text(config.read_text().replace("}", ', "note": "edited"}', 1))
     with pytest.warns(UserWarning, match="cached features of 'text:local-text' .*model changed"):
         assert build_cache(tmp_path / "cache", units, [], ["local-text"])["samples"] == 6
+
+
+def test_a_run_remembers_its_text_folders(pairs_cfg, tmp_path):
+    """model.json records where a `{name, path}` text encoder loads from, and loading the run makes that name
+    loadable again in a fresh process (evaluation and auto-decoding name text encoders only)."""
+    import dataclasses
+
+    from hnet import files, runs
+    from hnet.config import TEXT_FOLDERS, register_text_folders
+    from hnet.train.loop import train
+    from tests.conftest import PAIR_TEXTS, with_train
+
+    folder = tmp_path / "other-text-folder"
+    folder.mkdir()
+    entries = [PAIR_TEXTS[0], {"name": PAIR_TEXTS[1], "path": str(folder)}]
+    register_text_folders(entries)
+    cfg = dataclasses.replace(with_train(pairs_cfg, max_steps=1), text_encoders=entries)
+    train(cfg)
+    assert files.read_json(cfg.run_dir / runs.MODEL)["text_folders"] == {PAIR_TEXTS[1]: str(folder)}
+    TEXT_FOLDERS.clear()  # a new process
+    runs.load_model(cfg.run_dir)
+    assert TEXT_FOLDERS == {PAIR_TEXTS[1]: str(folder)}
+
+
+def test_a_new_image_encoders_cache_takes_the_captions_of_the_training_cache(tmp_path):
+    """Decoding a new image encoder reads its features from an image-only cache and the captions from the training
+    cache: the caption index is the training cache's."""
+    from hnet.data.features import PrefixFeatures
+
+    counts = [2, 3, 1, 4] * 4
+    train = _counts_cache(tmp_path / "train", counts)
+    rng = np.random.default_rng(1)
+    write_cache(tmp_path / "new", [f"k{i}" for i in range(16)], {"new": rng.normal(size=(16, 4))})
+    new = CachedFeatures(tmp_path / "new")
+    features = PrefixFeatures({"new": new, text_key(TEXT): train}, 12)
+    assert features.caption_counts().tolist() == counts[:12]
+    data = FeatureBatches(features, ["new"], [TEXT], 4, seed=0)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    owner = np.searchsorted(offsets, _drawn(data, 0), side="right") - 1
+    assert owner.tolist() == data.indices(0).tolist()
+
+
+def test_regrouped_captions_are_refused_by_a_cache_embedded_with_others(tmp_path):
+    from hnet.data.cache import CacheError
+
+    meta, images = _one_row_per_caption(tmp_path)
+    units = shard_units(make_shards(meta, images, tmp_path / "shards", shard_size=12)["pattern"])
+    build_cache(tmp_path / "cache", units, [], [TEXT], batch_size=6)
+    # the same images (keys) in the same order and as many captions, one moved from image 1 to image 2
+    records = [{"id": r["id"], "image": r["image"], "captions": r["captions"]} for r in load_metadata(meta)]
+    records[2]["captions"].append(records[1]["captions"].pop())
+    regrouped = tmp_path / "regrouped.json"
+    regrouped.write_text(json.dumps(records))
+    units = shard_units(make_shards(regrouped, images, tmp_path / "shards2", shard_size=12)["pattern"])
+    assert sum(len(s["captions"]) for u in units for s in u.samples()) == 24
+    with pytest.raises(CacheError, match="not those the cached text features were embedded with"):
+        build_cache(tmp_path / "cache", units, [], ["all-MiniLM-L6-v2@layers=2"], batch_size=6)

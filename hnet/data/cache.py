@@ -96,14 +96,9 @@ def consolidate(root: Path, units: list[Unit], widths: dict[str, int], has_label
     texts = [n for n in widths if n.startswith(TEXT_PREFIX)]
     if texts:
         arrays[CAPTION_COUNTS] = 0
-        counts = [np.load(parts / u.name / f"{CAPTION_COUNTS}.npy") for u in units]
-        captions = int(sum(c.sum() for c in counts))
-        cached_texts = any(n.startswith(TEXT_PREFIX) or n == TEXT for n in manifest["encoders"])
-        before = manifest.get("caption_count", len(keys) if cached_texts else captions)
-        if before != captions:
-            raise CacheError(f"{root}/{MANIFEST}: the data now have {captions} captions where the cached text "
-                             f"features have {before}; embed the captions into a new cache")
-        manifest["caption_count"] = captions
+        counts = np.concatenate([np.load(parts / u.name / f"{CAPTION_COUNTS}.npy") for u in units])
+        _check_caption_counts(root, manifest, counts)
+        manifest["caption_count"] = int(counts.sum())
     for name, width in arrays.items():
         rows = manifest["caption_count"] if name.startswith(TEXT_PREFIX) else len(keys)
         manifest["encoders"][name] = _concat_parts(root, parts, units, name, width, rows)
@@ -113,6 +108,20 @@ def consolidate(root: Path, units: list[Unit], widths: dict[str, int], has_label
     files.write_json(root / MANIFEST, manifest)
     shutil.rmtree(parts, ignore_errors=True)
     return manifest
+
+
+def _check_caption_counts(root: Path, manifest: dict, counts: np.ndarray) -> None:
+    """The images' caption counts must be those the cached text features were embedded with (a regrouped data set
+    with the same images would misalign every caption row)."""
+    cached_texts = any(n.startswith(TEXT_PREFIX) or n == TEXT for n in manifest["encoders"])
+    entry = manifest["encoders"].get(CAPTION_COUNTS)
+    if entry is not None and (root / entry["file"]).exists():
+        before = np.load(root / entry["file"])
+    else:
+        before = np.ones(len(counts), np.int64) if cached_texts else counts
+    if not np.array_equal(before, counts):
+        raise CacheError(f"{root}/{MANIFEST}: the images' captions ({int(counts.sum())}) are not those the cached "
+                         f"text features were embedded with ({int(before.sum())}); embed into a new cache")
 
 
 def _concat_parts(root: Path, parts: Path, units: list[Unit], name: str, width: int, count: int) -> dict:

@@ -19,7 +19,7 @@ from hnet.config import Config, ConfigError
 from hnet.data.cache import CachedFeatures, CacheError
 from hnet.data.embed import build_cache
 from hnet.data.sources import first_samples_unit, prepare_shards, shard_units
-from hnet.models.encoders import text_key
+from hnet.models.encoders import TEXT_PREFIX, text_key
 
 
 class FeatureBatches:
@@ -131,10 +131,12 @@ class PrefixFeatures:
         self.count = count
         self.arrays = {name: cache[name] for name, cache in sources.items()}  # only rows < count are ever read
         self.widths = {name: cache.width(name) for name, cache in sources.items()}
-        counts = {name: tuple(cache.caption_counts()[:count]) for name, cache in sources.items()}
+        # the caption index comes with the caption rows: image-only caches (a new image encoder's) have none
+        counts = {name: tuple(cache.caption_counts()[:count]) for name, cache in sources.items()
+                  if name.startswith(TEXT_PREFIX)}
         if len(set(counts.values())) > 1:
             raise CacheError(f"{sorted(counts)}: these caches hold different captions for the same samples")
-        self._caption_counts = next(iter(sources.values())).caption_counts()[:count]
+        self._caption_counts = np.array(next(iter(counts.values()), (1,) * count), np.int64)
 
     def caption_counts(self) -> np.ndarray:
         return self._caption_counts

@@ -21,6 +21,8 @@ from tqdm import tqdm
 from hnet import files
 from hnet.files import MANIFEST
 
+LAYOUT = 2  # 2: one sample per image with every caption (1: one sample per metadata row)
+
 
 class DataError(ValueError):
     """Bad data input (missing file, no shards matched); the message names the path."""
@@ -38,7 +40,8 @@ def _caption_from_chat(record: dict) -> str:
 def load_metadata(path: str | Path) -> list[dict]:
     """Read `metadata.json` (list of {id, image, caption | captions}) or `chat.json` (LLaVA conversations) into one
     record per image with every caption of it (`captions`): records naming the same image, as in a one-row-per-pair
-    file like `metadata_all_captions.json`, are grouped (id: the image's file stem), in order of first appearance."""
+    file like `metadata_all_captions.json`, are grouped (id: the image's path without extension), in order of first
+    appearance."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--metadata: file not found: {path}")
@@ -57,7 +60,7 @@ def load_metadata(path: str | Path) -> list[dict]:
         if image in by_image:
             grouped = by_image[image]
             grouped["captions"] += captions
-            grouped["id"] = Path(image).stem
+            grouped["id"] = str(Path(image).with_suffix(""))  # sample_key makes a key of it
             continue
         meta = {k: v for k, v in rec.items() if k not in ("conversations", "captions")}
         by_image[image] = {"id": str(rec.get("id", Path(image).stem)), "image": image, "captions": captions,
@@ -119,8 +122,10 @@ def make_shards(metadata: str | Path, images: str | Path, out: str | Path, shard
     files.remove_stale_temps(out)
     manifest_path = out / MANIFEST
     manifest = files.read_json(manifest_path) if manifest_path.exists() else None
-    if not manifest or manifest.get("shard_size") != shard_size or manifest.get("source") != str(metadata):
-        manifest = {"source": str(metadata), "shard_size": shard_size, "shards": [], "skipped": [], "complete": False}
+    if not manifest or manifest.get("shard_size") != shard_size or manifest.get("source") != str(metadata) \
+            or manifest.get("layout") != LAYOUT:
+        manifest = {"source": str(metadata), "shard_size": shard_size, "layout": LAYOUT, "shards": [], "skipped": [],
+                    "complete": False}
     chunks = [records[i:i + shard_size] for i in range(0, len(records), shard_size)]
     dropped = {s["id"] for s in manifest["skipped"] if s["reason"] != "duplicate key"}
     seen = {sample_key(r["id"]) for chunk in chunks[:len(manifest["shards"])] for r in chunk

@@ -7,7 +7,7 @@ from pathlib import Path
 from hnet.config import Config, ConfigError
 from hnet.data import demo
 from hnet.data.cache import Unit
-from hnet.data.shards import expand_urls, iter_shard, make_shards
+from hnet.data.shards import LAYOUT, expand_urls, iter_shard, make_shards
 from hnet.files import MANIFEST, read_json
 
 
@@ -36,7 +36,7 @@ def _shards_from_595k(meta: Path, images: Path, out: Path, shard_size: int) -> s
     manifest_path = out / MANIFEST
     if manifest_path.exists():
         manifest = read_json(manifest_path)
-        if manifest.get("complete") and manifest.get("source") == str(meta):
+        if manifest.get("complete") and manifest.get("source") == str(meta) and manifest.get("layout") == LAYOUT:
             return manifest["pattern"]
     return make_shards(meta, images, out, shard_size)["pattern"]
 

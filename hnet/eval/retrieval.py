@@ -1,7 +1,7 @@
 """Image <-> text retrieval R@1/5/10 through each pair's connector, with the standard (COCO / Flickr30k) protocol.
 
 Sources (`eval.retrieval`):
-  a shard pattern of a captioned set: one caption per image (caption i belongs to image i);
+  a shard pattern of a captioned set (every caption of each image, as make_shards writes them);
   a captions JSON with `eval.retrieval_images`: COCO's captions_*.json (images + annotations) or a Karpathy split
   (images[].sentences, filtered to `eval.retrieval_split`), several captions per image.
 image->text is a hit at K when ANY of the image's captions is in the top K; text->image against its one image.

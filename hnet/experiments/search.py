@@ -68,8 +68,10 @@ def training_sample_count(cfg: Config) -> int:
 
 
 def training_caption_count(cfg: Config, count: int) -> int:
-    """Captions of the whole training set (what a grid search embeds with each text encoder): from the full cache,
-    else the shards' manifest, else one per pair."""
+    """Captions of the whole training set a grid search embeds with each text encoder (one per image with
+    data.captions=first): from the full cache, else the shards' manifest, else one per pair."""
+    if cfg.data.captions == "first":
+        return count
     manifest = cfg.cache_root / MANIFEST
     if manifest.exists():
         return int(files.read_json(manifest).get("caption_count", count))
