@@ -261,6 +261,8 @@ def build_cache(root: str | Path, units: list[Unit], specs: list[EncoderSpec], t
         manifest = consolidate(root, units, widths, has_labels)
         for name in widths:  # what computed them, and how many processes (checked by the 2-rank tests)
             manifest["encoders"][name] |= {"identity": identities[name], "world": world}
+        if texts:  # the caption index is written with the captions
+            manifest["encoders"][CAPTION_COUNTS]["world"] = world
         files.write_json(root / MANIFEST, manifest)
     if accelerator:
         accelerator.wait_for_everyone()
