@@ -1,15 +1,13 @@
 """The README's results are the results files' numbers, not copies that drift from them."""
-import importlib.util
 from pathlib import Path
+
+from tests.conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _tables():
-    spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "benchmarks" / "readme_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("readme_tables")
 
 
 def test_readme_results_blocks_equal_what_the_results_files_render():

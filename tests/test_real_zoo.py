@@ -1,20 +1,13 @@
 """benchmarks/real_zoo.py without the real data: it skips with a message naming what is missing, moves the config's
 two folders, and its comparison figures are what they claim."""
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
 from hnet import files, runs
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("real_zoo", ROOT / "benchmarks" / "real_zoo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("real_zoo")
 
 
 def test_skips_naming_the_missing_folders(tmp_path, capsys):
