@@ -30,12 +30,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from hnet import files, runs  # noqa: E402
-from hnet.config import Config, dataset_name, load_config  # noqa: E402
+from hnet.config import Config, dataset_name, load_config, text_entry_name  # noqa: E402
 from hnet.data.cache import CachedFeatures  # noqa: E402
 from hnet.distributed import make_accelerator  # noqa: E402
 from hnet.eval.evaluate import embed_eval_sets, evaluate_run  # noqa: E402
 from hnet.experiments.autodecode import autodecode  # noqa: E402
-from hnet.experiments.pipeline import run_pipeline  # noqa: E402
+from hnet.experiments.pipeline import run_pipeline, variant  # noqa: E402
 from hnet.experiments.search import truth_configs  # noqa: E402
 from hnet.experiments.train_run import embed_training_data, train_run  # noqa: E402
 from hnet.models.encoders import read_encoder_list  # noqa: E402
@@ -76,10 +76,6 @@ def embed_phase(cfg: Config) -> dict:
     return {"train_seconds": round(middle - start, 1), "eval_seconds": round(end - middle, 1),
             "train_images": cache.count, "train_captions": cache.caption_rows,
             "embedded_now": train.get("embedded", []), "train_pass_seconds": round(train.get("seconds", 0.0), 1)}
-
-
-def _variant(cfg: Config, suffix: str, method: str, **changes) -> Config:
-    return dataclasses.replace(cfg, name=f"{cfg.name}{suffix}", method=method, **changes)
 
 
 def _train_eval(cfg: Config) -> dict:
@@ -134,8 +130,8 @@ def held_out_text(cfg: Config, text: str, ape: dict, dataset: str) -> dict:
     auto-decoded against it; compared with APE's connectors of the same pairs."""
     seen = [{"name": s.name, "weights": s.weights} for s in read_encoder_list(cfg.encoders, cfg.image_weights)
             if s.name != cfg.held_out]
-    others = [t for t in cfg.text_encoders if (t["name"] if isinstance(t, dict) else t) != text]
-    hyper = _variant(cfg, f"_no_{text}", "hypernet", encoders=seen, text_encoders=others, held_out_pairs=[],
+    others = [t for t in cfg.text_encoders if text_entry_name(t) != text]
+    hyper = variant(cfg, f"_no_{text}", "hypernet", encoders=seen, text_encoders=others, held_out_pairs=[],
                      held_out="")
     if not (hyper.run_dir / runs.MODEL).exists():
         train_run(hyper)
@@ -153,7 +149,7 @@ def held_out_text(cfg: Config, text: str, ape: dict, dataset: str) -> dict:
 
 
 def ape_run_dir(cfg: Config) -> Path:
-    return _variant(cfg, "", "separate").run_dir
+    return variant(cfg, "", "separate").run_dir
 
 
 def _ape_flops_per_pair(run_dir: Path, text: str) -> dict:
@@ -172,7 +168,7 @@ def zoo_phase(cfg: Config) -> dict:
     ape_runs = [files.read_json(d / runs.EVAL) for d in ape_dirs]
     hyper_dir = Path(summary["runs"]["hypernet"])
     evals = {"hypernet": files.read_json(hyper_dir / runs.EVAL), "separate": ape_runs[0],
-             "first_caption": _train_eval(_variant(cfg, "_first_caption", "separate", held_out_pairs=[],
+             "first_caption": _train_eval(variant(cfg, "_first_caption", "separate", held_out_pairs=[],
                                                    data=dataclasses.replace(cfg.data, captions="first")))}
     trained = runs.trained_pairs(files.read_json(hyper_dir / runs.MODEL))
     all_r5, first_r5 = _recall(evals["separate"]), _recall(evals["first_caption"])

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from hnet import files  # noqa: E402
 from hnet.config import Config, load_config  # noqa: E402
-from hnet.data.cache import CachedFeatures, write_cache  # noqa: E402
+from hnet.data.cache import CachedFeatures, caption_offsets, write_cache  # noqa: E402
 from hnet.distributed import make_accelerator  # noqa: E402
 from hnet.eval.ranking import agreement  # noqa: E402
 from hnet.eval.zeroshot import ZeroShotProbe, zero_shot_logits, zero_shot_top1  # noqa: E402
@@ -155,8 +155,7 @@ def trained_point(zoo: Zoo, name: str, method: str, steps: int | None, samples: 
 
 def proxy_point(zoo: Zoo, proxy: str, samples: int) -> dict:
     samples = min(samples, zoo.cache.count)
-    counts = zoo.cache.caption_counts()
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])[:samples]  # each image's first caption
+    first = caption_offsets(zoo.cache.caption_counts())[:samples]  # each image's first caption
     text = torch.from_numpy(np.asarray(zoo.cache[zoo.text][first], np.float32))
     scores, flops = {}, 0.0
     for name in zoo.names:

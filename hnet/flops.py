@@ -251,11 +251,17 @@ def record_cache_flops(root: Path, manifest: dict, units: list[Unit], names: lis
     return manifest
 
 
+def charged_captions(cfg: Config, captions: int, images: int) -> int:
+    """Captions a text encoder's forwards are charged for: all of the images' (data.captions=all), or one per
+    image (first: the baseline that trains on the first caption needs no other)."""
+    return captions if cfg.data.captions == "all" else images
+
+
 def embedding_flops(manifest: dict, cfg: Config) -> tuple[float, int, dict]:
     """One-time embedding cost of this run's image encoders (per image) + every text encoder (per caption: all of an
     image's captions, or only its first with data.captions=first) over the cached samples: (flops, images, parts)."""
     images = manifest["count"]
-    captions = int(manifest.get("caption_count", images)) if cfg.data.captions == "all" else images
+    captions = charged_captions(cfg, int(manifest.get("caption_count", images)), images)
     parts = {s.name: manifest["flops_per_sample"][s.name] * images
              for s in read_encoder_list(cfg.encoders, cfg.image_weights)}
     parts |= {text_key(t): manifest["flops_per_sample"][text_key(t)] * captions for t in cfg.texts}

@@ -16,7 +16,7 @@ import torch
 
 from hnet import files
 from hnet.config import Config, ConfigError
-from hnet.data.cache import CachedFeatures, CacheError
+from hnet.data.cache import CachedFeatures, CacheError, caption_offsets
 from hnet.data.embed import build_cache
 from hnet.data.sources import first_samples_unit, prepare_shards, shard_units
 from hnet.models.encoders import TEXT_PREFIX, text_key
@@ -46,7 +46,7 @@ class FeatureBatches:
             raise ConfigError(f"data.captions: expected all or first, got {captions!r}")
         counts = cache.caption_counts()[: self.count]
         self.caption_counts = counts if captions == "all" else np.ones_like(counts)
-        self.caption_offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self.caption_offsets = caption_offsets(counts)
         self._perm_epoch, self._perm = -1, None
 
     @property

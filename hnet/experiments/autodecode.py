@@ -36,6 +36,7 @@ from hnet.flops import (
     FlopsLedger,
     autodecode_step_flops,
     caption_sample,
+    charged_captions,
     finetune_step_flops,
     forward_flops,
     text_flops_per_caption,
@@ -255,7 +256,7 @@ def decoding_features(cfg: Config, spec, side: Side, budget: int, train_cache: C
         per_caption = train_cache.manifest.get("flops_per_sample", {}).get(key) if cached else None
         if per_caption is None:
             per_caption = text_flops_per_caption(side.name, caption_sample(shard_units(prepare_shards(cfg))))
-        captions = int(features.caption_counts().sum()) if cfg.data.captions == "all" else count
+        captions = charged_captions(cfg, int(features.caption_counts().sum()), count)
         flops = per_caption * captions
     else:
         captions, flops = 0, forward_flops(side.name, count)

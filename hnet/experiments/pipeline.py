@@ -33,7 +33,8 @@ def mean_top1(results: dict, dataset: str, names: list[str] | None = None) -> fl
     return sum(top1.values()) / len(top1)
 
 
-def _variant(cfg: Config, suffix: str, method: str, **changes) -> Config:
+def variant(cfg: Config, suffix: str, method: str, **changes) -> Config:
+    """cfg as another run of the same job: named NAME+suffix, with `method` and `changes`."""
     return dataclasses.replace(cfg, name=f"{cfg.name}{suffix}", method=method, **changes)
 
 
@@ -59,7 +60,7 @@ def held_out_study(cfg: Config, specs, dataset: str) -> dict:
     held = next(s for s in specs if s.name == cfg.held_out)
     hyper = dataclasses.replace(cfg, method="hypernet")
     decoded = autodecode(hyper, hyper.run_dir, held.name, held.weights)
-    alone = _variant(cfg, "_heldout", "separate", encoders=[{"name": held.name, "weights": held.weights}],
+    alone = variant(cfg, "_heldout", "separate", encoders=[{"name": held.name, "weights": held.weights}],
                      held_out_pairs=[],
                      train=dataclasses.replace(cfg.train, eval_every=max(1, cfg.autodecode.eval_every)))
     train_run(alone)
@@ -136,10 +137,10 @@ def run_pipeline(cfg: Config, control: bool = True) -> dict:
         raise ConfigError(f"held_out: '{cfg.held_out}' is not one of the configured encoders")
     dataset = dataset_name(cfg.eval.datasets[0])
     resolve_pairs([n for n in names if n != cfg.held_out], cfg.texts, cfg.held_out_pairs)  # before any training
-    separate = _variant(cfg, "", "separate", held_out_pairs=[])  # the grid search: every pair
+    separate = variant(cfg, "", "separate", held_out_pairs=[])  # the grid search: every pair
     evals = {"separate": _train_and_eval(separate, cfg.eval.datasets)}
     seen = [{"name": s.name, "weights": s.weights} for s in specs if s.name != cfg.held_out]
-    hyper = _variant(cfg, "", "hypernet", encoders=seen)
+    hyper = variant(cfg, "", "hypernet", encoders=seen)
     train_run(hyper)
     summary: dict = {"datasets": {}}
     if cfg.held_out:  # before the evaluation, so that the run is evaluated once, auto-decoded encoder included
@@ -156,7 +157,7 @@ def run_pipeline(cfg: Config, control: bool = True) -> dict:
                                                   "ceiling", "halves", "predicted_best", "true_best", "flops_ratio")}
     print("\n" + ranking_markdown(ranking))
     if control:
-        shuffled = _variant(hyper, "_shuffled", "hypernet", data=dataclasses.replace(cfg.data, shuffle_pairs=True),
+        shuffled = variant(hyper, "_shuffled", "hypernet", data=dataclasses.replace(cfg.data, shuffle_pairs=True),
                             train=dataclasses.replace(cfg.train, eval_every=0))
         result = _train_and_eval(shuffled, cfg.eval.datasets, show=False)
         for name in map(dataset_name, cfg.eval.datasets):
@@ -168,7 +169,7 @@ def run_pipeline(cfg: Config, control: bool = True) -> dict:
     run_dirs = [hyper.run_dir, separate.run_dir]
     search = run_search(cfg, truth) if has_budget(cfg) else None
     print("\n== FLOPs ==\n" + render(build_table(run_dirs + ([Path(search["run"])] if search else []))))
-    curves = run_dirs + ([_variant(cfg, "_heldout", "separate").run_dir] if cfg.held_out else [])
+    curves = run_dirs + ([variant(cfg, "_heldout", "separate").run_dir] if cfg.held_out else [])
     summary["plot"] = str(plot_accuracy_vs_flops(curves, cfg.run_dir.parent / f"{cfg.name}_accuracy_vs_flops.png"))
     print(f"plot: {summary['plot']}")
     summary["runs"] = {"hypernet": str(hyper.run_dir), "separate": str(separate.run_dir)}

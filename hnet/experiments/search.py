@@ -21,7 +21,7 @@ from hnet.eval.ranking import read_truth_hits, split_agreement
 from hnet.experiments.train_run import train_run
 from hnet.files import MANIFEST
 from hnet.files import MANIFEST as SHARDS_MANIFEST
-from hnet.flops import grid_batch_size, grid_search_cost
+from hnet.flops import charged_captions, grid_batch_size, grid_search_cost
 from hnet.models.encoders import text_key
 from hnet.report import search_markdown
 from hnet.train.optim import total_steps
@@ -70,13 +70,13 @@ def training_sample_count(cfg: Config) -> int:
 def training_caption_count(cfg: Config, count: int) -> int:
     """Captions of the whole training set a grid search embeds with each text encoder (one per image with
     data.captions=first): from the full cache, else the shards' manifest, else one per pair."""
-    if cfg.data.captions == "first":
-        return count
     manifest = cfg.cache_root / MANIFEST
     if manifest.exists():
-        return int(files.read_json(manifest).get("caption_count", count))
-    shards = Path(prepare_shards(cfg)).parent / SHARDS_MANIFEST
-    return int(files.read_json(shards).get("total_captions", count)) if shards.exists() else count
+        captions = int(files.read_json(manifest).get("caption_count", count))
+    else:
+        shards = Path(prepare_shards(cfg)).parent / SHARDS_MANIFEST
+        captions = int(files.read_json(shards).get("total_captions", count)) if shards.exists() else count
+    return charged_captions(cfg, captions, count)
 
 
 def grid_search_steps(cfg: Config, count: int) -> int:
