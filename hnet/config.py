@@ -127,6 +127,17 @@ class SearchConfig:
     dataset: str = ""  # zero-shot set the ranking is scored on ("" = eval.datasets[0])
     grid_batch_size: int = 0  # the batch the grid search's separate runs use (0 = train.batch_size)
     truth_seeds: int = 3  # rankings are scored against this many grid searches from seeds no method uses
+    # --method: hypernet (one run at the budget above) | halving (successive halving of separate connectors) |
+    # hypernet-halving (one hypernetwork per rung over the survivors) | proxy (a training-free score)
+    method: str = "hypernet"
+    eta: int = 3  # halving: each rung keeps the best 1/eta of the pairs and grows samples and steps by eta
+    rung_samples: int = 256  # halving: training samples of rung 0 (every encoder embeds them)
+    rung_steps: int = 20  # halving: optimizer steps of rung 0
+    val_samples: int = 500  # halving: held-out SEARCH samples (the first ones) that rung decisions are scored on
+    captions: str = "first"  # halving / proxy: captions embedded per image (first: one; all: every caption)
+    weight_decay: float = -1.0  # the searcher's weight decay (< 0: train.weight_decay)
+    proxy: str = "ridge_retrieval"  # --method proxy: linear_cka | mutual_knn | ridge_retrieval
+    proxy_samples: int = 1000  # --method proxy: training samples each encoder embeds
 
 
 @dataclass
@@ -144,6 +155,13 @@ class EvalConfig:
     retrieval_split: str = "test"  # Karpathy split JSON: which split's images
     max_images: int = 0  # >0: evaluate on the first N images only
     batch_size: int = 256
+    longtail: bool = True  # per-class accuracy by training-caption count: > many | few..many | < few (docs)
+    longtail_many: int = 100
+    longtail_few: int = 20
+    linear_probe: list[str] = field(default_factory=list)  # NAME=PATH folders with train/ and test/ (--linear-probe)
+    probe_l2: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1])  # L2 grid
+    probe_val_fraction: float = 0.2  # of each class's train images, held out to choose the L2 weight
+    probe_steps: int = 100  # full-batch L-BFGS iterations per fit
 
 
 @dataclass
@@ -192,6 +210,9 @@ class Config:
 CHOICES = {
     "data.source": ("demo", "cc595k"),
     "data.captions": ("all", "first"),
+    "search.method": ("hypernet", "halving", "hypernet-halving", "proxy"),
+    "search.captions": ("all", "first"),
+    "search.proxy": ("linear_cka", "mutual_knn", "ridge_retrieval"),
     "connector.kind": ("linear", "mlp"),
     "connector.direction": ("image_to_text", "text_to_image"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
@@ -230,6 +251,7 @@ def _validate(cfg: Config) -> None:
                          ("search.samples_per_encoder", cfg.search.samples_per_encoder),
                          ("search.steps", cfg.search.steps), ("search.encoders_per_step", cfg.search.encoders_per_step),
                          ("search.grid_batch_size", cfg.search.grid_batch_size),
+                         ("search.val_samples", cfg.search.val_samples),
                          ("train.encoders_per_step", cfg.train.encoders_per_step)):
         if value < 0:
             raise ConfigError(f"{where}: must be >= 0, got {value}")
@@ -237,10 +259,14 @@ def _validate(cfg: Config) -> None:
                 "hypernet.cond_dim": cfg.hypernet.cond_dim,
                 "hypernet.text_cond_dim": cfg.hypernet.text_cond_dim, "hypernet.chunk_size": cfg.hypernet.chunk_size,
                 "connector.hidden": cfg.connector.hidden, "data.shard_size": cfg.data.shard_size,
-                "search.truth_seeds": cfg.search.truth_seeds}
+                "search.truth_seeds": cfg.search.truth_seeds, "search.rung_samples": cfg.search.rung_samples,
+                "search.rung_steps": cfg.search.rung_steps, "search.proxy_samples": cfg.search.proxy_samples}
     for where, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{where}: must be > 0, got {value}")
+    if cfg.search.eta < 2:
+        raise ConfigError(f"search.eta: successive halving keeps 1/eta of the pairs per rung, needs eta >= 2, got "
+                          f"{cfg.search.eta}")
     if cfg.connector.kind == "mlp" and cfg.connector.depth < 2:
         raise ConfigError(f"connector.depth: an mlp connector needs depth >= 2, got {cfg.connector.depth}")
     if cfg.train.lr <= 0:
@@ -309,9 +335,22 @@ def _validate_eval(ev: EvalConfig) -> None:
         raise ConfigError(f"eval.datasets: dataset name(s) {twice} given twice")
     if ev.retrieval.endswith(".json") and not ev.retrieval_images:
         raise ConfigError("eval.retrieval_images: required with a captions file in eval.retrieval (the images folder)")
+    _validate_probes(ev)
     if ev.max_images < 0 or ev.batch_size <= 0:
         raise ConfigError(f"eval.max_images / eval.batch_size: must be >= 0 / > 0, got {ev.max_images} / "
                           f"{ev.batch_size}")
+
+
+def _validate_probes(ev: EvalConfig) -> None:
+    for i, spec in enumerate(ev.linear_probe):  # a labelled folder with train/ and test/: always NAME=PATH
+        parse_dataset_spec(spec if "=" in spec else f"{spec}=", f"eval.linear_probe[{i}]")
+    for where, value, ok, need in (
+            ("eval.longtail_few", ev.longtail_few, 0 <= ev.longtail_few <= ev.longtail_many, ">= 0, <= longtail_many"),
+            ("eval.probe_l2", ev.probe_l2, ev.probe_l2 and min(ev.probe_l2) >= 0, "a non-empty list of values >= 0"),
+            ("eval.probe_val_fraction", ev.probe_val_fraction, 0 < ev.probe_val_fraction < 1, "in (0, 1)"),
+            ("eval.probe_steps", ev.probe_steps, ev.probe_steps > 0, "> 0")):
+        if not ok:
+            raise ConfigError(f"{where}: must be {need}, got {value}")
 
 
 def to_dict(cfg: Config) -> dict:

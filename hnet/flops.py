@@ -330,3 +330,13 @@ class FlopsLedger:
         saved = checkpoint / runs.FLOPS
         if saved.exists():
             files.write_bytes(Path(run_dir) / runs.FLOPS, saved.read_bytes())
+
+
+def linear_probe_flops(rows: int, width: int, classes: int, passes: int = 1, backward: bool = True,
+                       iterations: int = 0, history: int = 0) -> float:
+    """A logistic-regression probe on frozen features [rows, width] -> `classes` logits: `passes` full-batch passes
+    (rows x width x classes multiply-adds forward, as many for the weight gradient when `backward`; the features
+    need none), plus `iterations` L-BFGS directions from `history` stored pairs (the two-loop recursion: about
+    4 x history multiply-adds per parameter). Softmax and loss are elementwise and left out."""
+    macs = passes * rows * width * classes * (2 if backward else 1)
+    return 2.0 * (macs + iterations * 4 * history * (width + 1) * classes)

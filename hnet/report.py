@@ -11,6 +11,7 @@ import yaml
 
 from hnet import files, runs
 from hnet.config import RECALL_KS, text_entry_name
+from hnet.report_probes import LONGTAIL_COLUMNS, longtail_markdown, longtail_metrics, probe_markdown
 
 
 def _sci(x: float | None) -> str:
@@ -181,7 +182,7 @@ def plot_reliability(dataset_result: dict, name: str, out: str | Path) -> Path:
 # ---- reports: clip_benchmark-style JSON per (run, data set), CSV and markdown over data sets and encoders --------
 
 CSV_COLUMNS = ("run", "dataset", "task", "encoder", "n", "acc1", "acc5", "mean_per_class_recall", "ece", "nll",
-               *(f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in RECALL_KS))
+               *(f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in RECALL_KS), *LONGTAIL_COLUMNS)
 
 
 def _clip_benchmark_metrics(m: dict) -> dict:
@@ -205,7 +206,11 @@ def dataset_reports(run_dir: Path, results: dict) -> dict[str, dict]:
         reports[name] = {"run": run, "dataset": name, "task": "zeroshot_classification", "path": r.get("path", ""),
                          "layout": r.get("layout", ""), "n": r.get("n"), "text_encoder": results["text_encoder"],
                          "templates": r.get("templates"), "n_templates": r.get("n_templates"),
-                         "metrics": {enc: _clip_benchmark_metrics(m) for enc, m in r["encoders"].items()}}
+                         "metrics": {enc: _clip_benchmark_metrics(m) | longtail_metrics(r.get("longtail"), enc)
+                                     for enc, m in r["encoders"].items()}}
+    for name, r in results.get("linear_probe", {}).items():  # each image encoder's ceiling on the test split
+        reports[f"linear_probe_{name}"] = {"run": run, "dataset": name, "task": "linear_probe", "n": r["n_test"],
+                                           "metrics": {e: _clip_benchmark_metrics(m) for e, m in r["encoders"].items()}}
     if results.get("retrieval"):
         first = next(iter(results["retrieval"].values()))
         reports["retrieval"] = {"run": run, "dataset": first.get("dataset", "retrieval"), "task": "zeroshot_retrieval",
@@ -250,8 +255,8 @@ def markdown_table(results: dict) -> str:
         for enc, m in r["encoders"].items():
             lines.append(f"| {enc} | {m['top1']:.1f} | {m['top5']:.1f} | {m['mean_per_class_recall']:.1f} "
                          f"| {m['nll']:.3f} | {m['ece']:.1f} |")
-        lines.append("")
-    return "\n".join(lines)
+        lines += ["", *longtail_markdown(name, r.get("longtail"))]
+    return "\n".join(lines + probe_markdown(results.get("linear_probe", {})))
 
 
 # ---- rankings and the search: the N x M view of pair scores
@@ -345,3 +350,4 @@ def search_markdown(r: dict) -> str:
                   "",
                   *agreement_markdown(r["agreement"], "search", "grid search")]
     return "\n".join(lines) + "\n"
+

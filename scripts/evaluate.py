@@ -6,7 +6,13 @@
 A data set is `demo`, a name whose folder is in eval.<name> (cifar10, cifar100, imagenet), or NAME=PATH with the
 layout detected from the folder: torchvision CIFAR pickles, ImageNet wnid folders (any subset), ImageNet-V2
 (folders 0..999), an ImageFolder (+ classnames.txt, templates.txt), clip_benchmark's webdataset folder.
-Writes RUN_DIR/eval.json, eval.md, eval.csv and eval/<dataset>.json (clip_benchmark's keys, fractions).
+Writes RUN_DIR/eval.json, eval.md, eval.csv and eval/<dataset>.json (clip_benchmark's keys, fractions), each data
+set with its long-tail view (per-class accuracy by training-caption count).
+
+    python scripts/evaluate.py --run RUN_DIR --linear-probe eval.linear_probe=[cars=/data/cars]
+
+--linear-probe: also a linear probe per image encoder (clip_benchmark's protocol) on each labelled folder of
+eval.linear_probe (NAME=PATH, with PATH/train and PATH/test), reported beside the pairs' zero-shot on its test split.
 """
 import argparse
 from pathlib import Path
@@ -25,6 +31,8 @@ def main(argv=None):
                              "which reads --run as its --run-path)")
     parser.add_argument("--datasets", default="", help="comma list of names or NAME=PATH; default: the run "
                         "config's eval.datasets")
+    parser.add_argument("--linear-probe", action="store_true", help="also probe each image encoder linearly on "
+                        "the labelled folders of eval.linear_probe (NAME=PATH with train/ and test/)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. eval.cifar10=/data/cifar10 eval.templates=cifar")
     args = parser.parse_args(argv)
     run = Path(args.run)
@@ -35,7 +43,10 @@ def main(argv=None):
     names = [parse_dataset_spec(d, "--datasets")[0] for d in datasets]
     if len(set(names)) != len(names):
         raise ConfigError(f"--datasets: a dataset name is given twice: {names}")
-    results = evaluate_run(cfg, run, datasets)
+    if args.linear_probe and not cfg.eval.linear_probe:
+        raise ConfigError("--linear-probe: set eval.linear_probe, e.g. eval.linear_probe=[cars=/data/cars] (a folder "
+                          "with train/ and test/ class folders)")
+    results = evaluate_run(cfg, run, datasets, linear_probe=cfg.eval.linear_probe if args.linear_probe else [])
     print((run / runs.EVAL_MD).read_text())
     return results
 

@@ -45,7 +45,7 @@ INT_ARRAYS = ("labels", CAPTION_COUNTS)
 TEXT = "text"  # the one text array of a cache written before text encoders had names in it
 
 
-def _is_text(name: str) -> bool:
+def is_text(name: str) -> bool:
     """Arrays with one row per caption: `text:NAME`, or an older cache's one `text` array."""
     return name.startswith(TEXT_PREFIX) or name == TEXT
 
@@ -103,13 +103,13 @@ def consolidate(root: Path, units: list[Unit], widths: dict[str, int], has_label
     arrays = dict(widths)
     if has_labels:
         arrays["labels"] = 0
-    if any(map(_is_text, widths)):
+    if any(map(is_text, widths)):
         arrays[CAPTION_COUNTS] = 0
         counts = np.concatenate([np.load(parts / u.name / f"{CAPTION_COUNTS}.npy") for u in units])
         _check_caption_counts(root, manifest, counts)
         manifest["caption_count"] = int(counts.sum())
     for name, width in arrays.items():
-        rows = manifest["caption_count"] if _is_text(name) else len(keys)
+        rows = manifest["caption_count"] if is_text(name) else len(keys)
         manifest["encoders"][name] = _concat_parts(root, parts, units, name, width, rows)
     manifest["units"] = [u.name for u in units]
     manifest["skipped_samples"] = skipped  # bad samples the reader skipped, per unit
@@ -122,7 +122,7 @@ def consolidate(root: Path, units: list[Unit], widths: dict[str, int], has_label
 def _check_caption_counts(root: Path, manifest: dict, counts: np.ndarray) -> None:
     """The images' caption counts must be those the cached text features were embedded with (a regrouped data set
     with the same images would misalign every caption row)."""
-    cached_texts = any(map(_is_text, manifest["encoders"]))
+    cached_texts = any(map(is_text, manifest["encoders"]))
     entry = manifest["encoders"].get(CAPTION_COUNTS)
     if entry is not None and (root / entry["file"]).exists():
         before = np.load(root / entry["file"])
@@ -197,7 +197,7 @@ def write_cache(root: str | Path, keys: list[str], arrays: dict[str, np.ndarray 
         first = next(chunks, None)
         if first is None:
             raise CacheError(f"{root}: '{name}' has no rows")
-        rows = captions if _is_text(name) else len(keys)
+        rows = captions if is_text(name) else len(keys)
         manifest["encoders"][name] = write_array(root / f"{slug(name)}.f16.npy", itertools.chain([first], chunks),
                                                  np.float16, (rows, first.shape[1]))
     files.write_json(root / "keys.json", keys)
@@ -270,7 +270,7 @@ class CachedFeatures:
         if self.verify:
             _check_file(path, entry, full=self.verify == "full")
         array = np.load(path, mmap_mode="r")
-        rows = self.caption_rows if _is_text(key) else self.count
+        rows = self.caption_rows if is_text(key) else self.count
         if array.shape[0] != rows:
             raise CacheError(f"{path}: {array.shape[0]} rows but the manifest says {rows}")
         return array

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io as pyio
 import json
 import re
+import tarfile
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -247,3 +248,27 @@ def make_reader(pattern: str, resampled: bool = False, seed: int = 0) -> wds.Web
                              nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
                              empty_check=False, seed=seed)
     return dataset.map(decode_sample).select(lambda s: s is not None)
+
+
+def iter_shard_captions(url: str) -> Iterator[list[str]]:
+    """Every sample's captions of one local shard, in file order, from its `json`/`txt` members only (the image
+    payloads are skipped, never read or decoded): the `json` member's list when it has one, else the `txt`."""
+    key, members = None, {}
+    with tarfile.open(url) as tar:
+        for member in tar:
+            stem, _, ext = member.name.partition(".")
+            if stem != key:
+                if key is not None:
+                    yield _member_captions(members)
+                key, members = stem, {}
+            if ext in ("json", "txt") and member.isfile():
+                members[ext] = tar.extractfile(member).read()
+    if key is not None:
+        yield _member_captions(members)
+
+
+def _member_captions(members: dict[str, bytes]) -> list[str]:
+    try:
+        return _sample_captions(members)
+    except (KeyError, ValueError, UnicodeDecodeError):  # no text member, or a bad one: a sample without captions
+        return []

@@ -61,14 +61,50 @@ def first_samples_unit(units: list[Unit], count: int) -> Unit:
     return Unit(f"first_{count}", partial(_first_samples, units, count))
 
 
+def _range_samples(units: list[Unit], start: int, stop: int, first_caption: bool):
+    """Good samples number start..stop-1 of `units` (counting good ones; bad ones inside the range pass through),
+    each with only its first caption when `first_caption`."""
+    good = 0
+    for unit in units:
+        for sample in unit.samples():
+            if good >= stop:
+                return
+            is_good = "bad" not in sample
+            if good >= start:
+                yield sample | {"captions": sample["captions"][:1]} if first_caption and is_good else sample
+            good += is_good
+
+
+def range_units(pattern: str, start: int, stop: int, first_caption: bool = False) -> list[Unit]:
+    """Samples start..stop-1 of a shard set as units the embedding pass can split over ranks, one per shard they
+    touch (shards wholly before `start` are never opened when the shards' manifest gives their counts); without a
+    manifest, one unit reading the shards in order. `first_caption`: only each image's first caption is embedded."""
+    units = shard_units(pattern)
+    counts = _shard_counts(pattern)
+    if any(u.name not in counts for u in units):
+        return [Unit(f"range_{start}_{stop}", partial(_range_samples, units, start, stop, first_caption))]
+    out, offset = [], 0
+    for unit in units:
+        low, high = max(start, offset), min(stop, offset + counts[unit.name])
+        if low < high:
+            out.append(Unit(f"{unit.name}_{low - offset}_{high - offset}",
+                            partial(_range_samples, [unit], low - offset, high - offset, first_caption)))
+        offset += counts[unit.name]
+    return out
+
+
+def _shard_counts(pattern: str) -> dict[str, int]:
+    manifest = Path(expand_urls(pattern)[0]).parent / MANIFEST
+    return {Path(s["name"]).stem: s["count"] for s in read_json(manifest).get("shards", [])} \
+        if manifest.exists() else {}
+
+
 def first_samples_units(pattern: str, count: int) -> list[Unit]:
     """The first `count` samples of a shard set as units the embedding pass can split over ranks: the whole shards
     they fill (counts from the shards' manifest.json, written by make_shards) plus one cut shard. Without a
     manifest, one unit reading the shards in order."""
     units = shard_units(pattern)
-    manifest = Path(expand_urls(pattern)[0]).parent / MANIFEST
-    counts = {Path(s["name"]).stem: s["count"] for s in read_json(manifest).get("shards", [])} \
-        if manifest.exists() else {}
+    counts = _shard_counts(pattern)
     if any(u.name not in counts for u in units):
         return [first_samples_unit(units, count)]
     whole, left = [], count
@@ -81,3 +117,21 @@ def first_samples_units(pattern: str, count: int) -> list[Unit]:
             whole.append(Unit(f"{unit.name}_first{left}", partial(_first_samples, [unit], left)))
         left -= counts[unit.name]
     return whole
+
+
+def built_shards(cfg: Config) -> tuple[str, str]:
+    """(pattern, "") of the shards cfg's training data was read from when they exist, else ("", why not); never
+    builds them (what evaluation reads the training captions from)."""
+    data = cfg.data
+    if data.shards:
+        return data.shards, ""
+    if data.source == "demo":
+        out, source = demo_root(cfg) / "shards", None
+    elif data.metadata:
+        out, source = Path(cfg.out_root) / "data" / "shards", str(data.metadata)
+    else:
+        return "", "data.shards / data.metadata: not set, so the run names no training captions"
+    manifest = read_json(out / MANIFEST) if (out / MANIFEST).exists() else {}
+    if not manifest.get("complete") or (source is not None and manifest.get("source") != source):
+        return "", f"{out / MANIFEST}: no complete shard set of the training data there"
+    return manifest["pattern"], ""

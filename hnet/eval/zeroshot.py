@@ -59,13 +59,9 @@ def zero_shot_top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(hits(logits, labels).mean()) * 100
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict:
-    """top-1/top-5 (%), NLL, 15-bin ECE, per-class accuracy, and the reliability-diagram bins."""
-    probs = logits.softmax(dim=-1)
-    conf = probs.max(dim=-1).values
-    correct = hits(logits, labels)
-    k = min(5, n_classes)
-    top5 = (logits.topk(k, dim=-1).indices == labels[:, None]).any(dim=-1).float()
+def calibration(conf: torch.Tensor, correct: torch.Tensor) -> tuple[float, list[dict]]:
+    """(ECE as a fraction, reliability bins) of per-image confidences and 1/0 hits: ECE_BINS equal-width
+    confidence bins, each weighted by its share of the images."""
     bins = torch.clamp((conf * ECE_BINS).long(), max=ECE_BINS - 1)
     ece, reliability = 0.0, []
     for b in range(ECE_BINS):
@@ -75,6 +71,17 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n_classes
             ece += float(inside.float().mean() * gap)
             reliability.append({"bin": b, "count": int(inside.sum()), "accuracy": float(correct[inside].mean()),
                                 "confidence": float(conf[inside].mean())})
+    return ece, reliability
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict:
+    """top-1/top-5 (%), NLL, 15-bin ECE, per-class accuracy, and the reliability-diagram bins."""
+    probs = logits.softmax(dim=-1)
+    conf = probs.max(dim=-1).values
+    correct = hits(logits, labels)
+    k = min(5, n_classes)
+    top5 = (logits.topk(k, dim=-1).indices == labels[:, None]).any(dim=-1).float()
+    ece, reliability = calibration(conf, correct)
     per_class = [float(correct[labels == c].mean()) * 100 if (labels == c).any() else None for c in range(n_classes)]
     present = [p for p in per_class if p is not None]  # clip_benchmark: balanced accuracy over the labels present
     return {"top1": float(correct.mean()) * 100, "top5": float(top5.mean()) * 100,
@@ -132,11 +139,15 @@ class ZeroShotProbe:
         return self.dataset.key
 
     def metrics(self, model: StitchModel, index: int, per_image: bool = False) -> dict:
-        """Pair `index` of the model (`per_image`: also its hits, 1/0 per image, under "hits")."""
+        """Pair `index` of the model (`per_image`: also its hits, 1/0 per image, under "hits", and its softmax
+        confidence, under "confidence")."""
         image, text = model.pair_names(index)
         logits = zero_shot_logits(model, index, self.features[image], self.classifiers[text])
         out = classification_metrics(logits, self.labels, len(self.dataset.classnames))
-        return out | ({"hits": hits(logits, self.labels).to(torch.uint8).cpu().numpy()} if per_image else {})
+        if not per_image:
+            return out
+        return out | {"hits": hits(logits, self.labels).to(torch.uint8).cpu().numpy(),
+                      "confidence": logits.softmax(dim=-1).max(dim=-1).values.cpu().numpy()}
 
     @torch.no_grad()
     def pair_hits(self, model: StitchModel, pairs) -> np.ndarray:
