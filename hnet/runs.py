@@ -80,8 +80,10 @@ def read_hits(run_dir: str | Path, dataset: str, names: list[str]) -> np.ndarray
     return hits[[order.index(n) for n in names]].astype(np.float64)
 
 
-def save_model(run_dir: str | Path, model: StitchModel, hypernet: HypernetConfig, weights: dict[str, str]) -> None:
-    """Write the trained state; `weights` maps image encoder name -> how to load it (pretrained | random | file)."""
+def save_model(run_dir: str | Path, model: StitchModel, hypernet: HypernetConfig, weights: dict[str, str],
+               config_digest: str = "") -> None:
+    """Write the trained state; `weights` maps image encoder name -> how to load it (pretrained | random | file);
+    `config_digest`: the digest of the resolved config that trained it (hnet.provenance), which `finished` checks."""
     run_dir = Path(run_dir)
     images, texts = model.image_names, model.text_names
     skip = ("source.cond", "source.text_cond")
@@ -102,7 +104,18 @@ def save_model(run_dir: str | Path, model: StitchModel, hypernet: HypernetConfig
             "learnable_scale": isinstance(model.log_scale, nn.Parameter), "text_folders": _text_folders(texts)}
     if trained != names:
         meta["trained"] = trained
+    if config_digest:
+        meta["config_digest"] = config_digest
     files.write_json(run_dir / MODEL, meta)
+
+
+def finished(run_dir: str | Path, config_digest: str) -> bool:
+    """Whether `run_dir` holds a trained and evaluated run of exactly the config with this digest (a run of other
+    settings under the same name is not reused)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / MODEL).exists() or not (run_dir / EVAL).exists():
+        return False
+    return files.read_json(run_dir / MODEL).get("config_digest") == config_digest
 
 
 def _text_folders(texts: list[str]) -> dict[str, str]:

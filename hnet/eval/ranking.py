@@ -119,6 +119,34 @@ def _agree(names, method_hits, truth_hits, method_weights, truth_weights) -> dic
                      dict(zip(names, _scores(truth_hits, truth_weights))))
 
 
+def scores_agreement(predicted: dict[str, float], truth_hits: np.ndarray, names: list[str],
+                     boot: int = BOOTSTRAP, seed: int = SPLIT_SEED) -> dict:
+    """Agreement of fixed scores (a method that evaluates on no truth image: halving on its own held-out search
+    samples, a proxy, a prior) with the truth on half B of the evaluation images ([seeds, pairs, images] hits, as in
+    `split_agreement`), with the truth's split-half ceiling; intervals over half B's images and the truth's seeds
+    (the method's own sampling is not resampled)."""
+    truth_hits = truth_hits[None] if truth_hits.ndim == 2 else truth_hits
+    missing = [n for n in names if n not in predicted]
+    if missing or truth_hits.shape[1] != len(names):
+        raise ValueError(f"scores for {sorted(predicted)} and truth hits {truth_hits.shape} for {names}")
+    a, b = split_halves(truth_hits.shape[2], seed)
+    seeds, ones = len(truth_hits), np.ones
+    mine = {n: float(predicted[n]) for n in names}
+
+    def both(wa, wb, ws) -> tuple[dict, dict]:
+        truth = np.tensordot(ws / ws.sum(), truth_hits, axes=1)
+        truth_b = dict(zip(names, _scores(truth[:, b], wb)))
+        return agreement(mine, truth_b), _agree(names, truth[:, a], truth[:, b], wa, wb)
+
+    point, ceiling = both(ones(len(a)), ones(len(b)), ones(seeds))
+    rng = np.random.default_rng([seed, 2])
+    resample = lambda n: rng.multinomial(n, ones(n) / n)
+    draws = [both(resample(len(a)), resample(len(b)), resample(seeds)) for _ in range(boot)]
+    return point | {"ci": interval([d[0] for d in draws]),
+                    "ceiling": ceiling | {"ci": interval([d[1] for d in draws])},
+                    "halves": {"method": 0, "truth": len(b), "seed": seed, "bootstrap": boot, "truth_seeds": seeds}}
+
+
 def interval(draws: list[dict], level: float = 0.95) -> dict[str, list[float]]:
     """Percentile interval of each ranking figure over bootstrap draws."""
     tail = (1 - level) / 2 * 100

@@ -18,6 +18,7 @@ from hnet.config import Config, ConfigError, dataset_name
 from hnet.data.sources import prepare_shards
 from hnet.eval.evaluate import evaluate_run
 from hnet.eval.ranking import read_truth_hits, split_agreement
+from hnet.experiments.budget import scaled_warmup, searcher_settings
 from hnet.experiments.train_run import train_run
 from hnet.files import MANIFEST
 from hnet.files import MANIFEST as SHARDS_MANIFEST
@@ -37,7 +38,8 @@ def search_config(cfg: Config, full_steps: int = 0) -> Config:
     share of warmup applied to the budget's steps (`full_steps`: the full schedule's), so a short budget is not all
     warmup."""
     s = cfg.search
-    train = dataclasses.replace(cfg.train, encoders_per_step=s.encoders_per_step, lr=s.lr or cfg.train.lr)
+    lr, weight_decay = searcher_settings(cfg)
+    train = dataclasses.replace(cfg.train, encoders_per_step=s.encoders_per_step, lr=lr, weight_decay=weight_decay)
     if s.steps:  # exactly this many steps, however many epochs over the budget's pairs that is
         warmup = scaled_warmup(cfg.train.warmup_steps, s.steps, full_steps)
         train = dataclasses.replace(train, max_steps=s.steps, epochs=max(cfg.train.epochs, float(s.steps)),
@@ -45,14 +47,6 @@ def search_config(cfg: Config, full_steps: int = 0) -> Config:
     data = dataclasses.replace(cfg.data, samples_per_encoder=s.samples_per_encoder)
     return dataclasses.replace(cfg, name=f"{cfg.name}_search", method="hypernet", train=train, data=data,
                                held_out="", held_out_pairs=[])
-
-
-def scaled_warmup(warmup: int, steps: int, full_steps: int) -> int:
-    """The full schedule's warmup share of `steps` (at least 1); without a full schedule, the configured warmup
-    capped at a tenth of the steps."""
-    if full_steps > 0:
-        return max(1, round(warmup * steps / full_steps))
-    return max(1, min(warmup, steps // 10))
 
 
 def training_sample_count(cfg: Config) -> int:

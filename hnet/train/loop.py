@@ -33,6 +33,7 @@ from hnet.flops import FlopsLedger, train_step_flops
 from hnet.models.encoders import read_encoder_list
 from hnet.models.losses import encoder_chunk, loss_and_surrogate
 from hnet.models.stitch import StitchModel, build_model
+from hnet.provenance import config_digest
 from hnet.runs import save_model
 from hnet.train.checkpoint import save_checkpoint, start_or_resume
 from hnet.train.optim import (
@@ -260,7 +261,7 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> dict:
                 desc=f"train {cfg.method}")
     out = fit(plan, accelerator)
     if accelerator.is_main_process and not out["stopped"]:
-        save_model(cfg.run_dir, out["model"], cfg.hypernet, weights)
+        save_model(cfg.run_dir, out["model"], cfg.hypernet, weights, config_digest(cfg))
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:  # not end_training(): it would take the process group down with it,
         tracker.finish()                  # and evaluation / search run after training in the same processes
