@@ -35,7 +35,8 @@ def search_dir(cfg: Config) -> Path:
 def run_budgeted_search(cfg: Config, truth_runs: list[str | Path] | None = None) -> dict:
     """Run cfg.search.method (halving | hypernet-halving | proxy) and write search.json / search.md."""
     accelerator = make_accelerator(cfg)
-    count = training_sample_count(cfg)
+    with accelerator.main_process_first():  # it may build the shards: one rank, then the others read them
+        count = training_sample_count(cfg)
     out_dir = search_dir(cfg)
     if cfg.search.method == "proxy":
         found = _proxy(cfg, accelerator, min(cfg.search.proxy_samples, count))

@@ -15,6 +15,7 @@ from hnet.config import Config, ConfigError, dataset_name
 from hnet.eval.evaluate import evaluate_run
 from hnet.eval.ranking import rank_encoders
 from hnet.experiments.autodecode import autodecode, compare_to_separate
+from hnet.experiments.budgeted_search import run_budgeted_search
 from hnet.experiments.search import has_budget, run_search, train_truth
 from hnet.experiments.train_run import train_run
 from hnet.models.encoders import TEXT_PREFIX, read_encoder_list
@@ -26,6 +27,7 @@ from hnet.report import (
     render,
     search_markdown,
 )
+from hnet.report_search import budgeted_search_markdown
 
 
 def mean_top1(results: dict, dataset: str, names: list[str] | None = None) -> float:
@@ -168,6 +170,8 @@ def run_pipeline(cfg: Config, control: bool = True) -> dict:
     _print_summary(summary, control)
     run_dirs = [hyper.run_dir, separate.run_dir]
     search = run_search(cfg, truth) if has_budget(cfg) else None
+    halving = run_budgeted_search(variant(cfg, "", cfg.method, search=dataclasses.replace(
+        cfg.search, method="halving")), truth) if has_budget(cfg) else None
     print("\n== FLOPs ==\n" + render(build_table(run_dirs + ([Path(search["run"])] if search else []))))
     curves = run_dirs + ([variant(cfg, "_heldout", "separate").run_dir] if cfg.held_out else [])
     summary["plot"] = str(plot_accuracy_vs_flops(curves, cfg.run_dir.parent / f"{cfg.name}_accuracy_vs_flops.png"))
@@ -178,6 +182,10 @@ def run_pipeline(cfg: Config, control: bool = True) -> dict:
         summary["search"] = {k: search[k] for k in ("ranking", "ratio", "agreement", "flops", "grid_search")}
         print("\n== search: the best encoder at the search budget, against the grid search ==\n"
               + search_markdown(search))
+    if halving:
+        summary["halving"] = {k: halving[k] for k in ("best", "rungs", "ratio", "agreement", "flops", "grid_search")}
+        print("\n== search by successive halving (separate connectors, decided on held-out training samples) ==\n"
+              + budgeted_search_markdown(halving))
     return summary
 
 
