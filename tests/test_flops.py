@@ -3,7 +3,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from hnet.config import HypernetConfig
-from hnet.flops import encoder_flops, train_step_flops
+from hnet.flops import autodecode_step_flops, encoder_flops, train_step_flops
 from hnet.models.connectors import ConnectorShape
 from hnet.models.losses import clip_loss
 from hnet.models.stitch import StitchModel
@@ -71,6 +71,52 @@ def _measured_single_connectors(model, batch):
             clip_loss(a[None], b, model.logit_scale(torch.tensor([p]))).backward()
         total += counter.get_total_flops()
     return total
+
+
+def _mixed_width_model(widths):
+    shape = ConnectorShape("linear", "image_to_text", 256, 64)
+    return StitchModel("hypernet", shape, widths, HypernetConfig(hidden=64, chunk_size=256), text_widths=[64, 16])
+
+
+def _measured_pairs(model, index, batch, frozen=False):
+    """torch's count of one step of pairs `index` (hypernetwork frozen but the cond vectors: an auto-decoding)."""
+    model.requires_grad_(not frozen)
+    model.source.cond.requires_grad_(True)
+    image = torch.randn(len(WIDE), batch, model.shape.image_width)
+    text = torch.nn.functional.normalize(torch.randn(2, batch, model.shape.text_width), dim=-1)
+    with FlopCounterMode(display=False) as counter:
+        a, b, scale = model(index, image, text, model.source.pair_image[index], model.source.pair_text[index])
+        clip_loss(a, b, scale).backward()
+    return counter.get_total_flops()
+
+
+WIDE, MIXED = [256, 256, 256], [256, 32, 96]
+
+
+@pytest.mark.parametrize("index", [[0, 1, 2, 3, 4, 5], [2, 5], [3]])
+def test_mixed_width_hypernet_step_matches_torch_counter(index):
+    """The ledger charges the chunks each drawn pair's true widths need (a small batch: generation dominates)."""
+    model, batch = _mixed_width_model(MIXED), 8
+    widths = [model.source.pair_widths[p] for p in index]
+    formula = train_step_flops(model, len(index), batch, widths=widths)
+    assert formula["total"] == pytest.approx(_measured_pairs(model, torch.tensor(index), batch), rel=0.01)
+    if len(index) == len(model.pairs):  # all pairs drawn: the default (mean over trained pairs x n) is exact
+        assert train_step_flops(model, len(index), batch) == formula
+    decode = autodecode_step_flops(model, batch, len(index), widths=widths)
+    assert decode == pytest.approx(_measured_pairs(model, torch.tensor(index), batch, frozen=True), rel=0.01)
+
+
+def test_narrower_widths_are_charged_fewer_flops():
+    model, batch = _mixed_width_model(MIXED), 8
+    hyper = model.source
+    narrow, wide = (train_step_flops(model, 1, batch, widths=[w])["hypernet"] for w in [(32, 64), (256, 64)])
+    assert narrow / wide == pytest.approx(len(hyper.needed_chunks(32, 64)) / hyper.chunk_emb.shape[0])
+    assert narrow < wide / 4
+    wide_zoo = _mixed_width_model(WIDE)  # the same padded shape, every encoder at its widest
+    assert train_step_flops(model, 6, batch)["hypernet"] < train_step_flops(wide_zoo, 6, batch)["hypernet"]
+    padded = autodecode_step_flops(model, batch)  # the new encoder's width unknown: the padded bound
+    assert autodecode_step_flops(model, batch, widths=[(32, 64)]) < padded
+    assert padded == autodecode_step_flops(model, batch, widths=[(256, 64)])
 
 
 def test_linear_step_hand_formula():
@@ -144,13 +190,14 @@ def test_pipeline_ledger_equals_an_independent_recount(tiny_cfg, monkeypatch):
         + 3 * batch * gflops[held], rel=1e-6)
     # training: 2 epochs x 240 // 64 steps; linear connectors (fwd + weight grads), [2,B,B] logits (fwd + one
     # side's grad), hypernetwork trunk + head over every chunk row (fwd + input grads + weight grads)
+    # (the chunks each pair's true widths need)
     hyper = load_model_for(run)
-    rows = hyper.source.chunk_emb.shape[0]
+    rows = {n: len(hyper.source.needed_chunks(w, t)) for n, w in zip(hyper.image_names, hyper.encoder_widths)}
     hyper_macs = sum(m.in_features * m.out_features for m in hyper.source.modules() if isinstance(m, torch.nn.Linear))
-    step = 2 * (2 * 2 * batch * d * t + 2 * 2 * batch * batch * t + 3 * 2 * rows * hyper_macs)
+    step = 2 * (2 * 2 * batch * d * t + 2 * 2 * batch * batch * t + 3 * (rows[seen[0]] + rows[seen[1]]) * hyper_macs)
     assert phases["train"]["flops"] == pytest.approx(6 * step, rel=1e-6)
     # auto-decoding: 3 steps of one connector through the frozen hypernetwork (input grads only)
-    decode_step = 2 * (2 * batch * d * t + 2 * batch * batch * t + 2 * rows * hyper_macs)
+    decode_step = 2 * (2 * batch * d * t + 2 * batch * batch * t + 2 * rows[held] * hyper_macs)
     assert phases["autodecode"]["flops"] == pytest.approx(3 * decode_step, rel=1e-6)
     # evaluation: each encoder's forwards over the 96 images once; connector + class logits per image for
     # 2 mid-run probes x 2 encoders, 4 points of the decoding curve, the final evaluation of all 3 encoders

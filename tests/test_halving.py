@@ -69,7 +69,7 @@ def _count_forwards(monkeypatch):
     return seen
 
 
-def test_halving_embeds_each_sample_once_trains_apart_from_its_scoring_samples_and_recounts(tiny_root, tmp_path, monkeypatch):
+def test_halving_embeds_each_sample_once_trains_apart_from_scoring_and_recounts(tiny_root, tmp_path, monkeypatch):
     seen = _count_forwards(monkeypatch)
     cfg = halving_cfg(tiny_root, tmp_path, "search.method=halving")
     out = run_budgeted_search(cfg)

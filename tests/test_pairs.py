@@ -57,7 +57,8 @@ def test_unseen_combination_of_seen_encoders_is_generated_without_training(pairs
     model, names = load_model(cfg.run_dir)
     p, source = names.index(held), model.source
     with torch.no_grad():
-        expected = source.generate(torch.cat([source.cond[0], source.text_cond[1]])[None], source.scales[p:p + 1])
+        expected = source.generate(torch.cat([source.cond[0], source.text_cond[1]])[None], source.scales[p:p + 1],
+                                   [source.pair_widths[p]])
         for (w, b), (we, be) in zip(source(torch.tensor([p])), expected):
             assert torch.equal(w, we) and torch.equal(b, be)
         source.text_cond[1] += 1.0  # the text side's vector is part of the pair's input

@@ -66,6 +66,10 @@ class Side:
             return text_key(self.name), list(self.partners)
         return self.name, [text_key(p) for p in self.partners]
 
+    def pair_widths(self) -> list[tuple[int, int]]:
+        """(image, text) widths of the side's pairs, in data order."""
+        return [(w, self.width) if self.text else (self.width, w) for w in self.partner_widths]
+
     def encoders(self) -> tuple[list[str], list[str]]:
         """(image encoders, text encoders) of the side's pairs, in data order."""
         return (self.partners, [self.name]) if self.text else ([self.name], self.partners)
@@ -129,11 +133,13 @@ def autodecode(cfg: Config, run_dir, encoder: str, weights: str | None = None, a
     train_cache = open_training_cache(cfg, [])
     spec = None if text else parse_spec({"name": encoder, "weights": weights or cfg.image_weights})
     side = _side(model, train_cache, encoder, text, decoded)
-    step_flops = autodecode_step_flops(model, ad.batch_size, len(side.partners), accelerator.num_processes)
-    steps = planned_steps(ad, step_flops)
+    bound = autodecode_step_flops(model, ad.batch_size, len(side.partners), accelerator.num_processes)
+    steps = planned_steps(ad, bound)  # at the padded widths: the new encoder's width is known once it is embedded
     features, embedded = decoding_features(cfg, spec or encoder, side, (steps + ad.finetune_steps) * ad.batch_size,
                                            train_cache, accelerator)
     _check_width(model, side)
+    step_flops = autodecode_step_flops(model, ad.batch_size, len(side.partners), accelerator.num_processes,
+                                       side.pair_widths())
     probe = (ZeroShotProbe(cfg, cfg.eval.datasets[0], side.partners, meta.get("weights", {}), accelerator,
                            texts=[encoder])
              if text else ZeroShotProbe(cfg, cfg.eval.datasets[0], [encoder], {encoder: spec.weights}, accelerator,
