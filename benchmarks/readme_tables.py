@@ -119,7 +119,47 @@ def render_real_zoo(r: dict) -> str:
     return "\n".join(lines)
 
 
-RENDER = {"demo": render_demo, "real_zoo": render_real_zoo}
+def _search_cost_zoo(r: dict) -> list[str]:
+    """Per method: the cheapest budget meeting the target, else its best point within a tenth of the cost."""
+    target, cheapest = r["target"], r["cheapest"]
+    iv = lambda p, k, f: f"{p[k]:{f}} [{p['ci'][k][0]:{f}}, {p['ci'][k][1]:{f}}]"
+    lines = [f"| method | cheapest budget with regret <= {target['regret']:g} (upper 95% <= "
+             f"{target['regret_upper']:g}) | its share of grid search's FLOPs | regret (points) | Kendall | "
+             "best pair found |",
+             "|---|---|---:|---:|---:|---|"]
+    for method in dict.fromkeys(p["method"] for p in r["points"]):
+        points = [p for p in r["points"] if p["method"] == method]
+        share = cheapest.get(method)
+        if share is not None:
+            p = min((q for q in points if q["share"] == share), key=lambda q: q["regret"])
+            budget = p["budget"]
+        else:
+            within = [q for q in points if q["share"] <= target["share"]] or points
+            p = min(within, key=lambda q: (q["regret"], q["share"]))
+            budget = f"never; best within {target['share']:g}: {p['budget']}" if p["share"] <= target["share"] \
+                else f"never; best: {p['budget']}"
+        lines.append(f"| {method} | {budget} | {p['share']:.4f} | {iv(p, 'regret', '.1f')} | {iv(p, 'kendall', '.2f')} "
+                     f"| {', '.join(p['predicted_best'][:2]) or '-'} |")
+    c = r["ceiling"]
+    lines += ["", f"{r['pairs']} pairs; truth: {r['truth_seeds']} grid searches from seeds no method uses, scored on "
+                  f"{r['truth_images']} evaluation images no method saw; its split-half ceiling Kendall "
+                  f"{c['kendall']:.2f} [{c['ci']['kendall'][0]:.2f}, {c['ci']['kendall'][1]:.2f}]; true best pair "
+                  f"{', '.join(r['true_best'])}. Share 0 = a method that computes nothing (prior, random)."]
+    return lines
+
+
+def render_search_cost(r: dict) -> str:
+    lines = []
+    for zoo, title in (("real", "Real zoo (Flickr8k, 7 x 3 pretrained encoders, CIFAR-10 truth)"),
+                       ("demo", "Demo zoo (built-in data, 10 x 2 random-init encoders)")):
+        if zoo in r:
+            lines += [f"**{title}** (`benchmarks/results/search_cost_{zoo}.md`, commit "
+                      f"`{r[zoo].get('provenance', {}).get('commit', 'unknown')[:12]}`):", "",
+                      *_search_cost_zoo(r[zoo]), ""]
+    return "\n".join(lines).rstrip()
+
+
+RENDER = {"demo": render_demo, "real_zoo": render_real_zoo, "search_cost": render_search_cost}
 
 
 def rendered(name: str) -> str:

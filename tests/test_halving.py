@@ -172,3 +172,19 @@ def test_fixed_scores_are_scored_on_the_truths_other_half_with_its_ceiling():
     assert got["ceiling"]["kendall"] == reference["ceiling"]["kendall"]
     assert got["ci"]["kendall"][0] <= got["kendall"] <= got["ci"]["kendall"][1]
     assert got["halves"]["truth"] == len(b)
+
+
+def test_rung_runs_take_their_encoders_from_a_zoo_file_too(tiny_root, tmp_path):
+    """`encoders:` may name a YAML file (configs/demo.yaml does): each rung run gets its survivors' specs."""
+    from hnet.distributed import make_accelerator
+    from hnet.experiments.halving import Rung
+    from hnet.models.encoders import read_encoder_list
+    from tests.conftest import TINY_ENCODERS
+
+    zoo = tmp_path / "zoo.yaml"
+    zoo.write_text("weights: random\nencoders:\n" + "".join(f"  - '{n}'\n" for n in TINY_ENCODERS))
+    cfg = halving_cfg(tiny_root, tmp_path, f"encoders={zoo}")
+    halving = Halving(cfg, make_accelerator(cfg), False, tmp_path / "search")
+    run = halving._run_config(Rung(1, 2, 40, 2), halving.pairs[2:4], TINY_ENCODERS[1:2], cfg.texts, tmp_path, 0)
+    assert [(s.name, s.weights) for s in read_encoder_list(run.encoders)] == [(TINY_ENCODERS[1], "random")]
+    assert run.method == "separate" and run.train.max_steps == 2

@@ -36,6 +36,9 @@ def test_every_method_is_charged_what_it_computes_against_the_grid_searchs_whole
     full = bench.full["total_with_embed"]
     assert points["grid search (APE, own seed)", "full"]["share"] == 1.0
     assert len(bench.truth_runs) == 2 and bench.truth.shape[0] == 2
+    # the truth is not the grid search at the methods' seed: its own seeds, so its own init and data order
+    grid_hits = runs.read_hits(bench.grid_run, bench.dataset, bench.names)
+    assert all((bench.truth[i] != grid_hits).any() for i in range(2))
     grid_eval = bench.full["eval_embed"]
     assert grid_eval > 0
     for p in points.values():

@@ -83,7 +83,7 @@ class Halving:
     def __init__(self, cfg: Config, accelerator, hypernet: bool, out: Path):
         self.cfg, self.accelerator, self.hypernet, self.out = cfg, accelerator, hypernet, Path(out)
         self.specs = read_encoder_list(cfg.encoders, cfg.image_weights)
-        self.entries = {s.name: e for s, e in zip(self.specs, cfg.encoders)}
+        self.entries = {s.name: {"name": s.name, "weights": s.weights} for s in self.specs}
         self.text_entries = {text_entry_name(t): t for t in cfg.text_encoders} or {cfg.text_encoder: cfg.text_encoder}
         self.pairs = [f"{s.name}{PAIR_SEP}{t}" for s in self.specs for t in cfg.texts]
         s = cfg.search

@@ -1,4 +1,4 @@
-"""The main job end to end (what `make demo` runs, and benchmarks/real_zeroshot.py on real data):
+"""The main job end to end (what `make demo` runs, and benchmarks/real_zoo.py on real data):
 
 embed -> separate baseline on every encoder (+ zero-shot eval) -> hypernetwork on every encoder but `held_out` ->
 auto-decode the held-out encoder, against a separate connector trained from scratch on it -> zero-shot eval of the
