@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-# real_zoo.py and search_cost.py --zoo real are left out: their first run embeds Flickr8k with 10 real encoders (~69 min)
+# real_zoo.py and search_cost.py --zoo real are left out: their first run embeds Flickr8k with 10 encoders (~69 min)
 BENCHMARKS = [["bench_train_step.py"], ["bench_embed.py"], ["flops_zoo.py"], ["fault_matrix.py"]]
 
 if __name__ == "__main__":

@@ -243,7 +243,9 @@ def plot(r: dict, path: Path) -> Path:
             pts = sorted((p for p in r["points"] if p["method"] == method), key=lambda p: p["share"])
             x = [max(p["share"], 1e-5) for p in pts]
             y = [p[metric] for p in pts]
-            err = [[p[metric] - p["ci"][metric][0] for p in pts], [p["ci"][metric][1] - p[metric] for p in pts]]
+            # a point can fall outside its percentile interval (a skewed bootstrap): no negative bar
+            err = [[max(0.0, p[metric] - p["ci"][metric][0]) for p in pts],
+                   [max(0.0, p["ci"][metric][1] - p[metric]) for p in pts]]
             ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, label=method)
         if metric == "regret":
             ax.axhline(TARGET["regret"], color="k", ls=":", lw=1)
