@@ -67,7 +67,10 @@ def _cfg(base, name, **train):
 def test_hypernet_two_ranks_match_one_process(tiny_cfg, tmp_path):
     """On real (tiny) features, with the mid-run zero-shot probe on both ranks (eval set embedded split over them)."""
     one, two = train_both(_cfg(tiny_cfg, "hyper", eval_every=4), tmp_path)
-    assert_same_training(one, two)
+    # the head's output columns past a pair's true widths get gradient from few rows: Adam's tiny second moments
+    # there turn the ranks' other summation order into up to 2.7e-5 here (11 of 1M weights above 1e-5; relative
+    # norm 1e-6), a little more on other CPUs; the norm bound (1e-5) still holds every tensor
+    assert_same_training(one, two, atol=1e-4)
     probes = [[r["zeroshot_top1"] for r in files.read_jsonl(run / "metrics.jsonl") if "zeroshot_top1" in r]
               for run in (one, two)]
     assert len(probes[1]) == 2
