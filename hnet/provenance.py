@@ -1,6 +1,8 @@
 """Where a number comes from: the git commit it was measured at (and whether the tree had uncommitted changes) and
 a digest of the resolved config. Every results file carries both (`stamp`), so a number in the README can be traced
-to the code and settings that produced it, and a stale one is visible."""
+to the code and settings that produced it, and a stale one is visible. The git state is read when this module is
+first imported, i.e. when the measuring process starts and loads its code: a commit made while a long benchmark runs
+is not the code it ran."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,6 +25,9 @@ def git_state(root: Path = ROOT) -> dict:
         return {"commit": "unknown", "dirty": None}
 
 
+AT_START = git_state()
+
+
 def config_digest(config: Any) -> str:
     """sha256 (16 hex digits) of a resolved config: a dataclass (hnet's Config) or a JSON-able mapping."""
     tree = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
@@ -30,6 +35,7 @@ def config_digest(config: Any) -> str:
 
 
 def stamp(result: dict, config: Any) -> dict:
-    """`result` with its provenance: git commit, dirty flag, the config's digest and the config itself."""
+    """`result` with its provenance: git commit and dirty flag at the process's start, the config's digest and the
+    config itself."""
     tree = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
-    return result | {"provenance": git_state() | {"config_digest": config_digest(tree), "config": tree}}
+    return result | {"provenance": AT_START | {"config_digest": config_digest(tree), "config": tree}}

@@ -37,3 +37,25 @@ def test_results_carry_commit_and_config_digest():
     assert len(stamped["commit"]) == 40 and stamped["config_digest"] == config_digest(cfg)
     other = load_config(ROOT / "configs" / "demo.yaml", ["train.lr=0.5"])
     assert config_digest(other) != config_digest(cfg)
+
+
+def test_results_carry_the_commit_their_process_started_at(tmp_path):
+    """A commit made while a benchmark runs must not be stamped on its results: the code that ran is the start's."""
+    import subprocess
+    import sys
+
+    repo = tmp_path / "repo"
+    (repo / "copied").mkdir(parents=True)  # not `hnet`: the editable install would shadow it
+    (repo / "copied" / "provenance.py").write_text((ROOT / "hnet" / "provenance.py").read_text())
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t", "-C", str(repo)]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "start"], check=True)
+    start = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    script = ("import subprocess, sys; sys.path.insert(0, sys.argv[1]); from copied import provenance\n"
+              "open(sys.argv[1] + '/later.txt', 'w').write('x')\n"
+              "subprocess.run(sys.argv[2:] + ['add', '.'], check=True)\n"
+              "subprocess.run(sys.argv[2:] + ['commit', '-qm', 'later'], check=True)\n"
+              "print(provenance.stamp({}, {'a': 1})['provenance']['commit'])")
+    out = subprocess.run([sys.executable, "-c", script, str(repo), *git], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == start
