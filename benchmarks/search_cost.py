@@ -40,13 +40,14 @@ import numpy as np  # noqa: E402
 
 from hnet import files, runs  # noqa: E402
 from hnet.config import Config, dataset_name, load_config  # noqa: E402
-from hnet.data.cache import CachedFeatures, is_text, write_cache  # noqa: E402
+from hnet.data.cache import CachedFeatures  # noqa: E402
 from hnet.eval.evaluate import evaluate_run  # noqa: E402
 from hnet.eval.ranking import agreement, read_truth_hits, scores_agreement, split_agreement, split_halves  # noqa: E402
 from hnet.experiments.budget import searcher_settings  # noqa: E402
 from hnet.experiments.budgeted_search import run_budgeted_search  # noqa: E402
 from hnet.experiments.proxies import PROXIES  # noqa: E402
 from hnet.experiments.search import truth_configs  # noqa: E402
+from hnet.experiments.search_data import copy_range  # noqa: E402
 from hnet.experiments.train_run import embed_training_data, train_run  # noqa: E402
 from hnet.files import MANIFEST  # noqa: E402
 from hnet.models.encoders import text_key  # noqa: E402
@@ -89,13 +90,7 @@ def _prefix(cfg: Config, samples: int) -> None:
     root = cfg.cache_root / f"first_{samples}"
     if samples >= full.count or (root / MANIFEST).exists():
         return
-    counts = full.caption_counts()[:samples]
-    names = [n for n in full.manifest["encoders"] if n not in ("caption_counts", "labels")]
-    arrays = {n: np.asarray(full[n][:int(counts.sum())] if is_text(n) else full[n][:samples]) for n in names}
-    manifest = write_cache(root, full.keys()[:samples], arrays, caption_counts=counts)
-    for n in names:
-        manifest["encoders"][n]["identity"] = full.manifest["encoders"][n].get("identity")
-    files.write_json(root / MANIFEST, manifest | {"flops_per_sample": full.manifest["flops_per_sample"]})
+    copy_range(full, root, 0, samples, [n for n in full.manifest["encoders"] if n not in ("caption_counts", "labels")])
 
 
 class Bench:
@@ -117,10 +112,8 @@ class Bench:
         """A run's ledger: embedding, training, and evaluation on the zero-shot set (forwards of `evaluated_share` of
         its images: a method scored on half A needs only those)."""
         phases = files.read_json(run_dir / runs.FLOPS)["phases"]
-        parts = phases["eval"].get("parts", {})
-        of_set = lambda k, kind: k.startswith(f"{kind}/{self.dataset}_")
-        eval_embed = sum(p["flops"] for k, p in parts.items() if of_set(k, "embed")) * evaluated_share
-        heads = sum(p["flops"] for k, p in parts.items() if of_set(k, "heads")) * evaluated_share
+        spent = runs.zero_shot_eval_flops(run_dir, self.dataset)
+        eval_embed, heads = spent["embed"] * evaluated_share, spent["heads"] * evaluated_share
         total = phases["embed"]["flops"] + phases["train"]["flops"] + eval_embed + heads
         return {"embed": phases["embed"]["flops"], "train": phases["train"]["flops"], "eval_embed": eval_embed,
                 "eval_heads": heads, "total_with_embed": total}

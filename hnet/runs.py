@@ -60,6 +60,14 @@ def pair_top1(results: dict, dataset: str, names: list[str] | None = None) -> di
     return {n: m["top1"] for n, m in evals[dataset]["encoders"].items() if names is None or n in names}
 
 
+def zero_shot_eval_flops(run_dir: str | Path, dataset: str) -> dict[str, float]:
+    """A run's evaluation FLOPs on zero-shot set `dataset` (not the retrieval set's): its images' encoder forwards
+    ("embed") and the connectors and class heads ("heads")."""
+    parts = files.read_json(Path(run_dir) / FLOPS)["phases"]["eval"].get("parts", {})
+    return {kind: sum(p["flops"] for k, p in parts.items() if k.startswith(f"{kind}/{dataset}_"))
+            for kind in ("embed", "heads")}
+
+
 def hits_file(run_dir: str | Path, dataset: str) -> Path:
     return Path(run_dir) / EVAL_REPORTS / f"{dataset}.hits.npy"
 

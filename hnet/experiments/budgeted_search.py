@@ -104,8 +104,6 @@ def _grid_cost(cfg: Config, count: int, widths: dict[str, int], per_sample: dict
     grid["eval_heads"], grid["eval_embed"] = 0.0, 0.0
     if truth_runs:
         dataset = dataset_name(cfg.search.dataset or cfg.eval.datasets[0])
-        parts = files.read_json(Path(truth_runs[0]) / runs.FLOPS)["phases"]["eval"].get("parts", {})
-        of_set = lambda key, kind: key.startswith(f"{kind}/{dataset}_")  # not the retrieval set's parts
-        grid["eval_embed"] = sum(p["flops"] for k, p in parts.items() if of_set(k, "embed"))
-        grid["eval_heads"] = sum(p["flops"] for k, p in parts.items() if of_set(k, "heads"))
+        spent = runs.zero_shot_eval_flops(truth_runs[0], dataset)
+        grid["eval_embed"], grid["eval_heads"] = spent["embed"], spent["heads"]
     return grid

@@ -62,19 +62,7 @@ class SearchFeatures:
         if set(names) <= set(have):
             return
         names = have + [n for n in names if n not in have]  # a piece is rewritten whole, with every encoder it had
-        counts = self.full.caption_counts()[start:stop]
-        offsets = caption_offsets(self.full.caption_counts())
-        rows = offsets[start:stop] if self.first else np.arange(offsets[start], offsets[start] + counts.sum())
-        arrays = {n: np.asarray(self.full[n][rows] if is_text(n) else self.full[n][start:stop])
-                  for n in names}
-        written = write_cache(root, self.full.keys()[start:stop], arrays,
-                              caption_counts=np.ones_like(counts) if self.first else counts)
-        full = self.full.manifest["encoders"]
-        for name in names:
-            written["encoders"][name]["identity"] = full[name].get("identity")
-        per_sample = self.full.manifest["flops_per_sample"]
-        files.write_json(root / MANIFEST, written | {COPIED: str(self.full.root),
-                                                     "flops_per_sample": {n: per_sample[n] for n in names}})
+        copy_range(self.full, root, start, stop, names, self.first, {COPIED: str(self.full.root)})
 
     @staticmethod
     def describe(piece: Path) -> dict:
@@ -121,6 +109,22 @@ def embedding_cost(root: Path, asked: list[dict]) -> dict:
             spent["rows"] += rows
             spent["flops"] += rows * manifest["flops_per_sample"][name]
     return out
+
+
+def copy_range(full: CachedFeatures, root: Path, start: int, stop: int, names: list[str], first: bool = False,
+               extra: dict | None = None) -> None:
+    """A cache at `root` of samples start..stop-1 of `full` for encoders `names` (text: every caption of those
+    images, or the first when `first`), keeping each encoder's identity and FLOPs per sample."""
+    counts = full.caption_counts()[start:stop]
+    offsets = caption_offsets(full.caption_counts())
+    rows = offsets[start:stop] if first else np.arange(offsets[start], offsets[start] + counts.sum())
+    arrays = {n: np.asarray(full[n][rows] if is_text(n) else full[n][start:stop]) for n in names}
+    written = write_cache(root, full.keys()[start:stop], arrays,
+                          caption_counts=np.ones_like(counts) if first else counts)
+    for name in names:
+        written["encoders"][name]["identity"] = full.manifest["encoders"][name].get("identity")
+    per_sample = full.manifest["flops_per_sample"]
+    files.write_json(root / MANIFEST, written | (extra or {}) | {"flops_per_sample": {n: per_sample[n] for n in names}})
 
 
 def _full_cache(cfg: Config, specs: list[EncoderSpec], texts: list[str]) -> CachedFeatures | None:
