@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from hnet.report import agreement_markdown, pair_grid_markdown
+from hnet.report_ranking import agreement_markdown, pair_grid_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

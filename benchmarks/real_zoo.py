@@ -40,7 +40,7 @@ from hnet.experiments.search import truth_configs  # noqa: E402
 from hnet.experiments.train_run import embed_training_data, train_run  # noqa: E402
 from hnet.models.encoders import read_encoder_list  # noqa: E402
 from hnet.provenance import stamp  # noqa: E402
-from hnet.report import pair_grid_markdown  # noqa: E402
+from hnet.report_ranking import pair_grid_markdown  # noqa: E402
 
 CONFIG = Path(__file__).parents[1] / "configs" / "flickr8k_real.yaml"
 RESULTS = Path(__file__).parent / "results" / "real_zoo.json"

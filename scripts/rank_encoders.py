@@ -7,7 +7,7 @@ import json
 
 from hnet.cli import main_guard
 from hnet.eval.ranking import rank_encoders
-from hnet.report import ranking_markdown
+from hnet.report_ranking import ranking_markdown
 
 
 @main_guard

@@ -25,7 +25,7 @@ from hnet.experiments.search_data import SearchFeatures, embedding_cost
 from hnet.flops import grid_search_cost, proxy_flops
 from hnet.models.encoders import read_encoder_list, text_key
 from hnet.models.pairs import Pairs
-from hnet.report_search import budgeted_search_markdown
+from hnet.report_ranking import budgeted_search_markdown
 
 
 def search_dir(cfg: Config) -> Path:

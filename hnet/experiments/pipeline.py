@@ -20,14 +20,8 @@ from hnet.experiments.search import has_budget, run_search, train_truth
 from hnet.experiments.train_run import train_run
 from hnet.models.encoders import TEXT_PREFIX, read_encoder_list
 from hnet.models.pairs import held_labels, resolve_pairs
-from hnet.report import (
-    build_table,
-    plot_accuracy_vs_flops,
-    ranking_markdown,
-    render,
-    search_markdown,
-)
-from hnet.report_search import budgeted_search_markdown
+from hnet.report import build_table, plot_accuracy_vs_flops, render
+from hnet.report_ranking import budgeted_search_markdown, ranking_markdown, search_markdown
 
 
 def mean_top1(results: dict, dataset: str, names: list[str] | None = None) -> float:

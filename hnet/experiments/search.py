@@ -24,7 +24,7 @@ from hnet.files import MANIFEST
 from hnet.files import MANIFEST as SHARDS_MANIFEST
 from hnet.flops import charged_captions, grid_batch_size, grid_search_cost
 from hnet.models.encoders import text_key
-from hnet.report import search_markdown
+from hnet.report_ranking import search_markdown
 from hnet.train.optim import total_steps
 
 

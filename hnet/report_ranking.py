@@ -1,0 +1,122 @@
+"""Reports of rankings and searches: the N x M view of pair scores, an agreement with its intervals next to the
+truth's own split-half ceiling, the hypernetwork's ranking and search, and a budgeted search (halving,
+hypernet-halving, proxy): its rungs, its pick, its whole cost next to the grid search's."""
+from __future__ import annotations
+
+
+def pair_grid(pairs: dict[str, list[str]], scores: dict[str, dict[str, float]]) -> dict:
+    """The N x M view of pair scores ({method: {pair: top-1}}): per method the best pair, and per image encoder
+    the best text encoder."""
+    images = list(dict.fromkeys(i for i, _ in pairs.values()))
+    texts = list(dict.fromkeys(t for _, t in pairs.values()))
+    cell = {(i, t): label for label, (i, t) in pairs.items()}
+    out = {"images": images, "texts": texts, "best_pair": {}, "best_text": {}}
+    for method, score in scores.items():
+        out["best_pair"][method] = max(pairs, key=score.get)
+        out["best_text"][method] = {i: max((t for t in texts if (i, t) in cell), key=lambda t: score[cell[i, t]])
+                                    for i in images}
+    return out
+
+
+def pair_grid_markdown(pairs: dict[str, list[str]], scores: dict[str, dict[str, float]]) -> list[str]:
+    """Rows: image encoders; columns: text encoders; cells: top-1 per method (hypernet / separate)."""
+    grid = pair_grid(pairs, scores)
+    cell = {(i, t): label for label, (i, t) in pairs.items()}
+    methods = list(scores)
+    lines = [f"| image encoder \\ text encoder ({' / '.join(methods)}) | " + " | ".join(grid["texts"])
+             + " | best text encoder |", "|---|" + "---:|" * len(grid["texts"]) + "---|"]
+    for i in grid["images"]:
+        cells = [" / ".join(f"{scores[m][cell[i, t]]:.1f}" for m in methods) if (i, t) in cell else "-"
+                 for t in grid["texts"]]
+        best = " / ".join(grid["best_text"][m][i] for m in methods)
+        lines.append(f"| {i} | " + " | ".join(cells) + f" | {best} |")
+    lines += ["", "Best pair: " + "; ".join(f"{m} {grid['best_pair'][m]}" for m in methods)]
+    return lines
+
+
+AGREEMENT_ROWS = (("kendall", "Kendall", ".3f"), ("spearman", "Spearman", ".3f"),
+                  ("regret", "regret (points)", ".1f"), ("top1_hit", "same best pair", ".2f"),
+                  ("top3_recall", "top-3 recall", ".2f"))
+
+
+def agreement_markdown(a: dict, method: str, truth: str) -> list[str]:
+    """A split-half agreement (hnet.eval.ranking.split_agreement) with its 95% intervals, next to the truth's own
+    split-half agreement: the ceiling of what any method could reach against it."""
+    cell = lambda d, key, fmt: f"{d[key]:{fmt}} [{d['ci'][key][0]:{fmt}}, {d['ci'][key][1]:{fmt}}]"
+    h = a["halves"]
+    lines = [f"| figure | {method} vs {truth} (95% CI) | {truth} vs itself: split-half ceiling (95% CI) |",
+             "|---|---:|---:|"]
+    lines += [f"| {label} | {cell(a, key, fmt)} | {cell(a['ceiling'], key, fmt)} |"
+              for key, label, fmt in AGREEMENT_ROWS]
+    seeds = h.get("truth_seeds", 1)
+    lines += ["", f"{method} scored on {h['method']} evaluation images, {truth} ({seeds} seed{'s' * (seeds > 1)} no "
+                  f"method uses) on the other {h['truth']} (seeded split); intervals: {h['bootstrap']} bootstrap "
+                  f"resamples of the images and truth seeds. Best pair by {method}: "
+                  f"{', '.join(a['predicted_best'])}; by {truth}: {', '.join(a['true_best'])} (ties count as expected "
+                  f"values)."]
+    return lines
+
+
+def ranking_markdown(r: dict) -> str:
+    lines = [f"### Encoder ranking on {r['dataset']}", ""]
+    pairs = r.get("pairs", {})
+    if len({t for _, t in pairs.values()}) > 1:
+        scores = {m: dict(zip(r["encoders"], r[f"{m}_top1"])) for m in ("hypernet", "separate")}
+        lines += pair_grid_markdown(pairs, scores) + [""]
+    lines += ["| encoder | hypernet top-1 | separate top-1 (truth: mean over its seeds) |", "|---|---:|---:|"]
+    lines += [f"| {n} | {h:.1f} | {s:.1f} |" for n, h, s in zip(r["encoders"], r["hypernet_top1"], r["separate_top1"])]
+    lines += ["", *agreement_markdown(r, "hypernet", "separate"), "",
+              f"Training FLOPs separate (one grid search) / hypernet = {r['flops_ratio']:.2f}"]
+    return "\n".join(lines)
+
+
+def search_markdown(r: dict) -> str:
+    b, f, g = r["budget"], r["flops"], r["grid_search"]
+    lines = [f"### Encoder search on {r['dataset']} (hypernetwork: {f['steps']} steps, "
+             f"k={b['encoders_per_step'] or 'all'}, {f['samples_embedded']} pairs embedded per encoder)", "",
+             "| rank | encoder | predicted zero-shot top-1 |", "|---:|---|---:|"]
+    lines += [f"| {row['rank']} | {row['encoder']} | {row['predicted_top1']:.1f} |" for row in r["ranking"]]
+    pairs = r.get("pairs", {})
+    if len({t for _, t in pairs.values()}) > 1:
+        lines += ["", *pair_grid_markdown(pairs, {"search": {row["encoder"]: row["predicted_top1"]
+                                                             for row in r["ranking"]}})]
+    lines += ["", "| FLOPs | search (hypernetwork) | grid search (APE, estimated) | grid / search |",
+              "|---|---:|---:|---:|"]
+    for key, label in (("train", "training"), ("total", "training + evaluation heads"),
+                       ("total_with_embed", "with every embedding pass")):
+        lines.append(f"| {label} | {f[key]:.3g} | {g[key]:.3g} | x{r['ratio'][key]:.2f} |")
+    lines.append(f"\nGrid search: {g['steps']} steps per connector over {g['samples']} pairs; both sides pay the same "
+                 f"evaluation-set embedding ({f['eval_embed']:.3g} FLOPs).")
+    if "agreement" in r:
+        truth = r["agreement"]["separate"]
+        lines += ["", f"Against the finished grid search ({', '.join(truth) if isinstance(truth, list) else truth}):",
+                  "",
+                  *agreement_markdown(r["agreement"], "search", "grid search")]
+    return "\n".join(lines) + "\n"
+
+
+def budgeted_search_markdown(r: dict) -> str:
+    """The report of a halving / hypernet-halving / proxy search (hnet.experiments.budgeted_search)."""
+    b, f, g = r["budget"], r["flops"], r["grid_search"]
+    what = {"proxy": f"training-free proxy {b['proxy']} on {b['proxy_samples']} samples",
+            "halving": f"successive halving of separate connectors (eta {b['eta']})",
+            "hypernet-halving": f"successive halving, one hypernetwork per rung (eta {b['eta']})"}[r["method"]]
+    lines = [f"### Pair search: {what}", ""]
+    for rung in r.get("rungs") or []:
+        lines.append(f"- rung {rung['rung']}: {rung['pairs']} pairs, {rung['samples']} training samples, "
+                     f"{rung['steps']} steps; kept {', '.join(rung['kept'])}")
+    lines += ["", f"Best pair: {', '.join(r['best'])}", "",
+              "| FLOPs | this search | grid search (every pair, full schedule) | grid / search |",
+              "|---|---:|---:|---:|"]
+    for key, label in (("total", "training + scoring"), ("total_with_embed", "with every embedding pass")):
+        ratio = r["ratio"][key]
+        lines.append(f"| {label} | {f[key]:.3g} | {g[key]:.3g} | {'-' if ratio is None else f'x{ratio:.2f}'} |")
+    embedded = ", ".join(f"{n}: {p['rows']} rows" for n, p in f["embed_parts"].items())
+    lines.append(f"\nThe search embedded {embedded}; "
+                 f"the grid search embeds {g['samples']} samples with every encoder"
+                 + (f" and evaluates every pair ({g['eval_embed']:.3g} FLOPs of evaluation-set forwards)."
+                    if g["eval_embed"] else " (its evaluation is not counted: no truth run given)."))
+    if "agreement" in r:
+        lines += ["", "Against the grid search's truth:", "",
+                  *agreement_markdown(r["agreement"], r["method"], "grid search")]
+    return "\n".join(lines) + "\n"
