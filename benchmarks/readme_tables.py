@@ -12,6 +12,7 @@ import re
 import sys
 from pathlib import Path
 
+from hnet.report_probes import SEGMENTS
 from hnet.report_ranking import agreement_markdown, pair_grid_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,7 +160,26 @@ def render_search_cost(r: dict) -> str:
     return "\n".join(lines).rstrip()
 
 
-RENDER = {"demo": render_demo, "real_zoo": render_real_zoo, "search_cost": render_search_cost}
+def render_longtail_real(r: dict) -> str:
+    b, segs = r["boundaries"], r["segments"]
+    cell = lambda row, s: ("-" if r["rows"][row][s] is None else
+                           f"{r['rows'][row][s]:+.1f} [{r['ci'][row][s][0]:+.1f}, {r['ci'][row][s][1]:+.1f}]"
+                           if "minus" in row else
+                           f"{r['rows'][row][s]:.1f} [{r['ci'][row][s][0]:.1f}, {r['ci'][row][s][1]:.1f}]")
+    named = lambda s: ", ".join(c for c, g in zip(r["classes"], segs) if g == s) or "none"
+    lines = ["| zero-shot top-1 (%), mean over pairs (95% CI) | " +
+             " | ".join(f"{s} ({b[s]} captions: {named(s)})" for s in SEGMENTS) + " |",
+             "|---|" + "---:|" * len(SEGMENTS)]
+    lines += [f"| {row} | " + " | ".join(cell(row, s) for s in SEGMENTS) + " |" for row in r["rows"]]
+    counts = ", ".join(f"{c} {n}" for c, n in zip(r["classes"], r["counts"]))
+    lines += ["", f"{r['dataset']}, {r['images']} images, {len(r['pairs'])} pairs; APE: {len(r['ape_seeds'])} seeds. "
+                  f"Training-caption counts ({r['matching']}): {counts}. Intervals: {r['bootstrap']} bootstrap "
+                  "resamples of the images within each class and of APE's seeds."]
+    return "\n".join(lines)
+
+
+RENDER = {"demo": render_demo, "real_zoo": render_real_zoo, "search_cost": render_search_cost,
+          "longtail_real": render_longtail_real}
 
 
 def rendered(name: str) -> str:
