@@ -31,7 +31,7 @@ from hnet.experiments.budget import scaled_warmup, searcher_settings
 from hnet.experiments.search_data import SearchFeatures, embedding_cost
 from hnet.flops import retrieval_head_flops
 from hnet.models.encoders import read_encoder_list, text_key
-from hnet.models.pairs import PAIR_SEP
+from hnet.models.pairs import PAIR_SEP, split_label
 from hnet.provenance import config_digest
 from hnet.train.loop import train
 
@@ -70,11 +70,6 @@ def ranking_scores(rungs: list[dict]) -> dict[str, float]:
         for pair, score in done["scores"].items():
             out[pair] = done["rung"] * 1000.0 + score
     return out
-
-
-def _pair(label: str) -> tuple[str, str]:
-    image, _, text = label.partition(PAIR_SEP)
-    return image, text
 
 
 class Halving:
@@ -122,8 +117,8 @@ class Halving:
     def _rung(self, rung: Rung, alive: list[str], rungs: list[Rung], val: Path, full_steps: int) -> dict:
         """Embed what the rung's survivors still lack, train them, score them on the held-out search samples (on the
         main process; other ranks get an empty record)."""
-        images = [s.name for s in self.specs if any(_pair(p)[0] == s.name for p in alive)]
-        texts = [t for t in self.cfg.texts if any(_pair(p)[1] == t for p in alive)]
+        images = [s.name for s in self.specs if any(split_label(p, "halving")[0] == s.name for p in alive)]
+        texts = [t for t in self.cfg.texts if any(split_label(p, "halving")[1] == t for p in alive)]
         v, edges = self.cfg.search.val_samples, [0] + [r.samples for r in rungs[: rung.index + 1]]
         ranges = [(v + a, v + b) for a, b in zip(edges, edges[1:]) if b > a]
         pieces = [self.features.piece(a, b, images, texts) for a, b in ranges]
@@ -171,7 +166,7 @@ class Halving:
         device = model.widths.device
         scores = {}
         for pair in alive:
-            image, text = _pair(pair)
+            image, text = split_label(pair, "halving")
             index = labels.index(pair if len(model.text_names) > 1 else image)
             metrics = retrieval_metrics(model, index, torch.from_numpy(np.array(cache[image], np.float32)).to(device),
                                         torch.from_numpy(np.array(cache[text_key(text)], np.float32)).to(device),
