@@ -21,8 +21,7 @@ from hnet.cli import config_parser, main_guard, parse_config
 from hnet.config import CHOICES
 from hnet.experiments.budgeted_search import run_budgeted_search
 from hnet.experiments.search import run_search
-from hnet.report_ranking import search_markdown
-from hnet.report_search import budgeted_search_markdown
+from hnet.report_ranking import budgeted_search_markdown, search_markdown
 
 
 @main_guard
