@@ -62,10 +62,15 @@ class DataConfig:
 
 @dataclass
 class ConnectorConfig:
-    kind: str = "linear"  # linear | mlp
+    kind: str = "linear"  # linear | mlp | moe
     depth: int = 2  # mlp only: number of layers
     hidden: int = 1024  # mlp only: hidden width
     direction: str = "image_to_text"  # image_to_text | text_to_image
+    experts: int = 4  # moe: E experts of kind expert_kind (linear | mlp), top_k of them per sample
+    top_k: int = 2
+    expert_kind: str = "mlp"
+    balance_alpha: float = 0.01  # moe: Switch balance loss coefficient
+    z_loss: float = 0.0  # moe: router z-loss coefficient
 
 
 @dataclass
@@ -213,7 +218,8 @@ CHOICES = {
     "search.method": ("hypernet", "halving", "hypernet-halving", "proxy"),
     "search.captions": ("all", "first"),
     "search.proxy": ("linear_cka", "mutual_knn", "ridge_retrieval"),
-    "connector.kind": ("linear", "mlp"),
+    "connector.kind": ("linear", "mlp", "moe"),
+    "connector.expert_kind": ("linear", "mlp"),
     "connector.direction": ("image_to_text", "text_to_image"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.logit_scale": ("learnable", "fixed"),
@@ -267,8 +273,11 @@ def _validate(cfg: Config) -> None:
     if cfg.search.eta < 2:
         raise ConfigError(f"search.eta: successive halving keeps 1/eta of the pairs per rung, needs eta >= 2, got "
                           f"{cfg.search.eta}")
-    if cfg.connector.kind == "mlp" and cfg.connector.depth < 2:
-        raise ConfigError(f"connector.depth: an mlp connector needs depth >= 2, got {cfg.connector.depth}")
+    c = cfg.connector
+    if "mlp" in (c.kind, c.expert_kind if c.kind == "moe" else "") and c.depth < 2:
+        raise ConfigError(f"connector.depth: an mlp connector needs depth >= 2, got {c.depth}")
+    if c.kind == "moe" and not 1 <= c.top_k <= c.experts:
+        raise ConfigError(f"connector.top_k: needs 1 <= top_k <= experts ({c.experts}), got {c.top_k}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr: must be > 0, got {cfg.train.lr}")
     _validate_texts(cfg)

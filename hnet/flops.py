@@ -29,6 +29,7 @@ from hnet.models.encoders import (
     read_encoder_list,
     text_key,
 )
+from hnet.models.moe import moe_macs
 from hnet.models.pairs import Pairs
 from hnet.models.stitch import StitchModel
 
@@ -108,6 +109,14 @@ def connector_macs(layers: list[tuple[int, int]], n: int, batch: int) -> dict:
     return {"forward": forward, "backward": weight_grads + input_grads}
 
 
+def shape_macs(shape: ConnectorShape, n: int, batch: int, layers: list[tuple[int, int]] | None = None) -> dict:
+    """connector_macs of `layers` (default: the padded ones) of this shape; moe: the gate + the k active experts."""
+    layers = layers or shape.layers
+    if shape.kind == "moe":
+        return moe_macs(layers, shape.experts, shape.top_k, n, batch)
+    return connector_macs(layers, n, batch)
+
+
 def logits_macs(n: int, batch: int, width: int, world: int = 1, local: bool = False) -> dict:
     """Logits of one step, summed over ranks; one side (the mapped one) needs a gradient, the frozen one not.
     Without local_loss every rank computes all [n, B, B] global logits; with it, each rank computes its
@@ -141,7 +150,7 @@ def separate_macs(model, n: int, batch: int, world: int = 1, local: bool = False
     widths = [model.encoder_widths[i] for i in model.pairs.image]  # python ints: the model may live on "meta"
     text_widths = [model.text_encoder_widths[j] for j in model.pairs.text]
     out = text_widths if shape.direction == "image_to_text" else widths
-    connectors = [connector_macs(shape.true_layers(w, t), 1, batch) for w, t in zip(widths, text_widths)]
+    connectors = [shape_macs(shape, 1, batch, shape.true_layers(w, t)) for w, t in zip(widths, text_widths)]
     logits = [logits_macs(1, batch, o, world, local) for o in out]
     mean = lambda items, key: sum(m[key] for m in items) * n / pairs
     return {"connectors": {k: mean(connectors, k) for k in ("forward", "backward")},
@@ -159,7 +168,7 @@ def train_step_flops(model, n: int, batch: int, world: int = 1, frozen_hypernet:
     if model.method == "separate":
         parts = separate_macs(model, n, batch, world, local)
     else:
-        parts = {"connectors": connector_macs(shape.layers, n, batch),
+        parts = {"connectors": shape_macs(shape, n, batch),
                  "logits_loss": logits_macs(n, batch, width, world, local),
                  "hypernet": hypernet_macs(model.source, generated_rows(model, n, widths), frozen_hypernet, world)}
     out = {name: round(2 * (p["forward"] + p["backward"])) for name, p in parts.items()}
@@ -180,18 +189,18 @@ def autodecode_step_flops(model, batch: int, pairs: int = 1, world: int = 1,
 
 def zeroshot_head_flops(shape, n_classes: int) -> float:
     """Per-image FLOPs of one pair's connector + its class logits (the class side is amortised and left out)."""
-    return 2.0 * (connector_macs(shape.layers, 1, 1)["forward"] + n_classes * shape.dims[-1])
+    return 2.0 * (shape_macs(shape, 1, 1)["forward"] + n_classes * shape.dims[-1])
 
 
 def retrieval_head_flops(shape, images: int, texts: int) -> float:
     """One pair's retrieval: the connector over the images plus the images x captions similarity."""
-    return 2.0 * (connector_macs(shape.layers, 1, images)["forward"] + images * texts * shape.dims[-1])
+    return 2.0 * (shape_macs(shape, 1, images)["forward"] + images * texts * shape.dims[-1])
 
 
 def finetune_step_flops(shape, pairs: int, batch: int, world: int = 1) -> float:
     """One step of fine-tuning `pairs` connectors' weights directly (no hypernetwork) over all ranks: connectors +
     logits (every rank computes all the global logits)."""
-    parts = (connector_macs(shape.layers, pairs, batch), logits_macs(pairs, batch, shape.dims[-1], world))
+    parts = (shape_macs(shape, pairs, batch), logits_macs(pairs, batch, shape.dims[-1], world))
     return 2.0 * sum(sum(p.values()) for p in parts)
 
 
@@ -216,7 +225,7 @@ def grid_search_cost(cfg: Config, meta: dict, count: int, text_flops_per_sample:
     embedding those samples with every image encoder and every text encoder (`text_flops_per_sample`: all text
     encoders together, per caption; `captions`: how many the samples have, default one each)."""
     c, names, widths = cfg.connector, meta["image_encoders"], meta["image_widths"]
-    shape = ConnectorShape(c.kind, c.direction, max(widths), max(meta["text_widths"]), c.depth, c.hidden)
+    shape = ConnectorShape.from_config(c, max(widths), max(meta["text_widths"]))
     pairs = Pairs.from_list(meta["pairs"])
     with torch.device("meta"):
         model = StitchModel("separate", shape, widths, HypernetConfig(), text_widths=meta["text_widths"], pairs=pairs)

@@ -25,6 +25,7 @@ from hnet.flops import FlopsLedger, forward_flops, zeroshot_head_flops
 from hnet.models.encoders import TextEncoder, specs_for
 from hnet.models.identity import identity_digest, text_identity
 from hnet.models.losses import contrastive_logits
+from hnet.models.moe import eval_routing
 from hnet.models.stitch import StitchModel, padded_pair, project
 
 ECE_BINS = 15
@@ -92,14 +93,14 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n_classes
 
 @torch.no_grad()
 def zero_shot_logits(model: StitchModel, index: int, features: torch.Tensor, classifier: torch.Tensor,
-                     params=None) -> torch.Tensor:
+                     params=None, aux: dict | None = None) -> torch.Tensor:
     """Scaled logits [M, C] through pair `index`'s connector, or through given connector `params` (one pair:
-    auto-decoding, fine-tuning) for features and class embeddings of any widths."""
+    auto-decoding, fine-tuning) for features and class embeddings of any widths (`aux`: see stitch.project)."""
     index = torch.tensor([index], device=model.widths.device)
     if params is None:
         params = model.source(index)
     image, text, widths, text_widths = padded_pair(model, features, classifier)
-    a, b = project(model.shape, params, widths, text_widths, image, text)
+    a, b = project(model.shape, params, widths, text_widths, image, text, aux)
     return contrastive_logits(a, b, model.logit_scale(index))[0]  # APE: each connector's own scale
 
 
@@ -142,8 +143,12 @@ class ZeroShotProbe:
         """Pair `index` of the model (`per_image`: also its hits, 1/0 per image, under "hits", and its softmax
         confidence, under "confidence")."""
         image, text = model.pair_names(index)
-        logits = zero_shot_logits(model, index, self.features[image], self.classifiers[text])
+        aux: dict = {}
+        logits = zero_shot_logits(model, index, self.features[image], self.classifiers[text], aux=aux)
         out = classification_metrics(logits, self.labels, len(self.dataset.classnames))
+        if "router_logits" in aux:  # moe: load, entropy, dead experts, and routing by class
+            out["routing"] = eval_routing(aux["router_logits"][0], self.labels, model.shape.top_k,
+                                          len(self.dataset.classnames))
         if not per_image:
             return out
         return out | {"hits": hits(logits, self.labels).to(torch.uint8).cpu().numpy(),

@@ -87,11 +87,12 @@ class HyperNetwork(nn.Module):
     def _needed_mask(self, width: int, text_width: int) -> torch.Tensor:
         """[total_chunks] bool. A layer's flat layout read as [fan_in + 1, fan_out]: weight rows, then the bias."""
         masks = []
-        for (fan_in, fan_out), (true_in, true_out), count in zip(
-                self.shape.layers, self.shape.true_layers(width, text_width), self.chunks_per_layer):
+        for layer, ((fan_in, fan_out), (true_in, true_out), count) in enumerate(zip(
+                self.shape.layers, self.shape.true_layers(width, text_width), self.chunks_per_layer)):
             rows = torch.arange(fan_in + 1, device="cpu")
             cols = torch.arange(fan_out, device="cpu")
-            exists = ((rows < true_in) | (rows == fan_in))[:, None] & (cols < true_out)[None, :]
+            bias = (rows == fan_in) & self.shape.has_bias(layer)  # (a moe gate has none)
+            exists = ((rows < true_in) | bias)[:, None] & (cols < true_out)[None, :]
             flat = F.pad(exists.flatten(), (0, count * self.chunk_size - exists.numel()))
             masks.append(flat.view(count, self.chunk_size).any(dim=1))
         return torch.cat(masks)

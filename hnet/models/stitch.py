@@ -19,20 +19,29 @@ from hnet.models.connectors import (
     width_mask,
 )
 from hnet.models.hypernet import HyperNetwork
+from hnet.models.moe import moe_forward
 from hnet.models.pairs import Pairs, resolve_pairs
 
 MAX_LOGIT_SCALE = 100.0
 
 
 def project(shape: ConnectorShape, params: Params, widths: torch.Tensor, text_widths: torch.Tensor,
-            image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            image: torch.Tensor, text: torch.Tensor, aux: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Map one side through the connectors; return L2-normalised (image side [n,B,E], text side [B,E]|[n,B,E]).
     Inputs are zero-padded (image to D_max, text to T_max); `widths`/`text_widths` [n] are each pair's true widths,
-    and the mapped side is masked to its own, so padded pairs equal unpadded ones."""
+    and the mapped side is masked to its own, so padded pairs equal unpadded ones. A moe connector's gate logits
+    [n, B, E] go to aux["router_logits"] when `aux` is given."""
     mask = width_mask(shape.dims[-1], shape.out_widths(widths, text_widths))
+    source = image if shape.direction == "image_to_text" else text
+    if shape.kind == "moe":
+        mapped, logits = moe_forward(source, params, shape.experts, shape.top_k, mask)
+        if aux is not None:
+            aux["router_logits"] = logits
+    else:
+        mapped = connector_forward(source, params, mask)
     if shape.direction == "image_to_text":
-        return F.normalize(connector_forward(image, params, mask), dim=-1), text
-    return image, F.normalize(connector_forward(text, params, mask), dim=-1)
+        return F.normalize(mapped, dim=-1), text
+    return image, F.normalize(mapped, dim=-1)
 
 
 def padded_pair(model: "StitchModel", image: torch.Tensor, text: torch.Tensor):
@@ -78,6 +87,7 @@ class StitchModel(nn.Module):
             self.register_buffer("log_scale", log_scale)
         self.register_buffer("widths", torch.tensor(pair_widths), persistent=False)
         self.register_buffer("text_widths", torch.tensor(pair_text_widths), persistent=False)
+        self.router_logits: torch.Tensor | None = None  # moe: the last forward's gate logits [n, B, E]
 
     def pair_names(self, p: int) -> tuple[str, str]:
         """(image encoder, text encoder) of pair p."""
@@ -166,7 +176,9 @@ class StitchModel(nn.Module):
             image = image[image_slot]
         if text.dim() == 3:  # (a [B, T_max] text is one text encoder's, shared by every pair, as it is)
             text = text[0] if text.shape[0] == 1 else text[text_slot]
-        a, b = project(self.shape, params, self.widths[index], self.text_widths[index], image, text)
+        aux: dict = {}
+        a, b = project(self.shape, params, self.widths[index], self.text_widths[index], image, text, aux)
+        self.router_logits = aux.get("router_logits")  # moe: read by the training loop's balance loss
         return a, b, self.logit_scale(index)
 
 
@@ -175,7 +187,7 @@ def build_model(cfg: Config, images: list[str], widths: list[int], texts: list[s
     """All pairs of `images` x `texts`, all but cfg.held_out_pairs training; a separate (APE) run has no connectors
     for the held-out pairs."""
     c = cfg.connector
-    shape = ConnectorShape(c.kind, c.direction, max(widths), max(text_widths), c.depth, c.hidden)
+    shape = ConnectorShape.from_config(c, max(widths), max(text_widths))
     pairs, trained = resolve_pairs(images, texts, cfg.held_out_pairs)
     if cfg.method == "separate":
         pairs, trained = Pairs.from_list([pairs.as_list()[p] for p in trained]), None

@@ -32,6 +32,7 @@ from hnet.eval.zeroshot import ZeroShotProbe
 from hnet.flops import FlopsLedger, train_step_flops
 from hnet.models.encoders import read_encoder_list
 from hnet.models.losses import encoder_chunk, loss_and_surrogate
+from hnet.models.moe import moe_losses
 from hnet.models.stitch import StitchModel, build_model
 from hnet.provenance import config_digest
 from hnet.runs import save_model
@@ -186,7 +187,7 @@ def _one_step(plan: Plan, accelerator, model, optimizer, scheduler, feed, step, 
     index = torch.as_tensor(pairs, device=accelerator.device)
     _, _, image_slot, text_slot = raw.pairs.members(pairs)
     slots = [None if s is None else torch.as_tensor(s, device=accelerator.device) for s in (image_slot, text_slot)]
-    total_loss = 0.0
+    total_loss, routing = 0.0, {}
     for micro in range(plan.grad_accum):
         image, text = feed.get(plan.first_micro_step + step * plan.grad_accum + micro)
         image, text = image.to(accelerator.device), text.to(accelerator.device)
@@ -194,13 +195,17 @@ def _one_step(plan: Plan, accelerator, model, optimizer, scheduler, feed, step, 
             a, b, scale = model(index, image, text, *slots)
             loss, surrogate = loss_and_surrogate(a.float(), b.float(), scale, encoder_chunk(plan.data.batch_size),
                                                  local=plan.local_loss)
+            if raw.router_logits is not None:  # moe: balance (global batch) + z loss, averaged over pairs
+                aux, routing = moe_losses(raw.router_logits, raw.shape.top_k, raw.shape.balance_alpha,
+                                          raw.shape.z_loss)
+                surrogate = surrogate + aux
             if raw.method == "separate":  # a sum over connectors: each gets the gradient it would get alone
                 surrogate = surrogate * len(pairs)
             accelerator.backward(surrogate)
         total_loss += float(loss.detach()) / plan.grad_accum
     # the last micro-batch synchronised the gradients; fp16: unscale them once, before norms and clipping
     accelerator.unscale_gradients()
-    layer_norms = layer_grad_norms(raw) if log else {}
+    layer_norms = (layer_grad_norms(raw) | routing) if log else {}  # (and the last micro-batch's routing)
     grad_norm = _clip(plan, model, raw)
     # every rank takes the same branch: a NaN/inf loss on any rank makes the mean non-finite
     total_loss, stopped = step_all_reduce(accelerator, total_loss, stop)
