@@ -21,11 +21,18 @@ RESULTS = ROOT / "benchmarks" / "results"
 BLOCK = re.compile(r"(<!-- results: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end results -->)", re.S)
 
 
-def _source(name: str, r: dict) -> str:
-    p = r.get("provenance", {})
+def _stamp(p: dict) -> str:
     dirty = " (with uncommitted changes)" if p.get("dirty") else ""
-    return (f"_Rendered from `benchmarks/results/{name}.json`: commit `{p.get('commit', 'unknown')[:12]}`{dirty}, "
-            f"config digest `{p.get('config_digest', '?')}`._")
+    return f"commit `{p.get('commit', 'unknown')[:12]}`{dirty}, config digest `{p.get('config_digest', '?')}`"
+
+
+def _source(name: str, r: dict) -> str:
+    """The results file's stamp; a file of several stamped entries (search_cost.json: one per zoo) names each."""
+    if "provenance" in r:
+        return f"_Rendered from `benchmarks/results/{name}.json`: {_stamp(r['provenance'])}._"
+    entries = "; ".join(f"{key}: {_stamp(v['provenance'])}" for key, v in r.items()
+                        if isinstance(v, dict) and "provenance" in v)
+    return f"_Rendered from `benchmarks/results/{name}.json`: {entries or 'commit `unknown`'}._"
 
 
 def render_demo(r: dict) -> str:
