@@ -20,6 +20,20 @@ def load_benchmark(name: str):
     return module
 
 
+def padded_pair_features(pairs, rows: int):
+    """Random unit features of `rows` samples for (image width, text width) `pairs`, each at its true widths and
+    zero-padded to the widest: (widths, text widths, images, texts, padded images, padded texts)."""
+    import torch
+    import torch.nn.functional as F
+
+    widths, text_widths = torch.tensor([w for w, _ in pairs]), torch.tensor([t for _, t in pairs])
+    images = [F.normalize(torch.randn(rows, w), dim=-1) for w, _ in pairs]
+    texts = [F.normalize(torch.randn(rows, t), dim=-1) for _, t in pairs]
+    padded = torch.stack([F.pad(x, (0, int(widths.max()) - x.shape[1])) for x in images])
+    padded_text = torch.stack([F.pad(x, (0, int(text_widths.max()) - x.shape[1])) for x in texts])
+    return widths, text_widths, images, texts, padded, padded_text
+
+
 @pytest.fixture(autouse=True)
 def _fresh_text_folders():
     """Each test starts with no local text folders registered (the registry is per process)."""

@@ -13,6 +13,7 @@ from hnet.models.connectors import (
 )
 from hnet.models.hypernet import HyperNetwork
 from hnet.models.stitch import project
+from tests.conftest import padded_pair_features
 
 WIDTHS = [24, 40, 64]
 TEXT_WIDTHS = [20, 32]
@@ -31,11 +32,7 @@ def test_padded_pairs_equal_unpadded(source, kind, direction):
         params = SeparateConnectors(shape, [w for w, _ in pairs], text_widths=[t for _, t in pairs])(torch.arange(6))
     else:
         params = HyperNetwork(shape, WIDTHS, HypernetConfig(chunk_size=512), text_widths=TEXT_WIDTHS)(torch.arange(6))
-    widths, text_widths = torch.tensor([w for w, _ in pairs]), torch.tensor([t for _, t in pairs])
-    images = [F.normalize(torch.randn(5, w), dim=-1) for w, _ in pairs]
-    texts = [F.normalize(torch.randn(5, t), dim=-1) for _, t in pairs]
-    padded = torch.stack([F.pad(x, (0, max(WIDTHS) - x.shape[1])) for x in images])
-    padded_text = torch.stack([F.pad(x, (0, max(TEXT_WIDTHS) - x.shape[1])) for x in texts])
+    widths, text_widths, images, texts, padded, padded_text = padded_pair_features(pairs, 5)
     a, b = project(shape, params, widths, text_widths, padded, padded_text)
     for i, (w, t) in enumerate(pairs):
         single = Connector.from_params(shape, [(W[i:i + 1], bb[i:i + 1]) for W, bb in params], w, t)

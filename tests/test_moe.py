@@ -20,6 +20,7 @@ from hnet.models.connectors import Connector, ConnectorShape, SeparateConnectors
 from hnet.models.hypernet import HyperNetwork
 from hnet.models.moe import balance_loss, moe_forward, moe_losses, route, z_loss
 from hnet.models.stitch import project
+from tests.conftest import padded_pair_features
 
 WIDTHS = [24, 40]
 TEXT_WIDTHS = [20, 32]
@@ -126,11 +127,7 @@ def test_padded_moe_equals_unpadded(source, expert_kind, direction):
         params = hyper(index)
         hyper.all_chunks, hyper._needed = True, {}
         everything = hyper(index)
-    widths, text_widths = torch.tensor([w for w, _ in pairs]), torch.tensor([t for _, t in pairs])
-    images = [F.normalize(torch.randn(9, w), dim=-1) for w, _ in pairs]
-    texts = [F.normalize(torch.randn(9, t), dim=-1) for _, t in pairs]
-    padded = torch.stack([F.pad(x, (0, max(WIDTHS) - x.shape[1])) for x in images])
-    padded_text = torch.stack([F.pad(x, (0, max(TEXT_WIDTHS) - x.shape[1])) for x in texts])
+    widths, text_widths, images, texts, padded, padded_text = padded_pair_features(pairs, 9)
     a, b = project(shape, params, widths, text_widths, padded, padded_text)
     mapped, inputs = (a, images) if direction == "image_to_text" else (b, texts)
     for i, (w, t) in enumerate(pairs):
