@@ -31,7 +31,7 @@ import real_zoo  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "longtail_real.json"
 BOOTSTRAP = 2000
 HYPERNETS = {"hypernet, full schedule (real_zoo.py)": "flickr8k_real_hypernet",
-             "hypernet, 230 steps (search_cost.py's largest budget)": "flickr8k_real_hyper_s230_k0_m6000_hypernet"}
+             "hypernet, 230 steps = APE's schedule (search_cost.py run)": "flickr8k_real_hyper_s230_k0_m6000_hypernet"}
 
 
 def segment_scores(hits: np.ndarray, labels: np.ndarray, segment_of_class: list[str], weights: np.ndarray) -> dict:
