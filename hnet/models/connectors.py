@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hnet.models.moe import sparse_forward
+from hnet.models.moe import dense_forward, sparse_forward
 
 Params = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: W [N, in, out], b [N, out]
 
@@ -103,10 +103,7 @@ def connector_forward(x: torch.Tensor, params: Params, mask: torch.Tensor | None
     n = params[0][0].shape[0]
     if x.dim() == 2:
         x = x.unsqueeze(0).expand(n, -1, -1)
-    for i, (weight, bias) in enumerate(params):
-        x = torch.baddbmm(bias.unsqueeze(1), x, weight)
-        if i < len(params) - 1:
-            x = F.gelu(x)
+    x = dense_forward(x, params)
     if mask is not None:
         x = x * mask.unsqueeze(1).to(x.dtype)
     return x

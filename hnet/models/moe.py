@@ -46,7 +46,8 @@ def split_experts(params: Params, experts: int) -> tuple[tuple[torch.Tensor, tor
     return params[0], [params[1 + e * per: 1 + (e + 1) * per] for e in range(experts)]
 
 
-def _dense(x: torch.Tensor, params: Params) -> torch.Tensor:
+def dense_forward(x: torch.Tensor, params: Params) -> torch.Tensor:
+    """x [N, B, in] through batched layers (W [N, in, out], b [N, out]), GELU between them."""
     for i, (weight, bias) in enumerate(params):
         x = torch.baddbmm(bias.unsqueeze(1), x, weight)
         if i < len(params) - 1:
@@ -62,7 +63,7 @@ def moe_forward(x: torch.Tensor, params: Params, experts: int, top_k: int,
         x = x.unsqueeze(0).expand(gate.shape[0], -1, -1)
     logits = torch.bmm(x.float(), gate.float())
     weights = combine_weights(logits, top_k).to(x.dtype)
-    out = sum(weights[..., e: e + 1] * _dense(x, p) for e, p in enumerate(expert_params))
+    out = sum(weights[..., e: e + 1] * dense_forward(x, p) for e, p in enumerate(expert_params))
     if mask is not None:
         out = out * mask.unsqueeze(1).to(out.dtype)
     return out, logits
