@@ -1,6 +1,7 @@
 """The README's generated results: each block between `<!-- results: NAME -->` and `<!-- end results -->` in
-README.md is rendered from the results file it reports (benchmarks/results/NAME.json), with that file's commit and
-config digest, so a README number is always the one the file holds (tests/test_readme.py checks).
+README.md is rendered from the results file it reports (benchmarks/results/NAME.json; NAME.VIEW: another view of
+the same file), with that file's commit and config digest, so a README number is always the one the file holds
+(tests/test_readme.py checks).
 
     python benchmarks/readme_tables.py          # rewrite the blocks from the results files
     python benchmarks/readme_tables.py --check  # exit 1, naming the blocks, when README.md disagrees with them
@@ -18,7 +19,7 @@ from hnet.report_ranking import agreement_markdown, pair_grid_markdown
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 RESULTS = ROOT / "benchmarks" / "results"
-BLOCK = re.compile(r"(<!-- results: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end results -->)", re.S)
+BLOCK = re.compile(r"(<!-- results: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- end results -->)", re.S)
 
 
 def _stamp(p: dict) -> str:
@@ -185,14 +186,31 @@ def render_longtail_real(r: dict) -> str:
     return "\n".join(lines)
 
 
+GRID_PARTS = {"embed": "embedding the training data (every image and caption, every encoder)",
+              "train": "training the connectors", "eval_embed": "embedding the evaluation images, every encoder",
+              "eval_heads": "zero-shot heads (class-name prompts) and logits"}
+
+
+def render_grid_cost(r: dict) -> str:
+    """Where the real zoo's grid search (APE over every pair) spends its FLOPs, by the ledger's parts."""
+    cost = r["real"]["grid_cost"]
+    total = cost["total_with_embed"]
+    lines = ["| part of the grid search on the real zoo | FLOPs | share |", "|---|---:|---:|"]
+    share = lambda x: f"{x:.1%}" if x >= 0.01 else f"{x:.2%}"
+    lines += [f"| {label} | {cost[key]:.3g} | {share(cost[key] / total)} |" for key, label in GRID_PARTS.items()]
+    lines += [f"| total | {total:.3g} | 100% |", "", f"{r['real']['pairs']} pairs; forward + backward, 1 multiply-add "
+              "= 2 FLOPs (docs/flops.md)."]
+    return "\n".join(lines)
+
+
 RENDER = {"demo": render_demo, "real_zoo": render_real_zoo, "search_cost": render_search_cost,
-          "longtail_real": render_longtail_real}
+          "longtail_real": render_longtail_real, "search_cost.grid_cost": render_grid_cost}
 
 
 def rendered(name: str) -> str:
-    path = RESULTS / f"{name}.json"
-    result = json.loads(path.read_text())
-    return RENDER[name](result) + "\n\n" + _source(name, result) + "\n"
+    file = name.split(".")[0]
+    result = json.loads((RESULTS / f"{file}.json").read_text())
+    return RENDER[name](result) + "\n\n" + _source(file, result) + "\n"
 
 
 def update(text: str) -> tuple[str, list[str]]:

@@ -19,6 +19,13 @@ def test_readme_results_blocks_equal_what_the_results_files_render():
     assert changed == [], f"README.md blocks {changed} differ from benchmarks/results: run benchmarks/readme_tables.py"
 
 
+def test_readme_seed_setting_table_is_what_the_tool_computes():
+    from hnet.report import render, seed_setting_table
+
+    assert render(seed_setting_table(), "md").strip() in (ROOT / "README.md").read_text(), \
+        "README.md's research-setting FLOPs table differs from python scripts/flops_report.py --seed-table"
+
+
 def test_a_hand_edited_number_is_caught():
     tables = _tables()
     text = (ROOT / "README.md").read_text()
