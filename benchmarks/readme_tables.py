@@ -203,8 +203,37 @@ def render_grid_cost(r: dict) -> str:
     return "\n".join(lines)
 
 
-RENDER = {"demo": render_demo, "real_zoo": render_real_zoo, "search_cost": render_search_cost,
-          "longtail_real": render_longtail_real, "search_cost.grid_cost": render_grid_cost}
+def _connector_label(name: str, c: dict) -> str:
+    if c["kind"] == "moe":
+        return f"moe: {c['experts']} x mlp(hidden {c['hidden']}), top-{c['top_k']}"
+    if c["kind"] == "mlp":
+        return f"dense mlp, hidden {c['hidden']}" + (" (matched FLOPs)" if name == "dense_flops" else "")
+    return "linear (the real zoo's connector)"
+
+
+def render_moe_real(r: dict) -> str:
+    iv = lambda x, f="+.2f": f"{x['gap']:{f}} [{x['ci'][0]:{f}}, {x['ci'][1]:{f}}]"
+    lines = [f"| connector (APE, {len(r['pairs'])} pairs, {r['seeds']} seeds) | active params per pair | params per "
+             f"pair | training FLOPs (ledger, per run) | {r['dataset']} zero-shot top-1 (95% CI) | per seed |",
+             "|---|---:|---:|---:|---:|---|"]
+    for name, v in r["variants"].items():
+        lines.append(f"| {_connector_label(name, v['connector'])} | {v['active_params_per_pair']:,.0f} | "
+                     f"{v['params_per_pair']:,.0f} | {v['ledger_train_flops']:.3g} | {v['top1']:.2f} "
+                     f"[{v['ci'][0]:.2f}, {v['ci'][1]:.2f}] | {', '.join(f'{x:.1f}' for x in v['per_seed'])} |")
+    lines += ["", "| comparison | moe minus dense, points (95% CI) | pairs higher / lower | FLOPs ratio | "
+                  "active params ratio | verdict |", "|---|---:|---:|---:|---:|---|"]
+    for label, c in r["comparisons"].items():
+        lines.append(f"| {label} (vs {_connector_label(c['dense'], r['variants'][c['dense']]['connector'])}) | "
+                     f"{iv(c)} | {c['pairs_higher']} / {c['pairs_lower']} | {c['flops_ratio']:.3f} | "
+                     f"{c['active_params_ratio']:.3f} | {c['verdict']} |")
+    lines += ["", "Intervals: bootstrap over the evaluation images and the seeds, drawn once for both sides of a "
+                  "comparison; a winner is named only where the interval excludes 0."]
+    return "\n".join(lines)
+
+
+RENDER = {"demo": render_demo, "moe_real": render_moe_real, "real_zoo": render_real_zoo,
+          "search_cost": render_search_cost, "longtail_real": render_longtail_real,
+          "search_cost.grid_cost": render_grid_cost}
 
 
 def rendered(name: str) -> str:

@@ -71,3 +71,5 @@ def test_every_variant_trains_and_scores_at_every_seed(tiny_cfg):
     matched = result["comparisons"]["matched FLOPs"]
     assert matched["dense"] == "dense_flops" and matched["moe"] == "moe"
     assert len(result["pairs"]) == 3
+    table = load_benchmark("readme_tables").render_moe_real(result)
+    assert matched["verdict"] in table and "moe: 4 x mlp(hidden 8), top-2" in table

@@ -19,6 +19,18 @@ def test_readme_results_blocks_equal_what_the_results_files_render():
     assert changed == [], f"README.md blocks {changed} differ from benchmarks/results: run benchmarks/readme_tables.py"
 
 
+def test_every_results_file_carries_commit_and_config_digest():
+    import json
+
+    for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+        result = json.loads(path.read_text())
+        stamps = [result["provenance"]] if "provenance" in result else \
+            [v["provenance"] for v in result.values() if isinstance(v, dict) and "provenance" in v]
+        assert stamps, f"{path}: no provenance (run the benchmark that writes it again)"
+        for p in stamps:
+            assert len(p["commit"]) == 40 and p["config_digest"], f"{path}: incomplete provenance {p}"
+
+
 def test_readme_seed_setting_table_is_what_the_tool_computes():
     from hnet.report import render, seed_setting_table
 
