@@ -13,14 +13,18 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+OUTPUTS = ("benchmarks/results/",)  # what benchmarks write, not code: a chain of benchmarks leaves them uncommitted
 
 
 def git_state(root: Path = ROOT) -> dict:
-    """{"commit": HEAD's sha (or "unknown" outside a git checkout), "dirty": uncommitted changes to tracked files}."""
+    """{"commit": HEAD's sha (or "unknown" outside a git checkout), "dirty": uncommitted changes to tracked files
+    other than results (OUTPUTS), "uncommitted": the paths of all uncommitted tracked changes}."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
     try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+        return {"commit": git("rev-parse", "HEAD").strip(), "uncommitted": changed,
+                "dirty": any(not path.startswith(OUTPUTS) for path in changed)}
     except (OSError, subprocess.CalledProcessError):
         return {"commit": "unknown", "dirty": None}
 

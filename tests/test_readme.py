@@ -78,3 +78,25 @@ def test_results_carry_the_commit_their_process_started_at(tmp_path):
               "print(provenance.stamp({}, {'a': 1})['provenance']['commit'])")
     out = subprocess.run([sys.executable, "-c", script, str(repo), *git], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == start
+
+
+def test_a_results_file_left_uncommitted_is_not_a_code_change(tmp_path):
+    """A chain of benchmarks leaves the first one's results uncommitted when the next starts: listed, not dirty."""
+    import subprocess
+
+    from hnet.provenance import git_state
+
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t", "-C", str(tmp_path)]
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "a.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "start"], check=True)
+    assert git_state(tmp_path) | {"commit": ""} == {"commit": "", "dirty": False, "uncommitted": []}
+    (tmp_path / "benchmarks" / "results" / "a.json").write_text('{"new": 1}')
+    state = git_state(tmp_path)
+    assert state["dirty"] is False and state["uncommitted"] == ["benchmarks/results/a.json"]
+    (tmp_path / "code.py").write_text("x = 2\n")
+    state = git_state(tmp_path)
+    assert state["dirty"] is True and state["uncommitted"] == ["benchmarks/results/a.json", "code.py"]
