@@ -85,28 +85,29 @@ def connectors(hidden: int, widths: list[tuple[int, int]]) -> dict[str, Connecto
             "linear": ConnectorConfig(kind="linear")}
 
 
+def _interval(statistic, seeds: int, images: int, boot: int, seed: int) -> list[float]:
+    """95% percentile interval of statistic(seed indices, image indices) over joint bootstrap draws of both."""
+    rng = np.random.default_rng(seed)
+    draws = [statistic(rng.integers(0, seeds, seeds), rng.integers(0, images, images)) for _ in range(boot)]
+    return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
+
+
 def paired_gap(a: np.ndarray, b: np.ndarray, boot: int = BOOTSTRAP, seed: int = 0) -> dict:
     """a, b: hits [seeds, pairs, images] of two variants on the same pairs and images; a - b in points, mean over
     pairs and seeds, with a 95% interval over images and seeds (one draw of each serves both variants)."""
-    rng = np.random.default_rng(seed)
     seeds, _, images = a.shape
     gap = lambda sd, img: (a[sd][:, :, img].mean() - b[sd][:, :, img].mean()) * 100
-    draws = [gap(rng.integers(0, seeds, seeds), rng.integers(0, images, images)) for _ in range(boot)]
     per_pair = a.mean(axis=(0, 2)) - b.mean(axis=(0, 2))
-    return {"gap": float(gap(np.arange(seeds), np.arange(images))),
-            "ci": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))],
+    return {"gap": float(gap(np.arange(seeds), np.arange(images))), "ci": _interval(gap, seeds, images, boot, seed),
             "pairs_higher": int((per_pair > 0).sum()), "pairs_lower": int((per_pair < 0).sum()),
             "n_pairs": int(a.shape[1]), "seeds": int(seeds)}
 
 
 def mean_ci(hits: np.ndarray, boot: int = BOOTSTRAP, seed: int = 0) -> dict:
     """Mean top-1 (%) of hits [seeds, pairs, images] with a 95% interval over images and seeds."""
-    rng = np.random.default_rng(seed)
     seeds, _, images = hits.shape
     mean = lambda sd, img: hits[sd][:, :, img].mean() * 100
-    draws = [mean(rng.integers(0, seeds, seeds), rng.integers(0, images, images)) for _ in range(boot)]
-    ci = [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
-    return {"top1": float(hits.mean() * 100), "ci": ci,
+    return {"top1": float(hits.mean() * 100), "ci": _interval(mean, seeds, images, boot, seed),
             "per_seed": [float(s.mean() * 100) for s in hits]}
 
 
@@ -146,14 +147,16 @@ def _routing(run_dir: Path, dataset: str) -> dict | None:
             "dead_experts": int(sum(r["dead_experts"] for r in routing))}
 
 
-def measure_variant(cfgs: list[Config], connector: ConnectorConfig, widths, dataset: str, pairs: list[str]) -> dict:
+def measure_variant(cfgs: list[Config], connector: ConnectorConfig, widths, dataset: str,
+                    pairs: list[str]) -> tuple[dict, np.ndarray]:
+    """A variant's summary and its hits [seeds, pairs, images]."""
     seconds = [_train_eval(c, dataset) for c in cfgs]
     hits = np.stack([runs.read_hits(c.run_dir, dataset, pairs) for c in cfgs])
     ledger = [files.read_json(c.run_dir / runs.FLOPS)["phases"]["train"]["flops"] for c in cfgs]
     return {"connector": dataclasses.asdict(connector), "active_params_per_pair": active_params(connector, widths),
             "params_per_pair": total_params(connector, widths), "train_macs_per_row": train_macs(connector, widths),
             "ledger_train_flops": float(np.mean(ledger)), "train_seconds": seconds,
-            "routing": _routing(cfgs[0].run_dir, dataset), **mean_ci(hits), "_hits": hits}
+            "routing": _routing(cfgs[0].run_dir, dataset), **mean_ci(hits)}, hits
 
 
 def pair_widths(run_dir: Path) -> tuple[list[str], list[tuple[int, int]]]:
@@ -171,18 +174,17 @@ def measure(cfg: Config, seeds: int, hidden: int) -> dict:
     reference = run_configs(cfg, ConnectorConfig(kind="linear"), "linear", 1)[0]
     _train_eval(reference, dataset)
     pairs, widths = pair_widths(reference.run_dir)
-    out = {}
+    out, hits = {}, {}
     for name, connector in connectors(hidden, widths).items():
-        out[name] = measure_variant(run_configs(cfg, connector, name, seeds), connector, widths, dataset, pairs)
+        out[name], hits[name] = measure_variant(run_configs(cfg, connector, name, seeds), connector, widths, dataset,
+                                                pairs)
     comparisons = {}
     for label, (a, b) in COMPARISONS.items():
-        gap = paired_gap(out[a]["_hits"], out[b]["_hits"])
+        gap = paired_gap(hits[a], hits[b])
         ratio = lambda key: out[a][key] / out[b][key]
         comparisons[label] = {"moe": a, "dense": b, **gap, "verdict": verdict(gap),
                               "flops_ratio": ratio("ledger_train_flops"),
                               "active_params_ratio": ratio("active_params_per_pair")}
-    for v in out.values():
-        del v["_hits"]
     return {"dataset": dataset, "pairs": pairs, "seeds": seeds, "hidden": hidden, "variants": out,
             "comparisons": comparisons}
 
