@@ -49,8 +49,11 @@ def agreement_markdown(a: dict, method: str, truth: str) -> list[str]:
     lines += [f"| {label} | {cell(a, key, fmt)} | {cell(a['ceiling'], key, fmt)} |"
               for key, label, fmt in AGREEMENT_ROWS]
     seeds = h.get("truth_seeds", 1)
-    lines += ["", f"{method} scored on {h['method']} evaluation images, {truth} ({seeds} seed{'s' * (seeds > 1)} no "
-                  f"method uses) on the other {h['truth']} (seeded split); intervals: {h['bootstrap']} bootstrap "
+    scored = (f"{method} scored on {h['method']} evaluation images" if h["method"] else
+              f"{method} decided on held-out search samples (no evaluation image)")
+    other = "the other " if h["method"] else ""
+    lines += ["", f"{scored}, {truth} ({seeds} seed{'s' * (seeds > 1)} no "
+                  f"method uses) on {other}{h['truth']} (seeded split); intervals: {h['bootstrap']} bootstrap "
                   f"resamples of the images and truth seeds. Best pair by {method}: "
                   f"{', '.join(a['predicted_best'])}; by {truth}: {', '.join(a['true_best'])} (ties count as expected "
                   f"values)."]

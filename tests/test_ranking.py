@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from hnet.eval.ranking import agreement, in_top_k, split_agreement, split_halves
+from hnet.report_ranking import agreement_markdown
 
 
 def test_ties_are_expected_values_whatever_the_order():
@@ -81,3 +82,16 @@ def test_truth_runs_use_seeds_no_method_uses(tiny_cfg):
     assert len(truths) == tiny_cfg.search.truth_seeds == 3 and len(set(seeds)) == 3
     assert tiny_cfg.train.seed not in seeds and len({t.run_dir for t in truths}) == 3
     assert all(t.method == "separate" and not t.held_out_pairs for t in truths)
+
+
+def test_agreement_text_says_when_a_method_decided_without_evaluation_images():
+    figure = {k: 0.5 for k in ("kendall", "spearman", "regret", "top1_hit", "top3_recall")}
+    figure["ci"] = {k: (0.0, 1.0) for k in figure}
+    a = figure | {"ceiling": figure, "predicted_best": ["a + t"], "true_best": ["b + t"],
+                  "halves": {"method": 0, "truth": 500, "bootstrap": 10, "truth_seeds": 3}}
+    text = "\n".join(agreement_markdown(a, "halving", "grid search"))
+    assert "halving decided on held-out search samples (no evaluation image)" in text
+    assert "0 evaluation images" not in text and "the other 500" not in text
+    a["halves"]["method"] = 500
+    assert "halving scored on 500 evaluation images, grid search (3 seeds no method uses) on the other 500" in \
+        "\n".join(agreement_markdown(a, "halving", "grid search"))
