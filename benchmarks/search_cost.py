@@ -58,13 +58,17 @@ import real_zoo  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = {"regret": 1.0, "regret_upper": 2.0, "share": 0.1}  # the goal: regret <= 1 (upper 95% <= 2) at <= 1/10
+TUNED = ", lr tuned on search data"  # a halving method whose rungs pick their lr among BUDGETS' lrs (search.lrs)
 BUDGETS = {  # per zoo: (steps, samples) of truncated APE; (steps, k, samples) of the hypernetwork; halving rung 0
+    # samples, and the learning rates a tuned halving tries at each rung
     "real": {"ape": [(10, 128), (25, 256), (50, 500), (100, 1000)],
              "hypernet": [(25, 0, 256), (50, 0, 500), (100, 0, 1000), (230, 0, 6000)],
-             "halving": [64, 128, 256], "proxy": [250, 500, 1000, 2000], "val": 250, "rung_steps": 20},
+             "halving": [64, 128, 256], "proxy": [250, 500, 1000, 2000], "val": 250, "rung_steps": 20,
+             "lrs": [2e-3, 6e-3, 2e-2, 6e-2]},
     "demo": {"ape": [(10, 100), (20, 250), (40, 500)],
              "hypernet": [(20, 0, 250), (40, 0, 500), (160, 0, 1000)],
-             "halving": [32, 64, 128], "proxy": [125, 250, 500], "val": 200, "rung_steps": 20},
+             "halving": [32, 64, 128], "proxy": [125, 250, 500], "val": 200, "rung_steps": 20,
+             "lrs": [3e-3, 1e-2, 3e-2, 1e-1]},
 }
 
 
@@ -141,15 +145,44 @@ class Bench:
         data = dataclasses.replace(self.cfg.data, samples_per_encoder=0 if samples >= count else samples)
         return dataclasses.replace(self.cfg, name=f"{self.cfg.name}_{tag}", method=method, train=t, data=data)
 
-    def searched(self, method: str, budget: str, **search) -> dict:
-        """A budgeted search (halving, hypernet-halving, proxy) scored on half B only."""
+    def searched(self, method: str, budget: str, label: str = "", **search) -> dict:
+        """A budgeted search (halving, hypernet-halving, proxy) scored on half B only; a halving search also says, rung
+        by rung, how its scores agreed with the truth and whether it kept the true best pair."""
         cfg = dataclasses.replace(self.cfg, name=f"{self.cfg.name}_{budget.replace(' ', '').replace(',', '_')}",
                                   search=dataclasses.replace(self.cfg.search, method=method, **search))
         out = run_budgeted_search(cfg, self.truth_runs)
         f = out["flops"]
         cost = {"embed": f["embed"], "train": f["train"], "eval_embed": 0.0, "eval_heads": f["eval_heads"],
                 "total_with_embed": f["total_with_embed"]}
-        return self.point(method, budget, out["agreement"], cost) | {"best_found": out["best"]}
+        rungs = {"rungs": [self.rung_figures(r) for r in out["rungs"]]} if out.get("rungs") else {}
+        return self.point(label or method, budget, out["agreement"], cost) | {"best_found": out["best"]} | rungs
+
+    def rung_figures(self, rung: dict) -> dict:
+        """One halving rung against the truth on half B: Kendall of its scores over its pairs (with the interval),
+        whether the true best pair was among them and whether it was kept."""
+        names = list(rung["scores"])
+        truth = self.truth[:, [self.names.index(n) for n in names]]
+        got = scores_agreement(rung["scores"], truth, names)
+        top = max(self.truth_b.values())
+        best = [n for n, v in self.truth_b.items() if v == top]
+        return {"rung": rung["rung"], "pairs": len(names), "samples": rung["samples"], "steps": rung["steps"],
+                "lr": rung.get("lr"), "kendall": got["kendall"], "kendall_ci": got["ci"]["kendall"],
+                "true_best_in": any(b in names for b in best), "true_best_kept": any(b in rung["kept"] for b in best)}
+
+    def retrieval_signal(self) -> dict | None:
+        """Halving's decision signal at full training: caption retrieval (mean of R@1/5/10 both ways) of the grid
+        search's own connectors on the zoo's retrieval set, against the zero-shot truth on half B; None when that run
+        has no retrieval results (benchmarks/real_zoo.py evaluates it)."""
+        run = real_zoo.ape_run_dir(self.cfg) if self.zoo == "real" else None
+        result = files.read_json(run / runs.EVAL) if run and (run / runs.EVAL).exists() else {}
+        recalls = result.get("retrieval", {})
+        if not all(n in recalls for n in self.names):
+            return None
+        scores = {n: float(np.mean([v for d in ("image_to_text", "text_to_image") for v in recalls[n][d].values()]))
+                  for n in self.names}
+        got = scores_agreement(scores, self.truth, self.names)
+        return {"run": str(run), "kendall": got["kendall"], "regret": got["regret"], "ci": got["ci"],
+                "predicted_best": got["predicted_best"]}
 
     def prior(self) -> dict:
         """A static prior: the pair whose encoders compute the most per sample is ranked best (no cost)."""
@@ -186,7 +219,10 @@ class Bench:
                    for s, k, m in b["hypernet"]]
         for method in ("halving", "hypernet-halving"):
             points += [self.searched(method, f"{method} r0 {n}", rung_samples=n, val_samples=b["val"],
-                                     rung_steps=b["rung_steps"]) for n in b["halving"]]
+                                     rung_steps=b["rung_steps"], lrs=[]) for n in b["halving"]]
+            points += [self.searched(method, f"{method} r0 {n} lrs", method + TUNED, rung_samples=n,
+                                     val_samples=b["val"], rung_steps=b["rung_steps"], lrs=b["lrs"])
+                       for n in b["halving"] if b.get("lrs")]
         for proxy in b.get("proxies", PROXIES):
             points += [self.searched("proxy", f"{proxy} {n}", proxy=proxy, proxy_samples=n) for n in b["proxy"]]
         return points + [self.prior(), self.random()]
@@ -220,7 +256,29 @@ def markdown(r: dict) -> str:
                   f"<= {TARGET['regret']:g} point (upper 95% <= {TARGET['regret_upper']:g}) at <= "
                   f"{TARGET['share']:g} of the grid search's FLOPs. Cheapest share meeting it: "
                   + ", ".join(f"{m} {'never' if s is None else f'{s:.4f}'}" for m, s in r["cheapest"].items()) + "."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + rung_lines(r)) + "\n"
+
+
+def rung_lines(r: dict) -> list[str]:
+    """Where each halving search lost or kept the true best pair, and its decision signal at full training."""
+    lines = ["", "Halving, rung by rung against the truth (Kendall over the rung's pairs; kept = the true best pair "
+                 "survived the rung):", ""]
+    for p in (p for p in r["points"] if p.get("rungs")):
+        steps = "; ".join(f"rung {g['rung']} ({g['pairs']} pairs, {g['samples']} samples, {g['steps']} steps"
+                          + (f", lr {g['lr']:g}" if g.get("lr") else "") + f"): Kendall {g['kendall']:.2f} "
+                          f"[{g['kendall_ci'][0]:.2f}, {g['kendall_ci'][1]:.2f}], "
+                          + ("kept" if g["true_best_kept"] else "lost" if g["true_best_in"] else "gone before")
+                          for g in p["rungs"])
+        lines.append(f"- {p['method']}, {p['budget']}: {steps}")
+    signal = r.get("retrieval_signal")
+    if signal:
+        ci = signal["ci"]
+        lines += ["", f"The decision signal at full training (caption retrieval of the grid search's own connectors, "
+                      f"mean R@1/5/10 both ways, on the retrieval set) against the zero-shot truth: Kendall "
+                      f"{signal['kendall']:.2f} [{ci['kendall'][0]:.2f}, {ci['kendall'][1]:.2f}], regret "
+                      f"{signal['regret']:.1f} [{ci['regret'][0]:.1f}, {ci['regret'][1]:.1f}] points (best by it: "
+                      f"{', '.join(signal['predicted_best'])})."]
+    return lines if len(lines) > 3 else []
 
 
 def plot(r: dict, path: Path) -> Path:
@@ -276,6 +334,7 @@ def main(argv=None) -> dict | None:
               "true_best": [n for n, v in bench.truth_b.items() if v == top], "truth_top1": bench.truth_b,
               "ceiling": split_agreement(bench.truth.mean(axis=0), bench.truth, bench.names)["ceiling"],
               "grid_cost": bench.full, "points": points, "cheapest": cheapest_at_target(points), "target": TARGET,
+              "retrieval_signal": bench.retrieval_signal(),
               "seconds": round(time.perf_counter() - start, 1)}
     table = markdown(result)
     print(table)

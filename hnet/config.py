@@ -141,6 +141,9 @@ class SearchConfig:
     val_samples: int = 500  # halving: held-out SEARCH samples (the first ones) that rung decisions are scored on
     captions: str = "first"  # halving / proxy: captions embedded per image (first: one; all: every caption)
     weight_decay: float = -1.0  # the searcher's weight decay (< 0: train.weight_decay)
+    # halving: learning rates each rung's learner tries; the one with the best mean retrieval on the held-out search
+    # samples (never evaluation images) decides the rung, and every try is charged ([]: search.lr / train.lr)
+    lrs: list[float] = field(default_factory=list)
     proxy: str = "ridge_retrieval"  # --method proxy: linear_cka | mutual_knn | ridge_retrieval
     proxy_samples: int = 1000  # --method proxy: training samples each encoder embeds
 
@@ -270,6 +273,8 @@ def _validate(cfg: Config) -> None:
     for where, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{where}: must be > 0, got {value}")
+    if any(lr <= 0 for lr in cfg.search.lrs):
+        raise ConfigError(f"search.lrs: every learning rate must be > 0, got {cfg.search.lrs}")
     if cfg.search.eta < 2:
         raise ConfigError(f"search.eta: successive halving keeps 1/eta of the pairs per rung, needs eta >= 2, got "
                           f"{cfg.search.eta}")

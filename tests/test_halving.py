@@ -145,6 +145,35 @@ def test_hypernet_halving_trains_one_hypernetwork_per_rung_at_the_searchers_sett
     assert max(row["lr"] for row in rows) == pytest.approx(cfg.train.lr)  # APE keeps the grid's own settings
 
 
+def test_each_rung_tries_every_learning_rate_decides_with_the_best_held_out_retrieval_and_pays_for_all(
+        tiny_root, tmp_path):
+    cfg = halving_cfg(tiny_root, tmp_path, "search.method=halving", "search.lrs=[1e-6, 0.05]")
+    out = run_budgeted_search(cfg)
+    from hnet.distributed import make_accelerator
+
+    halving = Halving(cfg, make_accelerator(cfg), False, tmp_path / "recount")
+    for r in out["rungs"]:
+        assert [t["lr"] for t in r["tries"]] == [1e-6, 0.05]
+        recounted = []
+        for t in r["tries"]:  # each try's retrieval on the held-out search samples, scored again from its saved run
+            model, labels = runs.load_model(t["run"])
+            val = tmp_path / "cache" / "search" / "val40_first" / "0_40"
+            recounted.append(halving._val_scores(model, labels, list(r["scores"]), val))
+            assert np.mean(list(recounted[-1].values())) == pytest.approx(t["mean_score"])
+            rows = files.read_jsonl(f"{t['run']}/metrics.jsonl")
+            assert max(row["lr"] for row in rows) == pytest.approx(t["lr"])
+        best = int(np.argmax([t["mean_score"] for t in r["tries"]]))
+        assert r["lr"] == r["tries"][best]["lr"] and r["run"] == r["tries"][best]["run"]
+        assert r["scores"] == pytest.approx(recounted[best])
+        model, _ = runs.load_model(r["run"])
+        batch = min(cfg.train.batch_size, r["samples"])
+        assert r["train_flops"] == 2 * train_step_flops(model, r["pairs"], batch)["total"] * r["steps"]
+        assert r["val_head_flops"] == 2 * r["pairs"] * retrieval_head_flops(model.shape, 40, 40)
+    assert out["rungs"][0]["lr"] == 0.05  # a connector that barely moved from its init retrieves worse
+    with pytest.raises(ConfigError, match="search.lrs: every learning rate must be > 0"):
+        halving_cfg(tiny_root, tmp_path, "search.lrs=[0.01, 0]")
+
+
 def test_proxy_search_charges_its_forwards_and_its_own_flops(tiny_root, tmp_path, monkeypatch):
     seen = _count_forwards(monkeypatch)
     cfg = halving_cfg(tiny_root, tmp_path, "search.method=proxy", "search.proxy=linear_cka", "search.proxy_samples=50")
@@ -185,6 +214,6 @@ def test_rung_runs_take_their_encoders_from_a_zoo_file_too(tiny_root, tmp_path):
     zoo.write_text("weights: random\nencoders:\n" + "".join(f"  - '{n}'\n" for n in TINY_ENCODERS))
     cfg = halving_cfg(tiny_root, tmp_path, f"encoders={zoo}")
     halving = Halving(cfg, make_accelerator(cfg), False, tmp_path / "search")
-    run = halving._run_config(Rung(1, 2, 40, 2), halving.pairs[2:4], TINY_ENCODERS[1:2], cfg.texts, tmp_path, 0)
+    run = halving._run_config(Rung(1, 2, 40, 2), halving.pairs[2:4], TINY_ENCODERS[1:2], cfg.texts, tmp_path, 0, 0.01)
     assert [(s.name, s.weights) for s in read_encoder_list(run.encoders)] == [(TINY_ENCODERS[1], "random")]
     assert run.method == "separate" and run.train.max_steps == 2

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from hnet import runs
+from hnet import files, runs
 from hnet.config import load_config
 from hnet.eval.evaluate import evaluate_run
 from hnet.experiments.search import TRUTH_SEED_OFFSET
@@ -13,7 +13,7 @@ from hnet.provenance import config_digest
 from tests.conftest import load_benchmark, tiny_overrides, with_train
 
 TINY_BUDGETS = {"ape": [(4, 100)], "hypernet": [(4, 0, 100)], "halving": [40], "proxy": [60],
-                "proxies": ["linear_cka"], "val": 40, "rung_steps": 2}
+                "proxies": ["linear_cka"], "val": 40, "rung_steps": 2, "lrs": [1e-6, 0.05]}
 
 
 def test_a_run_of_other_settings_is_not_reused(tiny_cfg):
@@ -32,7 +32,8 @@ def test_every_method_is_charged_what_it_computes_against_the_grid_searchs_whole
         f"out_root={tmp_path}", "train.eval_every=0", "search.truth_seeds=2"])
     bench = bench_module.Bench("tiny", cfg, TINY_BUDGETS)
     points = {(p["method"], p["budget"]): p for p in bench.run()}
-    assert len(points) == 8  # grid, APE, hypernet, 2 halving, 1 proxy, prior, random: one point each
+    # grid, APE, hypernet, 2 halving (+ 2 with their lr tuned), 1 proxy, prior, random: one point each
+    assert len(points) == 10
     full = bench.full["total_with_embed"]
     assert points["grid search (APE, own seed)", "full"]["share"] == 1.0
     assert len(bench.truth_runs) == 2 and bench.truth.shape[0] == 2
@@ -46,8 +47,9 @@ def test_every_method_is_charged_what_it_computes_against_the_grid_searchs_whole
         assert "ci" in p and p["ci"]["regret"][0] <= p["regret"] + 1e-9
     evaluated = [p for p in points.values() if p["method"] in ("truncated APE", "hypernet")]
     assert evaluated and all(p["cost"]["eval_embed"] == pytest.approx(grid_eval / 2) for p in evaluated)
-    blind = [p for p in points.values() if p["method"] in ("halving", "hypernet-halving", "proxy")]
-    assert len(blind) == 3 and all(p["cost"]["eval_embed"] == 0 and p["cost"]["embed"] > 0 for p in blind)
+    tuned = [m + bench_module.TUNED for m in ("halving", "hypernet-halving")]
+    blind = [p for p in points.values() if p["method"] in ("halving", "hypernet-halving", "proxy", *tuned)]
+    assert len(blind) == 5 and all(p["cost"]["eval_embed"] == 0 and p["cost"]["embed"] > 0 for p in blind)
     assert all(0 < p["share"] < 1 for p in blind)
 
 
@@ -65,3 +67,41 @@ def test_cheapest_share_needs_the_interval_too():
     got = bench.cheapest_at_target([point("a", 0.05, 0.5, 3.0), point("a", 0.2, 0.5, 1.5), point("b", 0.01, 2.0, 2.0),
                                     point("c", 0.03, 1.0, 2.0), point("c", 0.01, 0.0, 0.0)])
     assert got == {"a": 0.2, "b": None, "c": 0.01}
+
+
+def test_halving_says_at_which_rung_it_lost_the_true_best_and_how_its_signal_agrees_at_full_training(
+        tiny_root, tmp_path, monkeypatch):
+    bench_module = load_benchmark("search_cost")
+    cfg = load_config(None, tiny_overrides(tiny_root) + [
+        "text_encoders=[all-MiniLM-L6-v2, all-MiniLM-L6-v2@layers=3]", f"data.cache_dir={tmp_path}/cache",
+        f"out_root={tmp_path}", "train.eval_every=0", "search.truth_seeds=2"])
+    bench = bench_module.Bench("tiny", cfg, TINY_BUDGETS)
+    truth = bench.truth_b
+    order = sorted(truth, key=truth.get)  # worst to best on half B
+    best, rest = order[-1], [n for n in order if truth[n] < max(truth.values())]  # rest: below every tied best
+    kept = bench.rung_figures({"rung": 0, "samples": 40, "steps": 2, "scores": {n: truth[n] for n in order},
+                               "kept": [best]})
+    assert kept["kendall"] == pytest.approx(1.0) and kept["true_best_in"] and kept["true_best_kept"]
+    assert kept["pairs"] == len(order)
+    lost = bench.rung_figures({"rung": 0, "samples": 40, "steps": 2, "scores": {n: -truth[n] for n in order},
+                               "kept": rest[:1]})
+    assert lost["kendall"] == pytest.approx(-1.0) and lost["true_best_in"] and not lost["true_best_kept"]
+    gone = bench.rung_figures({"rung": 1, "samples": 80, "steps": 4, "scores": {n: truth[n] for n in rest[-3:]},
+                               "kept": rest[-1:]})
+    assert not gone["true_best_in"] and not gone["true_best_kept"]
+    point = {"method": "halving", "budget": "r0 40", "rungs": [lost, gone]}
+    assert "rung 0 (" in "\n".join(bench_module.rung_lines({"points": [point]})) and "lost" in \
+        bench_module.rung_lines({"points": [point]})[-1]
+
+    assert bench.retrieval_signal() is None  # no real zoo: no retrieval results to read
+    run = tmp_path / "ape_with_retrieval"
+    recall = lambda v: {"R@1": v, "R@5": v, "R@10": v}
+    # the retrieval ranking puts the truth's worst pair first, the rest in the truth's order
+    signal = {n: truth[n] for n in order} | {order[0]: 1000.0}
+    files.write_json(run / runs.EVAL, {"retrieval": {n: {"image_to_text": recall(v), "text_to_image": recall(v)}
+                                                     for n, v in signal.items()}})
+    monkeypatch.setattr(bench, "zoo", "real")
+    monkeypatch.setattr(bench_module.real_zoo, "ape_run_dir", lambda c: run)
+    got = bench.retrieval_signal()
+    assert got["predicted_best"] == [order[0]] and got["regret"] == pytest.approx(truth[best] - truth[order[0]])
+    assert got["kendall"] == pytest.approx(bench_module.agreement(signal, truth)["kendall"])

@@ -11,8 +11,11 @@ SEARCH samples (caption retrieval, mean of R@1/5/10 both ways, on the first `sea
 rung trains on), never on the evaluation images a truth is measured on; ties at a cut go to the pair named first.
 
 `halving` trains one separate connector per surviving pair (APE); `hypernet-halving` trains ONE hypernetwork per
-rung over the survivors (its own lr, weight decay, and a warmup scaled to the rung's steps). A finished rung's
-decision is saved (halving.json) before the next starts, so a killed search resumes with identical decisions.
+rung over the survivors (its own lr, weight decay, and a warmup scaled to the rung's steps). With `search.lrs`, each
+rung's learner is trained at every listed learning rate and the try with the best mean held-out retrieval decides the
+rung: a tuning on search data only (no evaluation image, no truth), every try's training and scoring charged.
+A finished rung's decision is saved (halving.json) before the next starts, so a killed search resumes with identical
+decisions.
 """
 from __future__ import annotations
 
@@ -115,8 +118,8 @@ class Halving:
                          "schedule": [dataclasses.asdict(r) for r in rungs], "rungs": []}
 
     def _rung(self, rung: Rung, alive: list[str], rungs: list[Rung], val: Path, full_steps: int) -> dict:
-        """Embed what the rung's survivors still lack, train them, score them on the held-out search samples (on the
-        main process; other ranks get an empty record)."""
+        """Embed what the rung's survivors still lack, train them at each learning rate the learner tries, and decide
+        with the try of best mean held-out retrieval (on the main process; other ranks get an empty record)."""
         images = [s.name for s in self.specs if any(split_label(p, "halving")[0] == s.name for p in alive)]
         texts = [t for t in self.cfg.texts if any(split_label(p, "halving")[1] == t for p in alive)]
         v, edges = self.cfg.search.val_samples, [0] + [r.samples for r in rungs[: rung.index + 1]]
@@ -124,35 +127,50 @@ class Halving:
         pieces = [self.features.piece(a, b, images, texts) for a, b in ranges]
         cache = self.features.training_cache(f"r{rung.index}_{'_'.join(map(str, edges[1:]))}_{self.digest[:8]}",
                                              pieces, images, texts)
-        run_cfg = self._run_config(rung, alive, images, texts, cache, full_steps)
-        if not (run_cfg.run_dir / runs.MODEL).exists():
-            train(run_cfg, self.accelerator)
+        tries = [self._run_config(rung, alive, images, texts, cache, full_steps, lr) for lr in self.learning_rates()]
+        for run_cfg in tries:
+            if not (run_cfg.run_dir / runs.MODEL).exists():
+                train(run_cfg, self.accelerator)
         if not self.accelerator.is_main_process:
             return {}
-        model, labels = runs.load_model(run_cfg.run_dir)
-        scores = self._val_scores(model, labels, alive, val)
+        loaded = [runs.load_model(t.run_dir) for t in tries]
+        scored = [self._val_scores(model, labels, alive, val) for model, labels in loaded]
+        means = [sum(s.values()) / len(s) for s in scored]
+        chosen = max(range(len(tries)), key=lambda i: (means[i], -i))  # a tie goes to the first learning rate listed
+        scores = scored[chosen]
         keep = rungs[rung.index + 1].pairs if rung.index + 1 < len(rungs) else 1
         n = CachedFeatures(val).count
         names = images + [text_key(t) for t in texts]
+        shape = loaded[chosen][0].shape
         return {"rung": rung.index, "pairs": len(alive), "samples": rung.samples, "steps": rung.steps,
-                "scores": scores, "kept": survivors(scores, keep), "run": str(run_cfg.run_dir),
-                "train_flops": files.read_json(run_cfg.run_dir / runs.FLOPS)["phases"]["train"]["flops"],
-                "val_head_flops": len(alive) * retrieval_head_flops(model.shape, n, n),
+                "scores": scores, "kept": survivors(scores, keep), "run": str(tries[chosen].run_dir),
+                "lr": tries[chosen].train.lr,
+                "tries": [{"lr": t.train.lr, "mean_score": m, "run": str(t.run_dir)} for t, m in zip(tries, means)],
+                "train_flops": sum(files.read_json(t.run_dir / runs.FLOPS)["phases"]["train"]["flops"] for t in tries),
+                "val_head_flops": len(tries) * len(alive) * retrieval_head_flops(shape, n, n),
                 "embedded": [{"piece": f"{a}_{b}", "names": names} for a, b in ranges]}
 
+    def learning_rates(self) -> list[float]:
+        """What each rung's learner tries: search.lrs, else the searcher's one lr (the hypernetwork's search.lr, a
+        separate connector's train.lr, the grid search's own)."""
+        if self.cfg.search.lrs:
+            return list(self.cfg.search.lrs)
+        return [searcher_settings(self.cfg)[0] if self.hypernet else self.cfg.train.lr]
+
     def _run_config(self, rung: Rung, alive: list[str], images: list[str], texts: list[str], cache: Path,
-                    full_steps: int) -> Config:
+                    full_steps: int, lr: float) -> Config:
         t = self.cfg.train
         grid = {f"{i}{PAIR_SEP}{x}" for i in images for x in texts}
-        lr, weight_decay = searcher_settings(self.cfg) if self.hypernet else (t.lr, t.weight_decay)
+        weight_decay = searcher_settings(self.cfg)[1] if self.hypernet else t.weight_decay
         train_cfg = dataclasses.replace(
             t, max_steps=rung.steps, epochs=max(t.epochs, float(rung.steps)),
             batch_size=min(t.batch_size, rung.samples),
             warmup_steps=scaled_warmup(t.warmup_steps, rung.steps, full_steps), lr=lr, weight_decay=weight_decay,
             eval_every=0, encoders_per_step=0, ckpt_every=max(t.ckpt_every, rung.steps))
         data = dataclasses.replace(self.cfg.data, cache_dir=str(cache), samples_per_encoder=0, captions="all")
+        name = f"r{rung.index}_{self.digest[:8]}" + (f"_lr{lr:g}" if self.cfg.search.lrs else "")
         return dataclasses.replace(
-            self.cfg, name=f"r{rung.index}_{self.digest[:8]}", out_root=str(self.out),
+            self.cfg, name=name, out_root=str(self.out),
             method="hypernet" if self.hypernet else "separate",
             train=train_cfg, data=data, encoders=[self.entries[n] for n in images],
             text_encoders=[self.text_entries[x] for x in texts] if self.cfg.text_encoders else [],
