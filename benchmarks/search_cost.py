@@ -59,6 +59,7 @@ import real_zoo  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 TARGET = {"regret": 1.0, "regret_upper": 2.0, "share": 0.1}  # the goal: regret <= 1 (upper 95% <= 2) at <= 1/10
 TUNED = ", lr tuned on search data"  # a halving method whose rungs pick their lr among BUDGETS' lrs (search.lrs)
+FILTERED = ", mutual k-NN prefilter" + TUNED  # ... after mutual k-NN on the held-out samples kept 1/eta of the pairs
 BUDGETS = {  # per zoo: (steps, samples) of truncated APE; (steps, k, samples) of the hypernetwork; halving rung 0
     # samples, and the learning rates a tuned halving tries at each rung
     "real": {"ape": [(10, 128), (25, 256), (50, 500), (100, 1000)],
@@ -218,11 +219,13 @@ class Bench:
                                   self.budget_run(f"hyper_s{s}_k{k}_m{m}", "hypernet", s, m, k, lr=lr, weight_decay=wd))
                    for s, k, m in b["hypernet"]]
         for method in ("halving", "hypernet-halving"):
-            points += [self.searched(method, f"{method} r0 {n}", rung_samples=n, val_samples=b["val"],
-                                     rung_steps=b["rung_steps"], lrs=[]) for n in b["halving"]]
-            points += [self.searched(method, f"{method} r0 {n} lrs", method + TUNED, rung_samples=n,
-                                     val_samples=b["val"], rung_steps=b["rung_steps"], lrs=b["lrs"])
-                       for n in b["halving"] if b.get("lrs")]
+            rung = {"val_samples": b["val"], "rung_steps": b["rung_steps"]}
+            points += [self.searched(method, f"{method} r0 {n}", rung_samples=n, lrs=[], prefilter="", **rung)
+                       for n in b["halving"]]
+            points += [self.searched(method, f"{method} r0 {n} lrs", method + TUNED, rung_samples=n, lrs=b["lrs"],
+                                     prefilter="", **rung) for n in b["halving"] if b.get("lrs")]
+        points += [self.searched("halving", f"halving r0 {n} knn lrs", "halving" + FILTERED, rung_samples=n,
+                                 lrs=b["lrs"], prefilter="mutual_knn", **rung) for n in b["halving"] if b.get("lrs")]
         for proxy in b.get("proxies", PROXIES):
             points += [self.searched("proxy", f"{proxy} {n}", proxy=proxy, proxy_samples=n) for n in b["proxy"]]
         return points + [self.prior(), self.random()]

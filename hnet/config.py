@@ -144,6 +144,9 @@ class SearchConfig:
     # halving: learning rates each rung's learner tries; the one with the best mean retrieval on the held-out search
     # samples (never evaluation images) decides the rung, and every try is charged ([]: search.lr / train.lr)
     lrs: list[float] = field(default_factory=list)
+    # halving: a training-free proxy (linear_cka | mutual_knn | ridge_retrieval) on the held-out search samples keeps
+    # the best 1/eta of the pairs before rung 0 ("": none); charged its own FLOPs (those samples are embedded anyway)
+    prefilter: str = ""
     proxy: str = "ridge_retrieval"  # --method proxy: linear_cka | mutual_knn | ridge_retrieval
     proxy_samples: int = 1000  # --method proxy: training samples each encoder embeds
 
@@ -221,6 +224,7 @@ CHOICES = {
     "search.method": ("hypernet", "halving", "hypernet-halving", "proxy"),
     "search.captions": ("all", "first"),
     "search.proxy": ("linear_cka", "mutual_knn", "ridge_retrieval"),
+    "search.prefilter": ("", "linear_cka", "mutual_knn", "ridge_retrieval"),
     "connector.kind": ("linear", "mlp", "moe"),
     "connector.expert_kind": ("linear", "mlp"),
     "connector.direction": ("image_to_text", "text_to_image"),

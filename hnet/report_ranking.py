@@ -105,9 +105,16 @@ def budgeted_search_markdown(r: dict) -> str:
             "halving": f"successive halving of separate connectors (eta {b['eta']})",
             "hypernet-halving": f"successive halving, one hypernetwork per rung (eta {b['eta']})"}[r["method"]]
     lines = [f"### Pair search: {what}", ""]
+    if r.get("prefilter"):
+        p = r["prefilter"]
+        lines.append(f"- before rung 0: {p['proxy']} on the held-out search samples kept {len(p['kept'])} of "
+                     f"{len(p['scores'])} pairs")
     for rung in r.get("rungs") or []:
+        tried = rung.get("tries", [])
+        options = ", ".join(f"{t['lr']:g}" for t in tried)
+        lr = f" at lr {rung['lr']:g} (best of {options})" if len(tried) > 1 else ""
         lines.append(f"- rung {rung['rung']}: {rung['pairs']} pairs, {rung['samples']} training samples, "
-                     f"{rung['steps']} steps; kept {', '.join(rung['kept'])}")
+                     f"{rung['steps']} steps{lr}; kept {', '.join(rung['kept'])}")
     lines += ["", f"Best pair: {', '.join(r['best'])}", "",
               "| FLOPs | this search | grid search (every pair, full schedule) | grid / search |",
               "|---|---:|---:|---:|"]

@@ -3,6 +3,7 @@ survivors, reuse of what was embedded (no sample twice by one encoder), the cost
 resume with identical decisions, and scoring against the truth on images the search never saw."""
 import numpy as np
 import pytest
+import torch
 
 from hnet import files, runs
 from hnet import flops as flops_module
@@ -172,6 +173,32 @@ def test_each_rung_tries_every_learning_rate_decides_with_the_best_held_out_retr
     assert out["rungs"][0]["lr"] == 0.05  # a connector that barely moved from its init retrieves worse
     with pytest.raises(ConfigError, match="search.lrs: every learning rate must be > 0"):
         halving_cfg(tiny_root, tmp_path, "search.lrs=[0.01, 0]")
+
+
+def test_a_proxy_prefilter_keeps_one_in_eta_before_rung_0_and_is_charged_its_flops(tiny_root, tmp_path, monkeypatch):
+    from hnet.experiments.proxies import mutual_knn
+
+    seen = _count_forwards(monkeypatch)
+    cfg = halving_cfg(tiny_root, tmp_path, "search.method=halving", "search.prefilter=mutual_knn")
+    out = run_budgeted_search(cfg)
+    val = CachedFeatures(tmp_path / "cache" / "search" / "val40_first" / "0_40")
+    own, flops = {}, 0.0
+    for pair in out["prefilter"]["scores"]:  # recounted from the held-out samples' features
+        image, text = pair.split(" + ")
+        x, y = (torch.from_numpy(np.asarray(val[n][:], np.float32)) for n in (image, f"text:{text}"))
+        own[pair] = mutual_knn(x, y)
+        flops += proxy_flops("mutual_knn", 40, x.shape[1], y.shape[1])
+    assert out["prefilter"]["scores"] == pytest.approx(own) and len(own) == 6
+    kept = sorted(own, key=own.get, reverse=True)[:3]
+    assert sorted(out["prefilter"]["kept"]) == sorted(kept)
+    assert sorted(out["rungs"][0]["scores"]) == sorted(kept)  # rung 0 trains only what the filter kept
+    assert out["flops"]["eval_heads"] == pytest.approx(sum(r["val_head_flops"] for r in out["rungs"]) + flops)
+    used = {p.split(" + ")[0] for p in kept} | {"text:" + p.split(" + ")[1] for p in kept}
+    assert seen == {n: 40 + 40 * (n in used) for n in seen}  # an encoder with no kept pair: held-out samples only
+    assert set(out["scores"]) == set(own)  # every pair ranked: the dropped ones below every pair of rung 0
+    assert max(out["scores"][p] for p in own if p not in kept) < min(out["scores"][p] for p in kept)
+    assert "before rung 0: mutual_knn on the held-out search samples kept 3 of 6 pairs" in \
+        (tmp_path / "tiny_search_halving" / "search.md").read_text()
 
 
 def test_proxy_search_charges_its_forwards_and_its_own_flops(tiny_root, tmp_path, monkeypatch):

@@ -32,8 +32,8 @@ def test_every_method_is_charged_what_it_computes_against_the_grid_searchs_whole
         f"out_root={tmp_path}", "train.eval_every=0", "search.truth_seeds=2"])
     bench = bench_module.Bench("tiny", cfg, TINY_BUDGETS)
     points = {(p["method"], p["budget"]): p for p in bench.run()}
-    # grid, APE, hypernet, 2 halving (+ 2 with their lr tuned), 1 proxy, prior, random: one point each
-    assert len(points) == 10
+    # grid, APE, hypernet, 2 halving (+ 2 with their lr tuned, + 1 prefiltered), 1 proxy, prior, random: one point each
+    assert len(points) == 11
     full = bench.full["total_with_embed"]
     assert points["grid search (APE, own seed)", "full"]["share"] == 1.0
     assert len(bench.truth_runs) == 2 and bench.truth.shape[0] == 2
@@ -47,9 +47,9 @@ def test_every_method_is_charged_what_it_computes_against_the_grid_searchs_whole
         assert "ci" in p and p["ci"]["regret"][0] <= p["regret"] + 1e-9
     evaluated = [p for p in points.values() if p["method"] in ("truncated APE", "hypernet")]
     assert evaluated and all(p["cost"]["eval_embed"] == pytest.approx(grid_eval / 2) for p in evaluated)
-    tuned = [m + bench_module.TUNED for m in ("halving", "hypernet-halving")]
+    tuned = [m + bench_module.TUNED for m in ("halving", "hypernet-halving")] + ["halving" + bench_module.FILTERED]
     blind = [p for p in points.values() if p["method"] in ("halving", "hypernet-halving", "proxy", *tuned)]
-    assert len(blind) == 5 and all(p["cost"]["eval_embed"] == 0 and p["cost"]["embed"] > 0 for p in blind)
+    assert len(blind) == 6 and all(p["cost"]["eval_embed"] == 0 and p["cost"]["embed"] > 0 for p in blind)
     assert all(0 < p["share"] < 1 for p in blind)
 
 

@@ -9,20 +9,18 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
-import torch
 from accelerate import PartialState
 
 from hnet import files, runs
 from hnet.config import Config, ConfigError, dataset_name
-from hnet.data.cache import CachedFeatures, caption_offsets
+from hnet.data.cache import CachedFeatures
 from hnet.distributed import make_accelerator
 from hnet.eval.ranking import read_truth_hits, scores_agreement
 from hnet.experiments.halving import Halving, ranking_scores
-from hnet.experiments.proxies import score
+from hnet.experiments.proxies import score_pairs
 from hnet.experiments.search import _totals, grid_search_steps, training_caption_count, training_sample_count
 from hnet.experiments.search_data import SearchFeatures, embedding_cost
-from hnet.flops import grid_search_cost, proxy_flops
+from hnet.flops import grid_search_cost
 from hnet.models.encoders import read_encoder_list, text_key
 from hnet.models.pairs import Pairs
 from hnet.report_ranking import budgeted_search_markdown
@@ -46,11 +44,12 @@ def run_budgeted_search(cfg: Config, truth_runs: list[str | Path] | None = None)
                               f"{cfg.search.rung_samples} exceed the {count} training samples")
         halving = Halving(cfg, accelerator, cfg.search.method == "hypernet-halving", out_dir)
         found = halving.run(count - cfg.search.val_samples, grid_search_steps(cfg, count))
-        found["scores"] = ranking_scores(found["rungs"])
+        found["scores"] = ranking_scores(found["rungs"], found.get("prefilter"))
     grid = _grid_cost(cfg, count, found["widths"], found["per_sample"], truth_runs)
     out = {"method": cfg.search.method, "dataset": dataset_name(cfg.search.dataset or cfg.eval.datasets[0]),
            "run": str(out_dir), "budget": dataclasses.asdict(cfg.search), "scores": found["scores"],
            "best": found.get("best") or _best(found["scores"]), "rungs": found.get("rungs"),
+           "prefilter": found.get("prefilter"),
            "flops": found["cost"], "grid_search": _totals(grid)}
     out["ratio"] = {k: out["grid_search"][k] / out["flops"][k] if out["flops"][k] else None
                     for k in ("total", "total_with_embed")}
@@ -76,14 +75,9 @@ def _proxy(cfg: Config, accelerator, samples: int) -> dict:
     features = SearchFeatures(cfg, accelerator, specs, cfg.texts, 0, "first")
     names = [s.name for s in specs] + [text_key(t) for t in cfg.texts]
     cache = CachedFeatures(features.piece(0, samples, [s.name for s in specs], cfg.texts))
-    first = caption_offsets(cache.caption_counts())
-    scores, flops, multi = {}, 0.0, len(cfg.texts) > 1
-    for text in cfg.texts:
-        y = torch.from_numpy(np.asarray(cache[text_key(text)][first], np.float32))
-        for spec in specs:
-            x = torch.from_numpy(np.asarray(cache[spec.name][:], np.float32))
-            scores[f"{spec.name} + {text}" if multi else spec.name] = score(cfg.search.proxy, x, y)
-            flops += proxy_flops(cfg.search.proxy, samples, x.shape[1], y.shape[1])
+    found, flops = score_pairs(cfg.search.proxy, cache, [s.name for s in specs], cfg.texts)
+    multi = len(cfg.texts) > 1
+    scores = {f"{image} + {text}" if multi else image: v for (image, text), v in found.items()}
     parts = embedding_cost(features.root, [{"piece": f"0_{samples}", "names": names}])
     embed = sum(p["flops"] for p in parts.values())
     cost = {"embed": embed, "train": 0.0, "eval_heads": flops, "eval_embed": 0.0, "embed_parts": parts,

@@ -14,8 +14,9 @@ rung trains on), never on the evaluation images a truth is measured on; ties at 
 rung over the survivors (its own lr, weight decay, and a warmup scaled to the rung's steps). With `search.lrs`, each
 rung's learner is trained at every listed learning rate and the try with the best mean held-out retrieval decides the
 rung: a tuning on search data only (no evaluation image, no truth), every try's training and scoring charged.
-A finished rung's decision is saved (halving.json) before the next starts, so a killed search resumes with identical
-decisions.
+With `search.prefilter`, a training-free proxy on the held-out search samples (embedded by every encoder anyway) keeps
+the best 1/eta of the pairs before rung 0, charged its own FLOPs. A finished rung's decision is saved (halving.json)
+before the next starts, so a killed search resumes with identical decisions.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from hnet.config import Config, ConfigError, text_entry_name
 from hnet.data.cache import CachedFeatures
 from hnet.eval.retrieval import retrieval_metrics
 from hnet.experiments.budget import scaled_warmup, searcher_settings
+from hnet.experiments.proxies import score_pairs
 from hnet.experiments.search_data import SearchFeatures, embedding_cost
 from hnet.flops import retrieval_head_flops
 from hnet.models.encoders import read_encoder_list, text_key
@@ -65,11 +67,12 @@ def survivors(scores: dict[str, float], keep: int) -> list[str]:
     return [list(scores)[i] for i in order[:keep]]
 
 
-def ranking_scores(rungs: list[dict]) -> dict[str, float]:
+def ranking_scores(rungs: list[dict], prefilter: dict | None = None) -> dict[str, float]:
     """One score per pair for ranking figures: the last rung it reached first, then its score there (a pair that
-    survived longer ranks above every pair dropped before)."""
+    survived longer ranks above every pair dropped before; one a prefilter dropped ranks by its proxy score, below
+    every pair that reached rung 0)."""
     out = {}
-    for done in rungs:
+    for done in ([prefilter | {"rung": -1}] if prefilter else []) + rungs:
         for pair, score in done["scores"].items():
             out[pair] = done["rung"] * 1000.0 + score
     return out
@@ -92,11 +95,19 @@ class Halving:
 
     def run(self, available: int, full_steps: int = 0) -> dict:
         s = self.cfg.search
-        rungs = rung_schedule(len(self.pairs), s.eta, s.rung_samples, s.rung_steps, available)
+        first = max(1, len(self.pairs) // s.eta) if s.prefilter else len(self.pairs)
+        rungs = rung_schedule(first, s.eta, s.rung_samples, s.rung_steps, available)
         state = self._state(rungs)
         images, texts = [sp.name for sp in self.specs], self.cfg.texts
         val = self.features.piece(0, s.val_samples, images, texts)
         alive = list(self.pairs)
+        if s.prefilter:
+            if "prefilter" not in state:
+                if self.accelerator.is_main_process:
+                    files.write_json(self.out / STATE, state | {"prefilter": self._prefilter(val, first)})
+                self.accelerator.wait_for_everyone()
+                state = files.read_json(self.out / STATE)
+            alive = state["prefilter"]["kept"]
         for rung in rungs:
             if rung.index >= len(state["rungs"]):  # else decided before a restart: the same decision, read back
                 decided = self._rung(rung, alive, rungs, val, full_steps)
@@ -176,6 +187,14 @@ class Halving:
             text_encoders=[self.text_entries[x] for x in texts] if self.cfg.text_encoders else [],
             held_out="", held_out_pairs=sorted(grid - set(alive)) if len(texts) > 1 else [])
 
+    def _prefilter(self, val: Path, keep: int) -> dict:
+        """The `keep` pairs of best proxy score (search.prefilter) on the held-out search samples, which every encoder
+        embeds anyway, so the filter costs only its own FLOPs."""
+        found, flops = score_pairs(self.cfg.search.prefilter, CachedFeatures(val), [s.name for s in self.specs],
+                                   self.cfg.texts)
+        scores = {p: found[split_label(p, "halving")] for p in self.pairs}
+        return {"proxy": self.cfg.search.prefilter, "scores": scores, "kept": survivors(scores, keep), "flops": flops}
+
     @torch.no_grad()
     def _val_scores(self, model, labels: list[str], alive: list[str], val: Path) -> dict[str, float]:
         cache = CachedFeatures(val)
@@ -202,6 +221,6 @@ class Halving:
         parts = embedding_cost(self.features.root, asked)
         embed = sum(p["flops"] for p in parts.values())
         train_flops = sum(r["train_flops"] for r in state["rungs"])
-        heads = sum(r["val_head_flops"] for r in state["rungs"])
+        heads = sum(r["val_head_flops"] for r in state["rungs"]) + state.get("prefilter", {}).get("flops", 0.0)
         return {"embed": embed, "train": train_flops, "eval_heads": heads, "eval_embed": 0.0, "embed_parts": parts,
                 "total": train_flops + heads, "total_with_embed": embed + train_flops + heads}

@@ -10,8 +10,13 @@ hnet.flops.proxy_flops gives what computing them costs, for the ledger.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from hnet.data.cache import CachedFeatures, caption_offsets
+from hnet.flops import proxy_flops
+from hnet.models.encoders import text_key
 
 PROXIES = ("linear_cka", "mutual_knn", "ridge_retrieval")
 
@@ -63,3 +68,18 @@ def score(name: str, x: torch.Tensor, y: torch.Tensor) -> float:
     if name not in PROXIES:
         raise ValueError(f"unknown proxy '{name}' (known: {', '.join(PROXIES)})")
     return {"linear_cka": linear_cka, "mutual_knn": mutual_knn, "ridge_retrieval": ridge_retrieval}[name](x, y)
+
+
+def score_pairs(name: str, cache: CachedFeatures, images: list[str], texts: list[str]
+                ) -> tuple[dict[tuple[str, str], float], float]:
+    """Proxy `name` of every (image encoder, text encoder) pair on a cache's samples (each image's first caption),
+    and the FLOPs of computing them all."""
+    first = caption_offsets(cache.caption_counts())
+    scores, flops = {}, 0.0
+    for text in texts:
+        y = torch.from_numpy(np.asarray(cache[text_key(text)][first], np.float32))
+        for image in images:
+            x = torch.from_numpy(np.asarray(cache[image][:], np.float32))
+            scores[image, text] = score(name, x, y)
+            flops += proxy_flops(name, len(x), x.shape[1], y.shape[1])
+    return scores, flops
