@@ -59,7 +59,7 @@ import real_zoo  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 TARGET = {"regret": 1.0, "regret_upper": 2.0, "share": 0.1}  # the goal: regret <= 1 (upper 95% <= 2) at <= 1/10
 TUNED = ", lr tuned on search data"  # a halving method whose rungs pick their lr among BUDGETS' lrs (search.lrs)
-FILTERED = ", mutual k-NN prefilter" + TUNED  # ... after mutual k-NN on the held-out samples kept 1/eta of the pairs
+FILTERED = " prefilter" + TUNED  # "halving, PROXY prefilter, ...": after PROXY on the held-out samples kept 1/eta
 BUDGETS = {  # per zoo: (steps, samples) of truncated APE; (steps, k, samples) of the hypernetwork; halving rung 0
     # samples, and the learning rates a tuned halving tries at each rung
     "real": {"ape": [(10, 128), (25, 256), (50, 500), (100, 1000)],
@@ -155,7 +155,9 @@ class Bench:
         f = out["flops"]
         cost = {"embed": f["embed"], "train": f["train"], "eval_embed": 0.0, "eval_heads": f["eval_heads"],
                 "total_with_embed": f["total_with_embed"]}
-        rungs = {"rungs": [self.rung_figures(r) for r in out["rungs"]]} if out.get("rungs") else {}
+        cut = [out["prefilter"] | {"rung": -1, "samples": b["val_samples"], "steps": 0, "lr": None}
+               for b in [out["budget"]] if out.get("prefilter")]
+        rungs = {"rungs": [self.rung_figures(r) for r in cut + out["rungs"]]} if out.get("rungs") else {}
         return self.point(label or method, budget, out["agreement"], cost) | {"best_found": out["best"]} | rungs
 
     def rung_figures(self, rung: dict) -> dict:
@@ -171,9 +173,9 @@ class Bench:
                 "true_best_in": any(b in names for b in best), "true_best_kept": any(b in rung["kept"] for b in best)}
 
     def retrieval_signal(self) -> dict | None:
-        """Halving's decision signal at full training: caption retrieval (mean of R@1/5/10 both ways) of the grid
-        search's own connectors on the zoo's retrieval set, against the zero-shot truth on half B; None when that run
-        has no retrieval results (benchmarks/real_zoo.py evaluates it)."""
+        """Halving's decision signal at full training: caption retrieval (mean of R@1/5/10 both ways) of APE's
+        connectors at the config's own seed on the zoo's retrieval set (benchmarks/real_zoo.py's run, which evaluates
+        retrieval; this benchmark's grid run does not), against the zero-shot truth on half B; None without it."""
         run = real_zoo.ape_run_dir(self.cfg) if self.zoo == "real" else None
         result = files.read_json(run / runs.EVAL) if run and (run / runs.EVAL).exists() else {}
         recalls = result.get("retrieval", {})
@@ -218,14 +220,17 @@ class Bench:
         points += [self.evaluated("hypernet", f"{s} steps, {m} samples",
                                   self.budget_run(f"hyper_s{s}_k{k}_m{m}", "hypernet", s, m, k, lr=lr, weight_decay=wd))
                    for s, k, m in b["hypernet"]]
+        rung = {"val_samples": b["val"], "rung_steps": b["rung_steps"]}
         for method in ("halving", "hypernet-halving"):
-            rung = {"val_samples": b["val"], "rung_steps": b["rung_steps"]}
             points += [self.searched(method, f"{method} r0 {n}", rung_samples=n, lrs=[], prefilter="", **rung)
                        for n in b["halving"]]
             points += [self.searched(method, f"{method} r0 {n} lrs", method + TUNED, rung_samples=n, lrs=b["lrs"],
                                      prefilter="", **rung) for n in b["halving"] if b.get("lrs")]
-        points += [self.searched("halving", f"halving r0 {n} knn lrs", "halving" + FILTERED, rung_samples=n,
-                                 lrs=b["lrs"], prefilter="mutual_knn", **rung) for n in b["halving"] if b.get("lrs")]
+        # every proxy as the prefilter (none chosen by its agreement with the truth), at the middle rung-0 size
+        n = b["halving"][len(b["halving"]) // 2]
+        points += [self.searched("halving", f"halving r0 {n} {proxy} lrs", f"halving, {proxy}{FILTERED}",
+                                 rung_samples=n, lrs=b["lrs"], prefilter=proxy, **rung)
+                   for proxy in b.get("proxies", PROXIES) if b.get("lrs")]
         for proxy in b.get("proxies", PROXIES):
             points += [self.searched("proxy", f"{proxy} {n}", proxy=proxy, proxy_samples=n) for n in b["proxy"]]
         return points + [self.prior(), self.random()]
@@ -267,7 +272,8 @@ def rung_lines(r: dict) -> list[str]:
     lines = ["", "Halving, rung by rung against the truth (Kendall over the rung's pairs; kept = the true best pair "
                  "survived the rung):", ""]
     for p in (p for p in r["points"] if p.get("rungs")):
-        steps = "; ".join(f"rung {g['rung']} ({g['pairs']} pairs, {g['samples']} samples, {g['steps']} steps"
+        steps = "; ".join((f"prefilter ({g['pairs']} pairs, {g['samples']} held-out samples" if g["rung"] < 0 else
+                           f"rung {g['rung']} ({g['pairs']} pairs, {g['samples']} samples, {g['steps']} steps")
                           + (f", lr {g['lr']:g}" if g.get("lr") else "") + f"): Kendall {g['kendall']:.2f} "
                           f"[{g['kendall_ci'][0]:.2f}, {g['kendall_ci'][1]:.2f}], "
                           + ("kept" if g["true_best_kept"] else "lost" if g["true_best_in"] else "gone before")

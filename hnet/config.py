@@ -279,6 +279,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{where}: must be > 0, got {value}")
     if any(lr <= 0 for lr in cfg.search.lrs):
         raise ConfigError(f"search.lrs: every learning rate must be > 0, got {cfg.search.lrs}")
+    if twice := [lr for i, lr in enumerate(cfg.search.lrs) if lr in cfg.search.lrs[:i]]:
+        raise ConfigError(f"search.lrs: {twice[0]:g} is listed twice (each try is one run)")
     if cfg.search.eta < 2:
         raise ConfigError(f"search.eta: successive halving keeps 1/eta of the pairs per rung, needs eta >= 2, got "
                           f"{cfg.search.eta}")

@@ -148,13 +148,13 @@ def test_hypernet_halving_trains_one_hypernetwork_per_rung_at_the_searchers_sett
 
 def test_each_rung_tries_every_learning_rate_decides_with_the_best_held_out_retrieval_and_pays_for_all(
         tiny_root, tmp_path):
-    cfg = halving_cfg(tiny_root, tmp_path, "search.method=halving", "search.lrs=[1e-6, 0.05]")
+    cfg = halving_cfg(tiny_root, tmp_path, "search.method=halving", "search.lrs=[1e-6, 0.05, 1e-5]")
     out = run_budgeted_search(cfg)
     from hnet.distributed import make_accelerator
 
     halving = Halving(cfg, make_accelerator(cfg), False, tmp_path / "recount")
     for r in out["rungs"]:
-        assert [t["lr"] for t in r["tries"]] == [1e-6, 0.05]
+        assert [t["lr"] for t in r["tries"]] == [1e-6, 0.05, 1e-5]
         recounted = []
         for t in r["tries"]:  # each try's retrieval on the held-out search samples, scored again from its saved run
             model, labels = runs.load_model(t["run"])
@@ -168,11 +168,13 @@ def test_each_rung_tries_every_learning_rate_decides_with_the_best_held_out_retr
         assert r["scores"] == pytest.approx(recounted[best])
         model, _ = runs.load_model(r["run"])
         batch = min(cfg.train.batch_size, r["samples"])
-        assert r["train_flops"] == 2 * train_step_flops(model, r["pairs"], batch)["total"] * r["steps"]
-        assert r["val_head_flops"] == 2 * r["pairs"] * retrieval_head_flops(model.shape, 40, 40)
+        assert r["train_flops"] == 3 * train_step_flops(model, r["pairs"], batch)["total"] * r["steps"]
+        assert r["val_head_flops"] == 3 * r["pairs"] * retrieval_head_flops(model.shape, 40, 40)
     assert out["rungs"][0]["lr"] == 0.05  # a connector that barely moved from its init retrieves worse
     with pytest.raises(ConfigError, match="search.lrs: every learning rate must be > 0"):
         halving_cfg(tiny_root, tmp_path, "search.lrs=[0.01, 0]")
+    with pytest.raises(ConfigError, match="search.lrs: 0.01 is listed twice"):
+        halving_cfg(tiny_root, tmp_path, "search.lrs=[0.01, 0.02, 0.01]")
 
 
 def test_a_proxy_prefilter_keeps_one_in_eta_before_rung_0_and_is_charged_its_flops(tiny_root, tmp_path, monkeypatch):

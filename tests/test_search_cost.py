@@ -47,7 +47,8 @@ def test_every_method_is_charged_what_it_computes_against_the_grid_searchs_whole
         assert "ci" in p and p["ci"]["regret"][0] <= p["regret"] + 1e-9
     evaluated = [p for p in points.values() if p["method"] in ("truncated APE", "hypernet")]
     assert evaluated and all(p["cost"]["eval_embed"] == pytest.approx(grid_eval / 2) for p in evaluated)
-    tuned = [m + bench_module.TUNED for m in ("halving", "hypernet-halving")] + ["halving" + bench_module.FILTERED]
+    tuned = [m + bench_module.TUNED for m in ("halving", "hypernet-halving")]
+    tuned += ["halving, linear_cka" + bench_module.FILTERED]
     blind = [p for p in points.values() if p["method"] in ("halving", "hypernet-halving", "proxy", *tuned)]
     assert len(blind) == 6 and all(p["cost"]["eval_embed"] == 0 and p["cost"]["embed"] > 0 for p in blind)
     assert all(0 < p["share"] < 1 for p in blind)
@@ -89,9 +90,11 @@ def test_halving_says_at_which_rung_it_lost_the_true_best_and_how_its_signal_agr
     gone = bench.rung_figures({"rung": 1, "samples": 80, "steps": 4, "scores": {n: truth[n] for n in rest[-3:]},
                                "kept": rest[-1:]})
     assert not gone["true_best_in"] and not gone["true_best_kept"]
-    point = {"method": "halving", "budget": "r0 40", "rungs": [lost, gone]}
-    assert "rung 0 (" in "\n".join(bench_module.rung_lines({"points": [point]})) and "lost" in \
-        bench_module.rung_lines({"points": [point]})[-1]
+    line = bench_module.rung_lines({"points": [{"method": "halving", "budget": "r0 40", "rungs": [kept, gone]}]})[-1]
+    assert "rung 0 (6 pairs, 40 samples, 2 steps): Kendall 1.00" in line and "], kept; rung 1" in line
+    assert line.endswith("gone before")
+    line = bench_module.rung_lines({"points": [{"method": "halving", "budget": "r0 40", "rungs": [lost]}]})[-1]
+    assert "Kendall -1.00" in line and line.endswith("lost")
 
     assert bench.retrieval_signal() is None  # no real zoo: no retrieval results to read
     run = tmp_path / "ape_with_retrieval"

@@ -2,11 +2,12 @@
 samples embedded and steps trained (Jamieson & Talwalkar 2016; Optuna's SuccessiveHalvingPruner names the same
 knobs: min resource = rung 0's samples and steps, reduction factor = eta).
 
-Rung 0 embeds `search.rung_samples` training samples with every encoder and trains every pair briefly; each rung
-keeps the best max(1, n // eta) pairs (Optuna's promotion rule) and multiplies the samples and steps of the survivors
-by eta, until one pair is left. An encoder is embedded further only while one of its pairs survives, and what it
-embedded is reused (hnet.experiments.search_data). Rungs are retrained from scratch on their grown samples (the
-rung's training is a small share of its cost; the embedding is not repeated). Decisions are scored on held-out
+Rung 0 embeds `search.rung_samples` training samples with every encoder and trains every pair briefly (with
+`search.prefilter`, below: every pair the prefilter kept); each rung keeps the best max(1, n // eta) pairs (Optuna's
+promotion rule) and multiplies the samples and steps of the survivors by eta, until one pair is left. An encoder is
+embedded further only while one of its pairs survives, and what it embedded is reused (hnet.experiments.search_data).
+Rungs are retrained from scratch on their grown samples (the rung's training is a small share of its cost; the
+embedding is not repeated). Decisions are scored on held-out
 SEARCH samples (caption retrieval, mean of R@1/5/10 both ways, on the first `search.val_samples` samples, which no
 rung trains on), never on the evaluation images a truth is measured on; ties at a cut go to the pair named first.
 
