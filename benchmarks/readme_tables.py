@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from hnet.report_probes import SEGMENTS
-from hnet.report_ranking import agreement_markdown, pair_grid_markdown
+from hnet.report_ranking import agreement_markdown, halving_rungs_markdown, pair_grid_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -154,7 +154,7 @@ def _search_cost_zoo(r: dict) -> list[str]:
                   f"{r['truth_images']} evaluation images no method saw; its split-half ceiling Kendall "
                   f"{c['kendall']:.2f} [{c['ci']['kendall'][0]:.2f}, {c['ci']['kendall'][1]:.2f}]; true best pair "
                   f"{', '.join(r['true_best'])}. Share 0 = a method that computes nothing (prior, random)."]
-    return lines
+    return lines + halving_rungs_markdown(r)
 
 
 def render_search_cost(r: dict) -> str:

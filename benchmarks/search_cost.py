@@ -52,6 +52,7 @@ from hnet.experiments.train_run import embed_training_data, train_run  # noqa: E
 from hnet.files import MANIFEST  # noqa: E402
 from hnet.models.encoders import text_key  # noqa: E402
 from hnet.provenance import config_digest, stamp  # noqa: E402
+from hnet.report_ranking import halving_rungs_markdown  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import real_zoo  # noqa: E402
@@ -264,30 +265,7 @@ def markdown(r: dict) -> str:
                   f"<= {TARGET['regret']:g} point (upper 95% <= {TARGET['regret_upper']:g}) at <= "
                   f"{TARGET['share']:g} of the grid search's FLOPs. Cheapest share meeting it: "
                   + ", ".join(f"{m} {'never' if s is None else f'{s:.4f}'}" for m, s in r["cheapest"].items()) + "."]
-    return "\n".join(lines + rung_lines(r)) + "\n"
-
-
-def rung_lines(r: dict) -> list[str]:
-    """Where each halving search lost or kept the true best pair, and its decision signal at full training."""
-    lines = ["", "Halving, rung by rung against the truth (Kendall over the rung's pairs; kept = the true best pair "
-                 "survived the rung):", ""]
-    for p in (p for p in r["points"] if p.get("rungs")):
-        steps = "; ".join((f"prefilter ({g['pairs']} pairs, {g['samples']} held-out samples" if g["rung"] < 0 else
-                           f"rung {g['rung']} ({g['pairs']} pairs, {g['samples']} samples, {g['steps']} steps")
-                          + (f", lr {g['lr']:g}" if g.get("lr") else "") + f"): Kendall {g['kendall']:.2f} "
-                          f"[{g['kendall_ci'][0]:.2f}, {g['kendall_ci'][1]:.2f}], "
-                          + ("kept" if g["true_best_kept"] else "lost" if g["true_best_in"] else "gone before")
-                          for g in p["rungs"])
-        lines.append(f"- {p['method']}, {p['budget']}: {steps}")
-    signal = r.get("retrieval_signal")
-    if signal:
-        ci = signal["ci"]
-        lines += ["", f"The decision signal at full training (caption retrieval of the grid search's own connectors, "
-                      f"mean R@1/5/10 both ways, on the retrieval set) against the zero-shot truth: Kendall "
-                      f"{signal['kendall']:.2f} [{ci['kendall'][0]:.2f}, {ci['kendall'][1]:.2f}], regret "
-                      f"{signal['regret']:.1f} [{ci['regret'][0]:.1f}, {ci['regret'][1]:.1f}] points (best by it: "
-                      f"{', '.join(signal['predicted_best'])})."]
-    return lines if len(lines) > 3 else []
+    return "\n".join(lines + halving_rungs_markdown(r)) + "\n"
 
 
 def plot(r: dict, path: Path) -> Path:

@@ -251,25 +251,34 @@ def test_autodecode_two_ranks_match_one_process(tiny_cfg, tmp_path):
     torch.testing.assert_close(vec2, vec1, rtol=1e-4, atol=1e-5)
 
 
-def test_halving_two_ranks_decide_as_one_process(tmp_path):
+@pytest.mark.parametrize("tuned", [False, True], ids=["plain", "prefilter_and_lrs"])
+def test_halving_two_ranks_decide_as_one_process(tmp_path, tuned):
     """One halving search by 1 process and by 2 ranks, each embedding what it asks for (pieces split over the ranks):
-    the same rung decisions, scores and cost; the rung runs really ran on 2 ranks."""
+    the same rung decisions, scores and cost; the rung runs really ran on 2 ranks. `tuned`: with a proxy prefilter
+    (one rank scores and writes it, both read it back) and two learning rates tried per rung."""
     outs = {}
+    extra = ["search.lrs=[0.01, 0.05]", "search.prefilter=linear_cka"] if tuned else []
     for processes in (1, 2):
         cfg = load_config(None, tiny_overrides(tmp_path / f"p{processes}") + [
             "text_encoders=[all-MiniLM-L6-v2, all-MiniLM-L6-v2@layers=3]", "search.val_samples=40",
-            "search.rung_samples=80", "search.rung_steps=2", "search.eta=2"])
+            "search.rung_samples=80", "search.rung_steps=2", "search.eta=2", *extra])
         path = tmp_path / f"halving{processes}.yaml"
         path.write_text(dump_yaml(cfg))
         launch("search.py", path, processes, "--method", "halving")
         outs[processes] = files.read_json(tmp_path / f"p{processes}" / "tiny_search_halving" / "search.json")
     one, two = outs[1], outs[2]
     assert [r["kept"] for r in two["rungs"]] == [r["kept"] for r in one["rungs"]]
+    assert [r["lr"] for r in two["rungs"]] == [r["lr"] for r in one["rungs"]]
+    assert bool(one["prefilter"]) == tuned and bool(two["prefilter"]) == tuned
+    if tuned:
+        assert two["prefilter"]["kept"] == one["prefilter"]["kept"]
+        assert two["prefilter"]["scores"] == pytest.approx(one["prefilter"]["scores"], abs=1e-4)
     for r1, r2 in zip(one["rungs"], two["rungs"]):
         assert r2["scores"].keys() == r1["scores"].keys()
         for pair in r1["scores"]:
             assert abs(r2["scores"][pair] - r1["scores"][pair]) < 1e-3, pair
-        assert [row["world"] for row in files.read_jsonl(f"{r2['run']}/metrics.jsonl")] == [2] * r2["steps"]
+        for t in r2.get("tries", []):
+            assert [row["world"] for row in files.read_jsonl(f"{t['run']}/metrics.jsonl")] == [2] * r2["steps"]
     assert two["flops"]["embed_parts"] == one["flops"]["embed_parts"]
     pieces = (tmp_path / "p2" / "cache" / "demo" / "search" / "val40_first").glob("*_*/manifest.json")
     worlds = {e.get("world") for m in pieces for e in files.read_json(m)["encoders"].values()}

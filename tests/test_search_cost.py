@@ -10,6 +10,7 @@ from hnet.eval.evaluate import evaluate_run
 from hnet.experiments.search import TRUTH_SEED_OFFSET
 from hnet.experiments.train_run import train_run
 from hnet.provenance import config_digest
+from hnet.report_ranking import halving_rungs_markdown
 from tests.conftest import load_benchmark, tiny_overrides, with_train
 
 TINY_BUDGETS = {"ape": [(4, 100)], "hypernet": [(4, 0, 100)], "halving": [40], "proxy": [60],
@@ -90,10 +91,10 @@ def test_halving_says_at_which_rung_it_lost_the_true_best_and_how_its_signal_agr
     gone = bench.rung_figures({"rung": 1, "samples": 80, "steps": 4, "scores": {n: truth[n] for n in rest[-3:]},
                                "kept": rest[-1:]})
     assert not gone["true_best_in"] and not gone["true_best_kept"]
-    line = bench_module.rung_lines({"points": [{"method": "halving", "budget": "r0 40", "rungs": [kept, gone]}]})[-1]
+    line = halving_rungs_markdown({"points": [{"method": "halving", "budget": "r0 40", "rungs": [kept, gone]}]})[-1]
     assert "rung 0 (6 pairs, 40 samples, 2 steps): Kendall 1.00" in line and "], kept; rung 1" in line
     assert line.endswith("gone before")
-    line = bench_module.rung_lines({"points": [{"method": "halving", "budget": "r0 40", "rungs": [lost]}]})[-1]
+    line = halving_rungs_markdown({"points": [{"method": "halving", "budget": "r0 40", "rungs": [lost]}]})[-1]
     assert "Kendall -1.00" in line and line.endswith("lost")
 
     assert bench.retrieval_signal() is None  # no real zoo: no retrieval results to read
