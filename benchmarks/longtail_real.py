@@ -88,10 +88,14 @@ def main(argv=None) -> dict | None:
         print(f"SKIP longtail_real: run benchmarks/search_cost.py --zoo real first (no eval.json in {ape_dirs})")
         return None
     dataset = dataset_name(cfg.eval.datasets[0])
-    found = {label: out / name for label, name in HYPERNETS.items() if (out / name / runs.EVAL).exists()}
-    names = [n for n in files.read_json(ape_dirs[0] / runs.EVAL)["datasets"][dataset]["encoders"]
-             if all(n in files.read_json(d / runs.EVAL)["datasets"][dataset]["encoders"] for d in found.values())]
     result = files.read_json(ape_dirs[0] / runs.EVAL)["datasets"][dataset]
+    found = {label: out / name for label, name in HYPERNETS.items() if (out / name / runs.EVAL).exists()}
+    for label, d in list(found.items()):  # a run scored on other images (real_zoo.py: 2,000; search_cost.py: all)
+        if files.read_json(d / runs.EVAL)["datasets"][dataset]["key"] != result["key"]:
+            print(f"longtail_real: leaving out {label} ({d}): evaluated on other images than {ape_dirs[0]}")
+            del found[label]
+    names = [n for n in result["encoders"]
+             if all(n in files.read_json(d / runs.EVAL)["datasets"][dataset]["encoders"] for d in found.values())]
     view = result["longtail"]
     labels = np.asarray(CachedFeatures(cfg.cache_root / "eval" / result["key"], ["labels"])["labels"])
     segments = [("many" if n > view["many"] else "few" if n < view["few"] else "medium") for n in view["counts"]]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +31,10 @@ import real_zoo  # noqa: E402  (sets HF_HUB_OFFLINE before hnet imports the text
 
 from hnet import files, runs  # noqa: E402
 from hnet.config import Config, ConnectorConfig, dataset_name  # noqa: E402
-from hnet.eval.evaluate import evaluate_run  # noqa: E402
-from hnet.experiments.train_run import train_run  # noqa: E402
+from hnet.experiments.train_run import trained_and_evaluated  # noqa: E402
 from hnet.flops import shape_macs  # noqa: E402
 from hnet.models.connectors import ConnectorShape  # noqa: E402
-from hnet.provenance import config_digest, stamp  # noqa: E402
+from hnet.provenance import stamp  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "moe_real.json"
 BOOTSTRAP = 2000
@@ -127,17 +125,6 @@ def run_configs(cfg: Config, connector: ConnectorConfig, name: str, seeds: int) 
             for i in range(seeds)]
 
 
-def _train_eval(cfg: Config, dataset: str) -> float:
-    """Seconds spent training (0 when a finished run of exactly this config is reused)."""
-    if runs.finished(cfg.run_dir, config_digest(cfg)):
-        return 0.0
-    start = time.perf_counter()
-    train_run(cfg)
-    seconds = time.perf_counter() - start
-    evaluate_run(cfg, cfg.run_dir, [dataset])
-    return seconds
-
-
 def _routing(run_dir: Path, dataset: str) -> dict | None:
     per_pair = files.read_json(run_dir / runs.EVAL)["datasets"][dataset]["encoders"].values()
     routing = [r["routing"] for r in per_pair if "routing" in r]
@@ -150,7 +137,7 @@ def _routing(run_dir: Path, dataset: str) -> dict | None:
 def measure_variant(cfgs: list[Config], connector: ConnectorConfig, widths, dataset: str,
                     pairs: list[str]) -> tuple[dict, np.ndarray]:
     """A variant's summary and its hits [seeds, pairs, images]."""
-    seconds = [_train_eval(c, dataset) for c in cfgs]
+    seconds = [trained_and_evaluated(c, [dataset]) for c in cfgs]
     hits = np.stack([runs.read_hits(c.run_dir, dataset, pairs) for c in cfgs])
     ledger = [files.read_json(c.run_dir / runs.FLOPS)["phases"]["train"]["flops"] for c in cfgs]
     return {"connector": dataclasses.asdict(connector), "active_params_per_pair": active_params(connector, widths),
@@ -172,7 +159,7 @@ def measure(cfg: Config, seeds: int, hidden: int) -> dict:
     model.json names the pairs and their widths, which the matched-FLOPs width needs."""
     dataset = dataset_name(cfg.eval.datasets[0])
     reference = run_configs(cfg, ConnectorConfig(kind="linear"), "linear", 1)[0]
-    _train_eval(reference, dataset)
+    trained_and_evaluated(reference, [dataset])
     pairs, widths = pair_widths(reference.run_dir)
     out, hits = {}, {}
     for name, connector in connectors(hidden, widths).items():

@@ -14,7 +14,12 @@ import sys
 from pathlib import Path
 
 from hnet.report_probes import SEGMENTS
-from hnet.report_ranking import agreement_markdown, halving_rungs_markdown, pair_grid_markdown
+from hnet.report_ranking import (
+    agreement_markdown,
+    halving_rungs_markdown,
+    pair_grid_markdown,
+    truth_resolution_markdown,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -151,9 +156,12 @@ def _search_cost_zoo(r: dict) -> list[str]:
                      f"| {', '.join(p['predicted_best'][:2]) or '-'} |")
     c = r["ceiling"]
     lines += ["", f"{r['pairs']} pairs; truth: {r['truth_seeds']} grid searches from seeds no method uses, scored on "
-                  f"{r['truth_images']} evaluation images no method saw; its split-half ceiling Kendall "
+                  f"{r['truth_images']} evaluation images no method saw"
+                  + (f" (methods that evaluate decide on {r['decision_images']} others)" if "decision_images" in r
+                     else "") + "; its split-half ceiling Kendall "
                   f"{c['kendall']:.2f} [{c['ci']['kendall'][0]:.2f}, {c['ci']['kendall'][1]:.2f}]; true best pair "
-                  f"{', '.join(r['true_best'])}. Share 0 = a method that computes nothing (prior, random)."]
+                  f"{', '.join(r['true_best'])}. Share 0 = a method that computes nothing (prior, random)."
+                  + truth_resolution_markdown(r)]
     return lines + halving_rungs_markdown(r)
 
 

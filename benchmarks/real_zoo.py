@@ -33,11 +33,11 @@ from hnet import files, runs  # noqa: E402
 from hnet.config import Config, dataset_name, load_config, text_entry_name  # noqa: E402
 from hnet.data.cache import CachedFeatures  # noqa: E402
 from hnet.distributed import make_accelerator  # noqa: E402
-from hnet.eval.evaluate import embed_eval_sets, evaluate_run  # noqa: E402
+from hnet.eval.evaluate import embed_eval_sets  # noqa: E402
 from hnet.experiments.autodecode import autodecode  # noqa: E402
-from hnet.experiments.pipeline import run_pipeline, variant  # noqa: E402
+from hnet.experiments.pipeline import grid_config, run_pipeline, variant  # noqa: E402
 from hnet.experiments.search import truth_configs  # noqa: E402
-from hnet.experiments.train_run import embed_training_data, train_run  # noqa: E402
+from hnet.experiments.train_run import embed_training_data, train_run, trained_and_evaluated  # noqa: E402
 from hnet.models.encoders import read_encoder_list  # noqa: E402
 from hnet.provenance import stamp  # noqa: E402
 from hnet.report_ranking import pair_grid_markdown  # noqa: E402
@@ -79,9 +79,7 @@ def embed_phase(cfg: Config) -> dict:
 
 
 def _train_eval(cfg: Config) -> dict:
-    if not (cfg.run_dir / runs.EVAL).exists():  # a finished run of this config is reused (resume)
-        train_run(cfg)
-        evaluate_run(cfg, cfg.run_dir, cfg.eval.datasets)
+    trained_and_evaluated(cfg, cfg.eval.datasets)
     return files.read_json(cfg.run_dir / runs.EVAL)
 
 
@@ -145,11 +143,7 @@ def held_out_text(cfg: Config, text: str, ape: dict, dataset: str) -> dict:
             "ape_top1_same_pairs": float(np.mean(list(ape_pairs.values()))), "decode_steps": decoded["steps"],
             "decode_flops": decoded["flops"], "embed_flops": decoded["embed"]["flops"],
             "embed_captions": decoded["embed"].get("captions"), "embed_samples": decoded["embed"]["samples"],
-            "ape_train_flops_per_pair": _ape_flops_per_pair(ape_run_dir(cfg), text)}
-
-
-def ape_run_dir(cfg: Config) -> Path:
-    return variant(cfg, "", "separate").run_dir
+            "ape_train_flops_per_pair": _ape_flops_per_pair(grid_config(cfg).run_dir, text)}
 
 
 def _ape_flops_per_pair(run_dir: Path, text: str) -> dict:
@@ -164,7 +158,7 @@ def zoo_phase(cfg: Config) -> dict:
     dataset = dataset_name(cfg.eval.datasets[0])
     summary = run_pipeline(cfg)
     truth_dirs = [t.run_dir for t in truth_configs(cfg)]
-    ape_dirs = [ape_run_dir(cfg), *truth_dirs]
+    ape_dirs = [grid_config(cfg).run_dir, *truth_dirs]
     ape_runs = [files.read_json(d / runs.EVAL) for d in ape_dirs]
     hyper_dir = Path(summary["runs"]["hypernet"])
     evals = {"hypernet": files.read_json(hyper_dir / runs.EVAL), "separate": ape_runs[0],

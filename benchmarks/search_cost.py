@@ -2,21 +2,24 @@
 share of a grid search's TOTAL FLOPs (every embedding pass, training, evaluation), against the truth.
 
 Zoos: `real` (configs/flickr8k_real.yaml: Flickr8k train, 7 pretrained image x 3 text encoders, 21 pairs; scored on
-a class-balanced 2,000 of the CIFAR-10 test set; its caches and truth runs are benchmarks/real_zoo.py's) and `demo`
-(configs/demo.yaml: built-in data, 10 random-init image x 2 text encoders).
+the whole CIFAR-10 test set, 5,000 images per half: on real_zoo.py's 2,000 the truth itself could not resolve the
+target's 2 points, a pick of its own best pair already had an upper bound of 4; the training caches are
+benchmarks/real_zoo.py's) and `demo` (configs/demo.yaml: built-in data, 10 random-init image x 2 text encoders).
 
 Protocol:
 - truth: the grid search (separate connectors, APE, every pair at the config's full schedule) from
   `search.truth_seeds` seeds that no method uses (init and data order), averaged; scored on half B of the
   evaluation images. Methods that evaluate (grid search at the config's own seed, truncated APE, the hypernetwork)
-  are scored on half A; halving decides on held-out training samples and proxies on training features, so they see
+  are scored on half A (real zoo: on a random 1,000 of it, so that what a method pays to decide does not grow with
+  the truth's size); halving decides on held-out training samples and proxies on training features, so they see
   no evaluation image. Every figure: 95% bootstrap interval (images of both halves, truth seeds), next to the
   truth's own split-half ceiling.
 - cost: what each method computes: its embedding passes (only the samples and encoders it asks for; one caption
-  per image where it uses one), its training, its scoring (for methods that evaluate: the forwards of half A of the
-  evaluation set, every encoder). The grid search's own total (its ledger: full embedding, training, evaluation of
-  every pair) is the denominator.
-- regret: points of true top-1 lost by taking the method's best pair (expected over ties).
+  per image where it uses one), its training, its scoring (for methods that evaluate: the forwards of the images they
+  decide on, every encoder). The grid search's own total (its ledger: full embedding, training, evaluation of every
+  pair on the images it decides on; demo zoo: on every evaluation image) is the denominator.
+- regret: points of true top-1 lost by taking the method's best pair (expected over ties). The truth's resolution:
+  the interval of a pick of the true best pair itself (no method's upper bound can be lower).
 Runs are reused only when their recorded config digest equals the current one. Writes
 benchmarks/results/search_cost.json (one entry per zoo, stamped), search_cost_<zoo>.md and search_cost_<zoo>.png.
 
@@ -41,18 +44,18 @@ import numpy as np  # noqa: E402
 from hnet import files, runs  # noqa: E402
 from hnet.config import Config, dataset_name, load_config  # noqa: E402
 from hnet.data.cache import CachedFeatures  # noqa: E402
-from hnet.eval.evaluate import evaluate_run  # noqa: E402
 from hnet.eval.ranking import agreement, read_truth_hits, scores_agreement, split_agreement, split_halves  # noqa: E402
 from hnet.experiments.budget import searcher_settings  # noqa: E402
 from hnet.experiments.budgeted_search import run_budgeted_search  # noqa: E402
+from hnet.experiments.pipeline import grid_config  # noqa: E402
 from hnet.experiments.proxies import PROXIES  # noqa: E402
 from hnet.experiments.search import truth_configs  # noqa: E402
 from hnet.experiments.search_data import copy_range  # noqa: E402
-from hnet.experiments.train_run import embed_training_data, train_run  # noqa: E402
+from hnet.experiments.train_run import embed_training_data, trained_and_evaluated  # noqa: E402
 from hnet.files import MANIFEST  # noqa: E402
 from hnet.models.encoders import text_key  # noqa: E402
-from hnet.provenance import config_digest, stamp  # noqa: E402
-from hnet.report_ranking import halving_rungs_markdown  # noqa: E402
+from hnet.provenance import stamp  # noqa: E402
+from hnet.report_ranking import halving_rungs_markdown, truth_resolution_markdown  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import real_zoo  # noqa: E402
@@ -62,11 +65,12 @@ TARGET = {"regret": 1.0, "regret_upper": 2.0, "share": 0.1}  # the goal: regret 
 TUNED = ", lr tuned on search data"  # a halving method whose rungs pick their lr among BUDGETS' lrs (search.lrs)
 FILTERED = " prefilter" + TUNED  # "halving, PROXY prefilter, ...": after PROXY on the held-out samples kept 1/eta
 BUDGETS = {  # per zoo: (steps, samples) of truncated APE; (steps, k, samples) of the hypernetwork; halving rung 0
-    # samples, and the learning rates a tuned halving tries at each rung
+    # samples, and the learning rates a tuned halving tries at each rung; decision_images: the evaluation images a
+    # method that evaluates (the grid search included) decides on, drawn from half A (absent: all of half A)
     "real": {"ape": [(10, 128), (25, 256), (50, 500), (100, 1000)],
              "hypernet": [(25, 0, 256), (50, 0, 500), (100, 0, 1000), (230, 0, 6000)],
              "halving": [64, 128, 256], "proxy": [250, 500, 1000, 2000], "val": 250, "rung_steps": 20,
-             "lrs": [2e-3, 6e-3, 2e-2, 6e-2]},
+             "lrs": [2e-3, 6e-3, 2e-2, 6e-2], "decision_images": 1000},
     "demo": {"ape": [(10, 100), (20, 250), (40, 500)],
              "hypernet": [(20, 0, 250), (40, 0, 500), (160, 0, 1000)],
              "halving": [32, 64, 128], "proxy": [125, 250, 500], "val": 200, "rung_steps": 20,
@@ -76,15 +80,12 @@ BUDGETS = {  # per zoo: (steps, samples) of truncated APE; (steps, k, samples) o
 
 def zoo_config(zoo: str, data: Path, encoders: Path, out: Path) -> Config:
     if zoo == "real":  # every method is scored by zero-shot top-1 only: the retrieval set would cost 20 idle minutes
-        return real_zoo.real_config(data, encoders, out, ["eval.retrieval="])
+        return real_zoo.real_config(data, encoders, out, ["eval.retrieval=", "eval.max_images=0"])
     return load_config("configs/demo.yaml", [f"out_root={out}", "held_out=", "train.eval_every=0"])
 
 
 def _train_eval(cfg: Config, dataset: str) -> Path:
-    """A finished run of exactly this config (reused when its digest matches), evaluated on `dataset`."""
-    if not runs.finished(cfg.run_dir, config_digest(cfg)):
-        train_run(cfg)
-        evaluate_run(cfg, cfg.run_dir, [dataset])
+    trained_and_evaluated(cfg, [dataset])
     return cfg.run_dir
 
 
@@ -100,8 +101,10 @@ def _prefix(cfg: Config, samples: int) -> None:
 
 
 class Bench:
-    def __init__(self, zoo: str, cfg: Config, budgets: dict | None = None):
-        self.zoo, self.budgets = zoo, budgets or BUDGETS[zoo]
+    def __init__(self, zoo: str, cfg: Config, budgets: dict | None = None, signal_cfg: Config | None = None):
+        """`signal_cfg`: the config whose grid search at its own seed, evaluated on its retrieval set, gives halving's
+        decision signal at full training (real_zoo.py's settings; None: not measured)."""
+        self.zoo, self.budgets, self.signal_cfg = zoo, budgets or BUDGETS[zoo], signal_cfg
         self.cfg = dataclasses.replace(cfg, held_out="", held_out_pairs=[])
         self.dataset = dataset_name(cfg.eval.datasets[0])
         embed_training_data(self.cfg)
@@ -112,7 +115,11 @@ class Bench:
         self.truth = read_truth_hits(self.truth_runs, self.dataset, self.names)
         _, half_b = split_halves(self.truth.shape[2])
         self.truth_b = dict(zip(self.names, self.truth.mean(axis=0)[:, half_b].mean(axis=1) * 100))
-        self.full = self.cost(self.grid_run, evaluated_share=1.0)
+        n = self.truth.shape[2]
+        self.decision_images = self.budgets.get("decision_images", 0)
+        # what evaluating to decide costs: the grid search's own (the denominator) and every evaluating method's
+        self.decision_share = self.decision_images / n if self.decision_images else 0.5
+        self.full = self.cost(self.grid_run, self.decision_share if self.decision_images else 1.0)
 
     def cost(self, run_dir: Path, evaluated_share: float) -> dict:
         """A run's ledger: embedding, training, and evaluation on the zero-shot set (forwards of `evaluated_share` of
@@ -135,7 +142,11 @@ class Bench:
         """A method that evaluates: its hits on half A against the truth on half B."""
         run_dir = _train_eval(run_cfg, self.cfg.eval.datasets[0])
         hits = runs.read_hits(run_dir, self.dataset, self.names)
-        return self.point(method, budget, split_agreement(hits, self.truth, self.names), self.cost(run_dir, 0.5))
+        return self.point(method, budget, self.split(hits), self.cost(run_dir, self.decision_share))
+
+    def split(self, hits) -> dict:
+        """A method's hits on its decision images of half A against the truth on half B."""
+        return split_agreement(hits, self.truth, self.names, method_images=self.decision_images)
 
     def budget_run(self, tag: str, method: str, steps: int, samples: int, k: int = 0, **train_kw) -> Config:
         count = CachedFeatures(self.cfg.cache_root).count
@@ -176,9 +187,14 @@ class Bench:
     def retrieval_signal(self) -> dict | None:
         """Halving's decision signal at full training: caption retrieval (mean of R@1/5/10 both ways) of APE's
         connectors at the config's own seed on the zoo's retrieval set (benchmarks/real_zoo.py's run, which evaluates
-        retrieval; this benchmark's grid run does not), against the zero-shot truth on half B; None without it."""
-        run = real_zoo.ape_run_dir(self.cfg) if self.zoo == "real" else None
-        result = files.read_json(run / runs.EVAL) if run and (run / runs.EVAL).exists() else {}
+        retrieval, trained here when absent; this benchmark's grid run does not), against the zero-shot truth on
+        half B; None without a signal config."""
+        if self.signal_cfg is None:
+            return None
+        ape = grid_config(self.signal_cfg)
+        trained_and_evaluated(ape, ape.eval.datasets)
+        run = ape.run_dir
+        result = files.read_json(run / runs.EVAL) if (run / runs.EVAL).exists() else {}
         recalls = result.get("retrieval", {})
         if not all(n in recalls for n in self.names):
             return None
@@ -187,6 +203,11 @@ class Bench:
         got = scores_agreement(scores, self.truth, self.names)
         return {"run": str(run), "kendall": got["kendall"], "regret": got["regret"], "ci": got["ci"],
                 "predicted_best": got["predicted_best"]}
+
+    def resolution(self) -> dict:
+        """The truth's resolution: the regret interval of a pick of the true best pair (on half B) itself."""
+        got = scores_agreement(self.truth_b, self.truth, self.names)
+        return {"regret": got["regret"], "ci": got["ci"]["regret"]}
 
     def prior(self) -> dict:
         """A static prior: the pair whose encoders compute the most per sample is ranked best (no cost)."""
@@ -213,7 +234,7 @@ class Bench:
     def run(self) -> list[dict]:
         b, c = self.budgets, self.cfg
         lr, wd = searcher_settings(c)
-        grid = split_agreement(runs.read_hits(self.grid_run, self.dataset, self.names), self.truth, self.names)
+        grid = self.split(runs.read_hits(self.grid_run, self.dataset, self.names))
         points = [self.point("grid search (APE, own seed)", "full", grid, self.full)]
         points += [self.evaluated("truncated APE", f"{s} steps, {m} samples", self.budget_run(f"ape_s{s}_m{m}",
                                                                                                "separate", s, m))
@@ -233,7 +254,8 @@ class Bench:
                                  rung_samples=n, lrs=b["lrs"], prefilter=proxy, **rung)
                    for proxy in b.get("proxies", PROXIES) if b.get("lrs")]
         for proxy in b.get("proxies", PROXIES):
-            points += [self.searched("proxy", f"{proxy} {n}", proxy=proxy, proxy_samples=n) for n in b["proxy"]]
+            points += [self.searched("proxy", f"{proxy} {n}", proxy=proxy, proxy_samples=n, lrs=[], prefilter="")
+                       for n in b["proxy"]]
         return points + [self.prior(), self.random()]
 
 
@@ -250,7 +272,7 @@ def cheapest_at_target(points: list[dict]) -> dict:
 
 def markdown(r: dict) -> str:
     lines = [f"### Finding the best pair on the {r['zoo']} zoo ({r['pairs']} pairs; truth: {r['truth_seeds']} grid "
-             f"searches from seeds no method uses, on {r['truth_images']} evaluation images)", "",
+             f"searches from seeds no method uses, on {r['truth_images']} evaluation images{decides(r)})", "",
              "| method | budget | share of grid search's FLOPs | without evaluation | regret (points) | Kendall | "
              "top-1 hit | best pair |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for p in r["points"]:
@@ -264,8 +286,13 @@ def markdown(r: dict) -> str:
                   f"{c['ci']['kendall'][1]:.2f}]; true best pair: {', '.join(r['true_best'])}. Target: expected regret "
                   f"<= {TARGET['regret']:g} point (upper 95% <= {TARGET['regret_upper']:g}) at <= "
                   f"{TARGET['share']:g} of the grid search's FLOPs. Cheapest share meeting it: "
-                  + ", ".join(f"{m} {'never' if s is None else f'{s:.4f}'}" for m, s in r["cheapest"].items()) + "."]
+                  + ", ".join(f"{m} {'never' if s is None else f'{s:.4f}'}" for m, s in r["cheapest"].items()) + "."
+                  + truth_resolution_markdown(r)]
     return "\n".join(lines + halving_rungs_markdown(r)) + "\n"
+
+
+def decides(r: dict) -> str:
+    return f"; methods that evaluate decide on {r['decision_images']} others" if "decision_images" in r else ""
 
 
 def plot(r: dict, path: Path) -> Path:
@@ -299,13 +326,29 @@ def plot(r: dict, path: Path) -> Path:
     return out
 
 
+def render(zoo: str) -> dict:
+    """The table and plot of a measured entry, drawn again from search_cost.json (e.g. after a change of layout)."""
+    path = RESULTS / "search_cost.json"
+    entries = files.read_json(path) if path.exists() else {}
+    if zoo not in entries:
+        raise SystemExit(f"{path}: no '{zoo}' entry to render; run `python benchmarks/search_cost.py --zoo {zoo}`")
+    result = entries[zoo]
+    files.write_text(RESULTS / f"search_cost_{zoo}.md", markdown(result))
+    plot(result, RESULTS / f"search_cost_{zoo}.png")
+    return result
+
+
 def main(argv=None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", choices=["real", "demo"], default="real")
     parser.add_argument("--data", default=real_zoo.SHARED_DATA, help="folder described by ../shared/data/README.md")
     parser.add_argument("--encoders", default=real_zoo.DEFAULT_ENCODERS, help="OUT folder of real_encoders/build.sh")
     parser.add_argument("--out", default=None, help="runs and caches (default runs/real_zoo, runs/search_cost/demo)")
+    parser.add_argument("--render", action="store_true",
+                        help="only redraw search_cost_<zoo>.md and .png from search_cost.json's entry (no run)")
     args = parser.parse_args(argv)
+    if args.render:
+        return render(args.zoo)
     data, encoders = Path(args.data).expanduser().resolve(), Path(args.encoders).expanduser().resolve()
     if args.zoo == "real" and (missing := real_zoo.missing_inputs(data, encoders)):
         print(f"SKIP search_cost --zoo real: missing {', '.join(missing)} (see ../shared/data/README.md)")
@@ -313,13 +356,16 @@ def main(argv=None) -> dict | None:
     out = Path(args.out or ("runs/real_zoo" if args.zoo == "real" else "runs/search_cost/demo"))
     start = time.perf_counter()
     cfg = zoo_config(args.zoo, data, encoders, out)
-    bench = Bench(args.zoo, cfg)
+    bench = Bench(args.zoo, cfg, signal_cfg=real_zoo.real_config(data, encoders, out, []) if args.zoo == "real"
+                  else None)
     points = bench.run()
     top = max(bench.truth_b.values())
     result = {"zoo": args.zoo, "pairs": len(bench.names), "truth_seeds": len(bench.truth_runs),
               "truth_images": len(split_halves(bench.truth.shape[2])[1]),
+              "decision_images": bench.decision_images or len(split_halves(bench.truth.shape[2])[0]),
               "true_best": [n for n, v in bench.truth_b.items() if v == top], "truth_top1": bench.truth_b,
               "ceiling": split_agreement(bench.truth.mean(axis=0), bench.truth, bench.names)["ceiling"],
+              "resolution": bench.resolution(),
               "grid_cost": bench.full, "points": points, "cheapest": cheapest_at_target(points), "target": TARGET,
               "retrieval_signal": bench.retrieval_signal(),
               "seconds": round(time.perf_counter() - start, 1)}

@@ -154,3 +154,12 @@ def halving_rungs_markdown(r: dict) -> list[str]:
                       f"{signal['regret']:.1f} [{ci['regret'][0]:.1f}, {ci['regret'][1]:.1f}] points (best by it: "
                       f"{', '.join(signal['predicted_best'])})."]
     return lines if len(lines) > 3 else []
+
+
+def truth_resolution_markdown(r: dict) -> str:
+    """What the truth of a search-cost result can resolve: the regret interval of a pick of its own best pair."""
+    if "resolution" not in r:
+        return ""
+    lo, hi = r["resolution"]["ci"]
+    return (f" The truth's resolution: picking its own best pair scores regret {r['resolution']['regret']:.1f} "
+            f"[{lo:.1f}, {hi:.1f}], so no method's upper bound can be below {hi:.1f}.")

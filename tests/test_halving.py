@@ -30,7 +30,7 @@ def test_rung_schedule_keeps_one_in_eta_and_grows_by_eta():
     rungs = rung_schedule(21, 3, 100, 10, available=800)
     assert [(r.pairs, r.samples, r.steps) for r in rungs] == [(21, 100, 10), (7, 300, 30), (2, 800, 90)]
     assert [r.pairs for r in rung_schedule(6, 2, 40, 2, 200)] == [6, 3]
-    assert [r.pairs for r in rung_schedule(1, 3, 40, 2, 200)] == [1]
+    assert rung_schedule(1, 3, 40, 2, 200) == []  # one pair: nothing to decide, nothing to train
 
 
 def test_survivors_are_the_best_and_a_tie_at_the_cut_goes_to_the_first():
@@ -201,6 +201,29 @@ def test_a_proxy_prefilter_keeps_one_in_eta_before_rung_0_and_is_charged_its_flo
     assert max(out["scores"][p] for p in own if p not in kept) < min(out["scores"][p] for p in kept)
     assert "before rung 0: mutual_knn on the held-out search samples kept 3 of 6 pairs" in \
         (tmp_path / "tiny_search_halving" / "search.md").read_text()
+
+
+def test_a_prefilter_that_keeps_one_pair_decides_alone_and_trains_nothing(tiny_root, tmp_path):
+    cfg = halving_cfg(tiny_root, tmp_path, "search.method=halving", "search.prefilter=mutual_knn", "search.eta=4")
+    out = run_budgeted_search(cfg)
+    assert len(out["prefilter"]["kept"]) == 1 and out["best"] == out["prefilter"]["kept"]
+    assert out["rungs"] == [] and out["flops"]["train"] == 0.0
+    assert not list(tmp_path.glob("tiny_search_halving/r0_*"))  # no rung run was started
+
+
+def test_settings_only_halving_reads_are_flagged_where_another_method_runs(tiny_root, tmp_path):
+    from hnet.experiments.budget import ignored_search_settings
+
+    cfg = halving_cfg(tiny_root, tmp_path, "search.lrs=[0.01, 0.02]", "search.prefilter=linear_cka")
+    assert ignored_search_settings(cfg) == ["search.lrs", "search.prefilter"]  # the default method: hypernet
+    proxy = halving_cfg(tiny_root, tmp_path, "search.method=proxy", "search.lrs=[0.01]", "search.proxy_samples=50")
+    assert ignored_search_settings(proxy) == ["search.lrs"]
+    for method in ("halving", "hypernet-halving"):
+        assert ignored_search_settings(halving_cfg(tiny_root, tmp_path, f"search.method={method}",
+                                                   "search.lrs=[0.01]", "search.prefilter=mutual_knn")) == []
+    with pytest.warns(UserWarning, match=r"search.lrs: only --method halving\|hypernet-halving reads it; "
+                                         r"--method proxy ignores it"):
+        run_budgeted_search(proxy)
 
 
 def test_proxy_search_charges_its_forwards_and_its_own_flops(tiny_root, tmp_path, monkeypatch):

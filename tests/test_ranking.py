@@ -31,6 +31,29 @@ def test_halves_are_disjoint_seeded_and_cover_every_image():
     assert np.array_equal(split_halves(101)[0], a) and not np.array_equal(split_halves(101, seed=1)[0], a)
 
 
+def test_a_method_can_decide_on_a_random_part_of_half_a_and_only_that_part_counts():
+    """Evaluation images stored class by class: the method's part of half A is drawn at random from A, never from B,
+    and its hits elsewhere do not move its figures; the ceiling still uses all of A."""
+    names = [f"p{i}" for i in range(6)]
+    truth = _noisy_hits(6, 2000, seed=5)
+    method = _noisy_hits(6, 2000, seed=6)
+    a, b = split_halves(2000)
+    part = split_halves(2000, method_images=300)[0]
+    assert len(part) == 300 and set(part) <= set(a) and split_halves(2000, method_images=300)[1].tolist() == b.tolist()
+    assert part.max() > 1500 and part.min() < 500  # spread over the stored order, not its first images
+    got = split_agreement(method, truth, names, boot=50, method_images=300)
+    changed = method.copy()
+    changed[:, np.setdiff1d(a, part)] = 1 - changed[:, np.setdiff1d(a, part)]
+    again = split_agreement(changed, truth, names, boot=50, method_images=300)
+    assert again["kendall"] == got["kendall"] and again["ci"] == got["ci"]
+    assert got["halves"]["method"] == 300 and got["halves"]["truth"] == 1000
+    assert got["ceiling"] == split_agreement(method, truth, names, boot=50)["ceiling"]
+    changed[:, part] = 1 - changed[:, part]
+    assert split_agreement(changed, truth, names, boot=50, method_images=300)["kendall"] != got["kendall"]
+    with pytest.raises(ValueError, match="method_images: 1001 exceed half"):
+        split_halves(2000, method_images=1001)
+
+
 def _noisy_hits(pairs: int, images: int, seed: int) -> np.ndarray:
     """Pairs whose true accuracies are close (30..40%), each image a coin flip: rankings on few images are noisy."""
     rng = np.random.default_rng(seed)

@@ -1,14 +1,15 @@
 """benchmarks/search_cost.py: every method's cost as a share of the grid search's whole cost, scored against a truth
 from seeds no method uses, on evaluation images the method did not see; runs reused only for the same config."""
 import dataclasses
+import types
 
 import pytest
 
 from hnet import files, runs
 from hnet.config import load_config
-from hnet.eval.evaluate import evaluate_run
+from hnet.eval.ranking import scores_agreement
 from hnet.experiments.search import TRUTH_SEED_OFFSET
-from hnet.experiments.train_run import train_run
+from hnet.experiments.train_run import trained_and_evaluated
 from hnet.provenance import config_digest
 from hnet.report_ranking import halving_rungs_markdown
 from tests.conftest import load_benchmark, tiny_overrides, with_train
@@ -19,11 +20,13 @@ TINY_BUDGETS = {"ape": [(4, 100)], "hypernet": [(4, 0, 100)], "halving": [40], "
 
 def test_a_run_of_other_settings_is_not_reused(tiny_cfg):
     cfg = with_train(tiny_cfg, max_steps=2)
-    train_run(cfg)
-    evaluate_run(cfg, cfg.run_dir, ["demo"])
+    assert trained_and_evaluated(cfg, ["demo"]) > 0.0
     assert runs.finished(cfg.run_dir, config_digest(cfg))
     assert not runs.finished(cfg.run_dir, config_digest(with_train(cfg, lr=cfg.train.lr * 2)))
     assert not runs.finished(cfg.run_dir, config_digest(with_train(cfg, max_steps=3)))
+    assert trained_and_evaluated(cfg, ["demo"]) == 0.0  # the same settings: reused
+    other = with_train(cfg, max_steps=3)  # the same name and run folder, other settings: trained again
+    assert trained_and_evaluated(other, ["demo"]) > 0.0 and runs.finished(other.run_dir, config_digest(other))
 
 
 def test_every_method_is_charged_what_it_computes_against_the_grid_searchs_whole_cost(tiny_root, tmp_path):
@@ -53,6 +56,15 @@ def test_every_method_is_charged_what_it_computes_against_the_grid_searchs_whole
     blind = [p for p in points.values() if p["method"] in ("halving", "hypernet-halving", "proxy", *tuned)]
     assert len(blind) == 6 and all(p["cost"]["eval_embed"] == 0 and p["cost"]["embed"] > 0 for p in blind)
     assert all(0 < p["share"] < 1 for p in blind)
+
+    # deciding on a random quarter of the images: the grid search (the denominator) and every evaluating method pay
+    # for evaluating that quarter only, and are scored on it (the runs are reused: same configs)
+    n = bench.truth.shape[2]
+    part = bench_module.Bench("tiny", cfg, TINY_BUDGETS | {"decision_images": n // 4})
+    assert part.full["eval_embed"] == pytest.approx(grid_eval * (n // 4) / n)
+    ape = part.evaluated("truncated APE", "4 steps, 100 samples", part.budget_run("ape_s4_m100", "separate", 4, 100))
+    assert ape["cost"]["eval_embed"] == pytest.approx(part.full["eval_embed"])
+    assert part.split(grid_hits)["halves"]["method"] == n // 4
 
 
 def test_truth_seeds_are_apart_from_every_methods_seed(tiny_cfg):
@@ -97,15 +109,37 @@ def test_halving_says_at_which_rung_it_lost_the_true_best_and_how_its_signal_agr
     line = halving_rungs_markdown({"points": [{"method": "halving", "budget": "r0 40", "rungs": [lost]}]})[-1]
     assert "Kendall -1.00" in line and line.endswith("lost")
 
-    assert bench.retrieval_signal() is None  # no real zoo: no retrieval results to read
+    # the truth's resolution is the interval any pick of the true best pair gets: no method can show a lower bound
+    pick = {n: float(truth[n] == truth[best]) for n in order}  # the true best (all of them, if tied)
+    assert bench.resolution()["ci"] == scores_agreement(pick, bench.truth, bench.names)["ci"]["regret"]
+    assert bench.resolution()["regret"] == pytest.approx(0.0, abs=1e-9) and bench.resolution()["ci"][1] > 0.0
+
+    assert bench.retrieval_signal() is None  # no signal config: not measured
     run = tmp_path / "ape_with_retrieval"
+    trained = []
+    monkeypatch.setattr(bench_module, "trained_and_evaluated", lambda c, datasets: trained.append(c.run_dir))
+    monkeypatch.setattr(bench_module, "grid_config", lambda c: types.SimpleNamespace(run_dir=run, eval=c.eval))
     recall = lambda v: {"R@1": v, "R@5": v, "R@10": v}
     # the retrieval ranking puts the truth's worst pair first, the rest in the truth's order
     signal = {n: truth[n] for n in order} | {order[0]: 1000.0}
     files.write_json(run / runs.EVAL, {"retrieval": {n: {"image_to_text": recall(v), "text_to_image": recall(v)}
                                                      for n, v in signal.items()}})
-    monkeypatch.setattr(bench, "zoo", "real")
-    monkeypatch.setattr(bench_module.real_zoo, "ape_run_dir", lambda c: run)
+    monkeypatch.setattr(bench, "signal_cfg", cfg)
     got = bench.retrieval_signal()
+    assert trained == [run]  # the signal's run is made sure of (trained and evaluated when absent)
     assert got["predicted_best"] == [order[0]] and got["regret"] == pytest.approx(truth[best] - truth[order[0]])
     assert got["kendall"] == pytest.approx(bench_module.agreement(signal, truth)["kendall"])
+
+
+@pytest.mark.parametrize("zoo", ["real", "demo"])
+def test_render_redraws_the_committed_table_and_plot_from_the_results_file(zoo, tmp_path, monkeypatch):
+    bench = load_benchmark("search_cost")
+    committed = bench.RESULTS
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    (tmp_path / "search_cost.json").write_text((committed / "search_cost.json").read_text())
+    bench.main(["--zoo", zoo, "--render"])
+    assert (tmp_path / f"search_cost_{zoo}.md").read_text() == (committed / f"search_cost_{zoo}.md").read_text()
+    assert (tmp_path / f"search_cost_{zoo}.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="no 'real' entry"):
+        (tmp_path / "search_cost.json").write_text("{}")
+        bench.main(["--zoo", "real", "--render"])

@@ -63,10 +63,13 @@ def _finite(x: float) -> float:
     return 0.0 if not np.isfinite(x) else float(x)
 
 
-def split_halves(n: int, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
-    """Evaluation images 0..n-1 split into two disjoint halves (A, B) by a seeded permutation."""
+def split_halves(n: int, seed: int = SPLIT_SEED, method_images: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Evaluation images 0..n-1 split into two disjoint halves (A, B) by a seeded permutation; `method_images` > 0:
+    A is only that many of them (a random part of the first half, whatever order the images are stored in)."""
     order = np.random.default_rng([seed, n]).permutation(n)
-    return np.sort(order[: n // 2]), np.sort(order[n // 2:])
+    if method_images > n // 2:
+        raise ValueError(f"method_images: {method_images} exceed half of the {n} evaluation images")
+    return np.sort(order[: method_images or n // 2]), np.sort(order[n // 2:])
 
 
 def halves_top1(hits: np.ndarray) -> dict[str, float]:
@@ -87,30 +90,35 @@ def _scores(hits: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def split_agreement(predicted_hits: np.ndarray, truth_hits: np.ndarray, names: list[str],
-                    boot: int = BOOTSTRAP, seed: int = SPLIT_SEED) -> dict:
-    """Agreement of a method (its per-image zero-shot hits [pairs, images] on half A) with the truth (its hits on half
-    B, [pairs, images] or [truth seeds, pairs, images]: the mean over seeds), the truth's split-half ceiling (truth on
-    A vs truth on B), and 95% bootstrap intervals of both over evaluation images and truth seeds. Every hit array
-    covers the same images in the same order."""
+                    boot: int = BOOTSTRAP, seed: int = SPLIT_SEED, method_images: int = 0) -> dict:
+    """Agreement of a method (its per-image zero-shot hits [pairs, images] on half A, or on `method_images` of it)
+    with the truth (its hits on half B, [pairs, images] or [truth seeds, pairs, images]: the mean over seeds), the
+    truth's split-half ceiling (truth on all of A vs truth on B), and 95% bootstrap intervals of both over evaluation
+    images and truth seeds. Every hit array covers the same images in the same order."""
     truth_hits = truth_hits[None] if truth_hits.ndim == 2 else truth_hits
     if predicted_hits.shape != truth_hits.shape[1:] or predicted_hits.shape[0] != len(names):
         raise ValueError(f"hits of {predicted_hits.shape} and {truth_hits.shape} for {len(names)} pairs")
     a, b = split_halves(truth_hits.shape[2], seed)
+    m = split_halves(truth_hits.shape[2], seed, method_images)[0]
     seeds = len(truth_hits)
     ones = lambda n: np.ones(n)
 
-    def both(wa, wb, ws) -> tuple[dict, dict]:
+    def both(wm, wa, wb, ws) -> tuple[dict, dict]:
         truth = np.tensordot(ws / ws.sum(), truth_hits, axes=1)  # [pairs, images], the seeds' weighted mean
-        return (_agree(names, predicted_hits[:, a], truth[:, b], wa, wb),
+        return (_agree(names, predicted_hits[:, m], truth[:, b], wm, wb),
                 _agree(names, truth[:, a], truth[:, b], wa, wb))
 
-    point, ceiling = both(ones(len(a)), ones(len(b)), ones(seeds))
+    point, ceiling = both(ones(len(m)), ones(len(a)), ones(len(b)), ones(seeds))
     rng = np.random.default_rng([seed, 1])
     resample = lambda n: rng.multinomial(n, ones(n) / n)  # counts of a bootstrap draw of n items
-    draws = [both(resample(len(a)), resample(len(b)), resample(seeds)) for _ in range(boot)]
+    own = np.random.default_rng([seed, 3])  # the method's part of A, resampled apart: the ceiling's draws stay put
+    draws = []
+    for _ in range(boot):
+        wa, wb, ws = resample(len(a)), resample(len(b)), resample(seeds)
+        draws.append(both(own.multinomial(len(m), ones(len(m)) / len(m)) if method_images else wa, wa, wb, ws))
     return point | {"ci": interval([d[0] for d in draws]),
                     "ceiling": ceiling | {"ci": interval([d[1] for d in draws])},
-                    "halves": {"method": len(a), "truth": len(b), "seed": seed, "bootstrap": boot,
+                    "halves": {"method": len(m), "truth": len(b), "seed": seed, "bootstrap": boot,
                                "truth_seeds": seeds}}
 
 

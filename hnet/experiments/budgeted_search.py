@@ -16,6 +16,7 @@ from hnet.config import Config, ConfigError, dataset_name
 from hnet.data.cache import CachedFeatures
 from hnet.distributed import make_accelerator
 from hnet.eval.ranking import read_truth_hits, scores_agreement
+from hnet.experiments.budget import warn_ignored_search_settings
 from hnet.experiments.halving import Halving, ranking_scores
 from hnet.experiments.proxies import score_pairs
 from hnet.experiments.search import _totals, grid_search_steps, training_caption_count, training_sample_count
@@ -32,6 +33,7 @@ def search_dir(cfg: Config) -> Path:
 
 def run_budgeted_search(cfg: Config, truth_runs: list[str | Path] | None = None) -> dict:
     """Run cfg.search.method (halving | hypernet-halving | proxy) and write search.json / search.md."""
+    warn_ignored_search_settings(cfg)
     accelerator = make_accelerator(cfg)
     with accelerator.main_process_first():  # it may build the shards: one rank, then the others read them
         count = training_sample_count(cfg)

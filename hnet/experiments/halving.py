@@ -54,7 +54,9 @@ class Rung:
 
 def rung_schedule(n_pairs: int, eta: int, samples: int, steps: int, available: int) -> list[Rung]:
     """Rungs while more than one pair is left: n, n // eta, ... pairs; samples (capped at `available`) and steps
-    times eta per rung."""
+    times eta per rung. A single pair (a prefilter that kept one) has nothing left to decide: no rung."""
+    if n_pairs <= 1:
+        return []
     rungs = [Rung(0, n_pairs, min(samples, available), steps)]
     while (keep := max(1, rungs[-1].pairs // eta)) > 1:
         r = len(rungs)

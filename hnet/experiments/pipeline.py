@@ -34,6 +34,11 @@ def variant(cfg: Config, suffix: str, method: str, **changes) -> Config:
     return dataclasses.replace(cfg, name=f"{cfg.name}{suffix}", method=method, **changes)
 
 
+def grid_config(cfg: Config) -> Config:
+    """The grid search: one separate connector (APE) for every pair of the zoo, at cfg's own seed."""
+    return variant(cfg, "", "separate", held_out_pairs=[])
+
+
 def _train_and_eval(cfg: Config, datasets: list[str], show: bool = True, train: bool = True) -> dict:
     if train:
         train_run(cfg)
@@ -133,7 +138,7 @@ def run_pipeline(cfg: Config, control: bool = True) -> dict:
         raise ConfigError(f"held_out: '{cfg.held_out}' is not one of the configured encoders")
     dataset = dataset_name(cfg.eval.datasets[0])
     resolve_pairs([n for n in names if n != cfg.held_out], cfg.texts, cfg.held_out_pairs)  # before any training
-    separate = variant(cfg, "", "separate", held_out_pairs=[])  # the grid search: every pair
+    separate = grid_config(cfg)
     evals = {"separate": _train_and_eval(separate, cfg.eval.datasets)}
     seen = [{"name": s.name, "weights": s.weights} for s in specs if s.name != cfg.held_out]
     hyper = variant(cfg, "", "hypernet", encoders=seen)

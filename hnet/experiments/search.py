@@ -18,7 +18,7 @@ from hnet.config import Config, ConfigError, dataset_name
 from hnet.data.sources import prepare_shards
 from hnet.eval.evaluate import evaluate_run
 from hnet.eval.ranking import read_truth_hits, split_agreement
-from hnet.experiments.budget import scaled_warmup, searcher_settings
+from hnet.experiments.budget import scaled_warmup, searcher_settings, warn_ignored_search_settings
 from hnet.experiments.train_run import train_run
 from hnet.files import MANIFEST
 from hnet.files import MANIFEST as SHARDS_MANIFEST
@@ -115,6 +115,7 @@ def train_truth(cfg: Config, datasets: list[str]) -> list[Path]:
 
 
 def run_search(cfg: Config, separate_runs: list[str | Path] | None = None) -> dict:
+    warn_ignored_search_settings(cfg)
     count = training_sample_count(cfg)
     search = search_config(cfg, grid_search_steps(cfg, count))
     spec = cfg.search.dataset or cfg.eval.datasets[0]

@@ -1,13 +1,18 @@
 """A whole training run: make sure the cache holds every encoder's features (the embedding phase), train, and
-record what the one-time embedding pass cost."""
+record what the one-time embedding pass cost; and a finished, evaluated run of a config, reused when it exists."""
 from __future__ import annotations
 
+import time
+
+from hnet import runs
 from hnet.config import Config
 from hnet.data.embed import build_cache
 from hnet.data.sources import first_samples_units, prepare_shards, shard_units
 from hnet.distributed import make_accelerator
+from hnet.eval.evaluate import evaluate_run
 from hnet.flops import FlopsLedger, embedding_flops, record_cache_flops
 from hnet.models.encoders import read_encoder_list
+from hnet.provenance import config_digest
 from hnet.train.loop import train
 
 
@@ -40,3 +45,16 @@ def train_run(cfg: Config) -> dict:
         ledger.set("embed", flops, samples=samples, parts=parts)
         ledger.save()
     return result
+
+
+def trained_and_evaluated(cfg: Config, datasets: list[str]) -> float:
+    """Make cfg.run_dir a trained run of exactly this config, evaluated on `datasets`: a finished run with the same
+    config digest is reused (a run of other settings under the same name is not). Returns the seconds spent training
+    (0.0 when reused)."""
+    if runs.finished(cfg.run_dir, config_digest(cfg)):
+        return 0.0
+    start = time.perf_counter()
+    train_run(cfg)
+    seconds = time.perf_counter() - start
+    evaluate_run(cfg, cfg.run_dir, datasets)
+    return seconds
