@@ -356,8 +356,9 @@ def main(argv=None) -> dict | None:
     out = Path(args.out or ("runs/real_zoo" if args.zoo == "real" else "runs/search_cost/demo"))
     start = time.perf_counter()
     cfg = zoo_config(args.zoo, data, encoders, out)
-    bench = Bench(args.zoo, cfg, signal_cfg=real_zoo.real_config(data, encoders, out, []) if args.zoo == "real"
-                  else None)
+    # the signal's run: real_zoo.py's settings (its retrieval set), zero-shot on this benchmark's images (no 2nd pass)
+    signal = real_zoo.real_config(data, encoders, out, ["eval.max_images=0"]) if args.zoo == "real" else None
+    bench = Bench(args.zoo, cfg, signal_cfg=signal)
     points = bench.run()
     top = max(bench.truth_b.values())
     result = {"zoo": args.zoo, "pairs": len(bench.names), "truth_seeds": len(bench.truth_runs),
