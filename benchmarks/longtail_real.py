@@ -89,6 +89,9 @@ def main(argv=None) -> dict | None:
         return None
     dataset = dataset_name(cfg.eval.datasets[0])
     result = files.read_json(ape_dirs[0] / runs.EVAL)["datasets"][dataset]
+    if other := [d for d in ape_dirs if files.read_json(d / runs.EVAL)["datasets"][dataset]["key"] != result["key"]]:
+        print(f"SKIP longtail_real: {other} evaluated on other images than {ape_dirs[0]} (re-run search_cost.py)")
+        return None
     found = {label: out / name for label, name in HYPERNETS.items() if (out / name / runs.EVAL).exists()}
     for label, d in list(found.items()):  # a run scored on other images (real_zoo.py: 2,000; search_cost.py: all)
         if files.read_json(d / runs.EVAL)["datasets"][dataset]["key"] != result["key"]:

@@ -13,11 +13,11 @@ Protocol:
   are scored on half A (real zoo: on a random 1,000 of it, so that what a method pays to decide does not grow with
   the truth's size); halving decides on held-out training samples and proxies on training features, so they see
   no evaluation image. Every figure: 95% bootstrap interval (images of both halves, truth seeds), next to the
-  truth's own split-half ceiling.
+  truth's own split-half ceiling (the truth on the images a method decides on vs the truth on half B).
 - cost: what each method computes: its embedding passes (only the samples and encoders it asks for; one caption
   per image where it uses one), its training, its scoring (for methods that evaluate: the forwards of the images they
   decide on, every encoder). The grid search's own total (its ledger: full embedding, training, evaluation of every
-  pair on the images it decides on; demo zoo: on every evaluation image) is the denominator.
+  pair on the images it decides on, as any method that evaluates) is the denominator.
 - regret: points of true top-1 lost by taking the method's best pair (expected over ties). The truth's resolution:
   the interval of a pick of the true best pair itself (no method's upper bound can be lower).
 Runs are reused only when their recorded config digest equals the current one. Writes
@@ -66,7 +66,7 @@ TUNED = ", lr tuned on search data"  # a halving method whose rungs pick their l
 FILTERED = " prefilter" + TUNED  # "halving, PROXY prefilter, ...": after PROXY on the held-out samples kept 1/eta
 BUDGETS = {  # per zoo: (steps, samples) of truncated APE; (steps, k, samples) of the hypernetwork; halving rung 0
     # samples, and the learning rates a tuned halving tries at each rung; decision_images: the evaluation images a
-    # method that evaluates (the grid search included) decides on, drawn from half A (absent: all of half A)
+    # method that evaluates (the grid search included) decides on and pays for, drawn from half A (absent: all of it)
     "real": {"ape": [(10, 128), (25, 256), (50, 500), (100, 1000)],
              "hypernet": [(25, 0, 256), (50, 0, 500), (100, 0, 1000), (230, 0, 6000)],
              "halving": [64, 128, 256], "proxy": [250, 500, 1000, 2000], "val": 250, "rung_steps": 20,
@@ -116,10 +116,10 @@ class Bench:
         _, half_b = split_halves(self.truth.shape[2])
         self.truth_b = dict(zip(self.names, self.truth.mean(axis=0)[:, half_b].mean(axis=1) * 100))
         n = self.truth.shape[2]
-        self.decision_images = self.budgets.get("decision_images", 0)
-        # what evaluating to decide costs: the grid search's own (the denominator) and every evaluating method's
-        self.decision_share = self.decision_images / n if self.decision_images else 0.5
-        self.full = self.cost(self.grid_run, self.decision_share if self.decision_images else 1.0)
+        self.decision_images = self.budgets.get("decision_images") or len(split_halves(n)[0])
+        # what evaluating to decide costs, the same for the grid search (the denominator) and every method
+        self.decision_share = self.decision_images / n
+        self.full = self.cost(self.grid_run, self.decision_share)
 
     def cost(self, run_dir: Path, evaluated_share: float) -> dict:
         """A run's ledger: embedding, training, and evaluation on the zero-shot set (forwards of `evaluated_share` of
@@ -169,7 +169,8 @@ class Bench:
                 "total_with_embed": f["total_with_embed"]}
         cut = [out["prefilter"] | {"rung": -1, "samples": b["val_samples"], "steps": 0, "lr": None}
                for b in [out["budget"]] if out.get("prefilter")]
-        rungs = {"rungs": [self.rung_figures(r) for r in cut + out["rungs"]]} if out.get("rungs") else {}
+        rungs = {"rungs": [self.rung_figures(r) for r in cut + out["rungs"]]} if cut + (out.get("rungs") or []) \
+            else {}
         return self.point(label or method, budget, out["agreement"], cost) | {"best_found": out["best"]} | rungs
 
     def rung_figures(self, rung: dict) -> dict:
@@ -191,7 +192,7 @@ class Bench:
         half B; None without a signal config."""
         if self.signal_cfg is None:
             return None
-        ape = grid_config(self.signal_cfg)
+        ape = grid_config(dataclasses.replace(self.signal_cfg, name=f"{self.signal_cfg.name}_signal"))
         trained_and_evaluated(ape, ape.eval.datasets)
         run = ape.run_dir
         result = files.read_json(run / runs.EVAL) if (run / runs.EVAL).exists() else {}
@@ -206,8 +207,7 @@ class Bench:
 
     def resolution(self) -> dict:
         """The truth's resolution: the regret interval of a pick of the true best pair (on half B) itself."""
-        got = scores_agreement(self.truth_b, self.truth, self.names)
-        return {"regret": got["regret"], "ci": got["ci"]["regret"]}
+        return scores_agreement(self.truth_b, self.truth, self.names)["resolution"]
 
     def prior(self) -> dict:
         """A static prior: the pair whose encoders compute the most per sample is ranked best (no cost)."""
@@ -363,9 +363,9 @@ def main(argv=None) -> dict | None:
     top = max(bench.truth_b.values())
     result = {"zoo": args.zoo, "pairs": len(bench.names), "truth_seeds": len(bench.truth_runs),
               "truth_images": len(split_halves(bench.truth.shape[2])[1]),
-              "decision_images": bench.decision_images or len(split_halves(bench.truth.shape[2])[0]),
+              "decision_images": bench.decision_images,
               "true_best": [n for n, v in bench.truth_b.items() if v == top], "truth_top1": bench.truth_b,
-              "ceiling": split_agreement(bench.truth.mean(axis=0), bench.truth, bench.names)["ceiling"],
+              "ceiling": bench.split(bench.truth.mean(axis=0))["ceiling"],
               "resolution": bench.resolution(),
               "grid_cost": bench.full, "points": points, "cheapest": cheapest_at_target(points), "target": TARGET,
               "retrieval_signal": bench.retrieval_signal(),

@@ -56,8 +56,15 @@ def agreement_markdown(a: dict, method: str, truth: str) -> list[str]:
                   f"method uses) on {other}{h['truth']} (seeded split); intervals: {h['bootstrap']} bootstrap "
                   f"resamples of the images and truth seeds. Best pair by {method}: "
                   f"{', '.join(a['predicted_best'])}; by {truth}: {', '.join(a['true_best'])} (ties count as expected "
-                  f"values)."]
+                  f"values)." + _resolution(a.get("resolution"))]
     return lines
+
+
+def _resolution(r: dict | None) -> str:
+    if not r:
+        return ""
+    return (f" The truth's resolution: a method that picks the truth's own best pair shows regret {r['regret']:.1f} "
+            f"[{r['ci'][0]:.1f}, {r['ci'][1]:.1f}].")
 
 
 def ranking_markdown(r: dict) -> str:
@@ -158,8 +165,4 @@ def halving_rungs_markdown(r: dict) -> list[str]:
 
 def truth_resolution_markdown(r: dict) -> str:
     """What the truth of a search-cost result can resolve: the regret interval of a pick of its own best pair."""
-    if "resolution" not in r:
-        return ""
-    lo, hi = r["resolution"]["ci"]
-    return (f" The truth's resolution: picking its own best pair scores regret {r['resolution']['regret']:.1f} "
-            f"[{lo:.1f}, {hi:.1f}], so no method's upper bound can be below {hi:.1f}.")
+    return _resolution(r.get("resolution"))

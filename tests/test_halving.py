@@ -14,6 +14,7 @@ from hnet.experiments.budgeted_search import run_budgeted_search
 from hnet.experiments.halving import Halving, ranking_scores, rung_schedule, survivors
 from hnet.flops import proxy_flops, retrieval_head_flops, train_step_flops
 from hnet.models import encoders as encoders_module
+from hnet.report_ranking import agreement_markdown
 from tests.conftest import tiny_overrides
 
 TEXTS = "text_encoders=[all-MiniLM-L6-v2, all-MiniLM-L6-v2@layers=3]"
@@ -253,6 +254,14 @@ def test_fixed_scores_are_scored_on_the_truths_other_half_with_its_ceiling():
     assert got["ceiling"]["kendall"] == reference["ceiling"]["kendall"]
     assert got["ci"]["kendall"][0] <= got["kendall"] <= got["ci"]["kendall"][1]
     assert got["halves"]["truth"] == len(b)
+    # the truth's resolution: what picking the truth's own best pair scores under the same resamples
+    own = scores_agreement(on_b, truth, names, boot=200)
+    wrong = scores_agreement({n: float(n == min(on_b, key=on_b.get)) for n in names}, truth, names, boot=200)
+    assert own["regret"] == 0.0 and wrong["regret"] > 0.0
+    assert got["resolution"] == own["resolution"] == wrong["resolution"]  # whatever the method picked
+    assert got["resolution"]["ci"] == own["ci"]["regret"] and got["resolution"]["ci"][1] > 0.0
+    assert f"picks the truth's own best pair shows regret 0.0 [0.0, {own['ci']['regret'][1]:.1f}]" in \
+        "\n".join(agreement_markdown(got, "proxy", "grid search"))
 
 
 def test_rung_runs_take_their_encoders_from_a_zoo_file_too(tiny_root, tmp_path):

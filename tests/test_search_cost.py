@@ -18,7 +18,9 @@ TINY_BUDGETS = {"ape": [(4, 100)], "hypernet": [(4, 0, 100)], "halving": [40], "
                 "proxies": ["linear_cka"], "val": 40, "rung_steps": 2, "lrs": [1e-6, 0.05]}
 
 
-def test_a_run_of_other_settings_is_not_reused(tiny_cfg):
+def test_a_run_of_other_settings_is_not_reused(tiny_cfg, monkeypatch):
+    from hnet.experiments import train_run as train_run_module
+
     cfg = with_train(tiny_cfg, max_steps=2)
     assert trained_and_evaluated(cfg, ["demo"]) > 0.0
     assert runs.finished(cfg.run_dir, config_digest(cfg))
@@ -26,6 +28,11 @@ def test_a_run_of_other_settings_is_not_reused(tiny_cfg):
     assert not runs.finished(cfg.run_dir, config_digest(with_train(cfg, max_steps=3)))
     assert trained_and_evaluated(cfg, ["demo"]) == 0.0  # the same settings: reused
     other = with_train(cfg, max_steps=3)  # the same name and run folder, other settings: trained again
+    monkeypatch.setattr(train_run_module, "evaluate_run", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # killed between training and evaluation
+        trained_and_evaluated(other, ["demo"])
+    assert not runs.finished(other.run_dir, config_digest(other))  # the first settings' eval.json is not its own
+    monkeypatch.undo()
     assert trained_and_evaluated(other, ["demo"]) > 0.0 and runs.finished(other.run_dir, config_digest(other))
 
 
@@ -50,7 +57,9 @@ def test_every_method_is_charged_what_it_computes_against_the_grid_searchs_whole
         assert p["share"] == pytest.approx(p["cost"]["total_with_embed"] / full)
         assert "ci" in p and p["ci"]["regret"][0] <= p["regret"] + 1e-9
     evaluated = [p for p in points.values() if p["method"] in ("truncated APE", "hypernet")]
-    assert evaluated and all(p["cost"]["eval_embed"] == pytest.approx(grid_eval / 2) for p in evaluated)
+    # every method that evaluates pays for the images it decides on (half A), as the grid search's own total does
+    assert bench.decision_images == len(bench_module.split_halves(bench.truth.shape[2])[0])
+    assert evaluated and all(p["cost"]["eval_embed"] == pytest.approx(grid_eval) for p in evaluated)
     tuned = [m + bench_module.TUNED for m in ("halving", "hypernet-halving")]
     tuned += ["halving, linear_cka" + bench_module.FILTERED]
     blind = [p for p in points.values() if p["method"] in ("halving", "hypernet-halving", "proxy", *tuned)]
@@ -61,7 +70,7 @@ def test_every_method_is_charged_what_it_computes_against_the_grid_searchs_whole
     # for evaluating that quarter only, and are scored on it (the runs are reused: same configs)
     n = bench.truth.shape[2]
     part = bench_module.Bench("tiny", cfg, TINY_BUDGETS | {"decision_images": n // 4})
-    assert part.full["eval_embed"] == pytest.approx(grid_eval * (n // 4) / n)
+    assert part.full["eval_embed"] == pytest.approx(grid_eval / bench.decision_images * (n // 4))
     ape = part.evaluated("truncated APE", "4 steps, 100 samples", part.budget_run("ape_s4_m100", "separate", 4, 100))
     assert ape["cost"]["eval_embed"] == pytest.approx(part.full["eval_embed"])
     assert part.split(grid_hits)["halves"]["method"] == n // 4
@@ -113,6 +122,11 @@ def test_halving_says_at_which_rung_it_lost_the_true_best_and_how_its_signal_agr
     pick = {n: float(truth[n] == truth[best]) for n in order}  # the true best (all of them, if tied)
     assert bench.resolution()["ci"] == scores_agreement(pick, bench.truth, bench.names)["ci"]["regret"]
     assert bench.resolution()["regret"] == pytest.approx(0.0, abs=1e-9) and bench.resolution()["ci"][1] > 0.0
+
+    # a prefilter that keeps a single pair: its cut is still reported, as the only rung
+    alone = bench.searched("halving", "r0 40 alone", rung_samples=40, rung_steps=2, val_samples=40, eta=4, lrs=[],
+                           prefilter="mutual_knn")
+    assert [g["rung"] for g in alone["rungs"]] == [-1] and alone["rungs"][0]["pairs"] == len(order)
 
     assert bench.retrieval_signal() is None  # no signal config: not measured
     run = tmp_path / "ape_with_retrieval"

@@ -93,32 +93,27 @@ def split_agreement(predicted_hits: np.ndarray, truth_hits: np.ndarray, names: l
                     boot: int = BOOTSTRAP, seed: int = SPLIT_SEED, method_images: int = 0) -> dict:
     """Agreement of a method (its per-image zero-shot hits [pairs, images] on half A, or on `method_images` of it)
     with the truth (its hits on half B, [pairs, images] or [truth seeds, pairs, images]: the mean over seeds), the
-    truth's split-half ceiling (truth on all of A vs truth on B), and 95% bootstrap intervals of both over evaluation
-    images and truth seeds. Every hit array covers the same images in the same order."""
+    truth's split-half ceiling (the truth on the method's images of A vs the truth on B), and 95% bootstrap intervals
+    of both over evaluation images and truth seeds. Every hit array covers the same images in the same order."""
     truth_hits = truth_hits[None] if truth_hits.ndim == 2 else truth_hits
     if predicted_hits.shape != truth_hits.shape[1:] or predicted_hits.shape[0] != len(names):
         raise ValueError(f"hits of {predicted_hits.shape} and {truth_hits.shape} for {len(names)} pairs")
-    a, b = split_halves(truth_hits.shape[2], seed)
-    m = split_halves(truth_hits.shape[2], seed, method_images)[0]
+    a, b = split_halves(truth_hits.shape[2], seed, method_images)  # a: the images the method is scored on
     seeds = len(truth_hits)
     ones = lambda n: np.ones(n)
 
-    def both(wm, wa, wb, ws) -> tuple[dict, dict]:
+    def both(wa, wb, ws) -> tuple[dict, dict]:
         truth = np.tensordot(ws / ws.sum(), truth_hits, axes=1)  # [pairs, images], the seeds' weighted mean
-        return (_agree(names, predicted_hits[:, m], truth[:, b], wm, wb),
+        return (_agree(names, predicted_hits[:, a], truth[:, b], wa, wb),
                 _agree(names, truth[:, a], truth[:, b], wa, wb))
 
-    point, ceiling = both(ones(len(m)), ones(len(a)), ones(len(b)), ones(seeds))
+    point, ceiling = both(ones(len(a)), ones(len(b)), ones(seeds))
     rng = np.random.default_rng([seed, 1])
     resample = lambda n: rng.multinomial(n, ones(n) / n)  # counts of a bootstrap draw of n items
-    own = np.random.default_rng([seed, 3])  # the method's part of A, resampled apart: the ceiling's draws stay put
-    draws = []
-    for _ in range(boot):
-        wa, wb, ws = resample(len(a)), resample(len(b)), resample(seeds)
-        draws.append(both(own.multinomial(len(m), ones(len(m)) / len(m)) if method_images else wa, wa, wb, ws))
+    draws = [both(resample(len(a)), resample(len(b)), resample(seeds)) for _ in range(boot)]
     return point | {"ci": interval([d[0] for d in draws]),
                     "ceiling": ceiling | {"ci": interval([d[1] for d in draws])},
-                    "halves": {"method": len(m), "truth": len(b), "seed": seed, "bootstrap": boot,
+                    "halves": {"method": len(a), "truth": len(b), "seed": seed, "bootstrap": boot,
                                "truth_seeds": seeds}}
 
 
@@ -140,18 +135,23 @@ def scores_agreement(predicted: dict[str, float], truth_hits: np.ndarray, names:
     a, b = split_halves(truth_hits.shape[2], seed)
     seeds, ones = len(truth_hits), np.ones
     mine = {n: float(predicted[n]) for n in names}
+    best = dict(zip(names, _scores(truth_hits.mean(axis=0)[:, b], ones(len(b)))))  # the truth's own pick
 
-    def both(wa, wb, ws) -> tuple[dict, dict]:
+    def both(wa, wb, ws) -> tuple[dict, dict, dict]:
         truth = np.tensordot(ws / ws.sum(), truth_hits, axes=1)
         truth_b = dict(zip(names, _scores(truth[:, b], wb)))
-        return agreement(mine, truth_b), _agree(names, truth[:, a], truth[:, b], wa, wb)
+        return (agreement(mine, truth_b), _agree(names, truth[:, a], truth[:, b], wa, wb),
+                agreement(best, truth_b))
 
-    point, ceiling = both(ones(len(a)), ones(len(b)), ones(seeds))
+    point, ceiling, own = both(ones(len(a)), ones(len(b)), ones(seeds))
     rng = np.random.default_rng([seed, 2])
     resample = lambda n: rng.multinomial(n, ones(n) / n)
     draws = [both(resample(len(a)), resample(len(b)), resample(seeds)) for _ in range(boot)]
+    # the truth's resolution: the regret of picking its own best pair, under the same resamples (no method's upper
+    # bound can be lower)
+    resolution = {"regret": own["regret"], "ci": interval([d[2] for d in draws])["regret"]}
     return point | {"ci": interval([d[0] for d in draws]),
-                    "ceiling": ceiling | {"ci": interval([d[1] for d in draws])},
+                    "ceiling": ceiling | {"ci": interval([d[1] for d in draws])}, "resolution": resolution,
                     "halves": {"method": 0, "truth": len(b), "seed": seed, "bootstrap": boot, "truth_seeds": seeds}}
 
 

@@ -168,7 +168,8 @@ def run_pipeline(cfg: Config, control: bool = True) -> dict:
                                                  shared)
     _print_summary(summary, control)
     run_dirs = [hyper.run_dir, separate.run_dir]
-    search = run_search(cfg, truth) if has_budget(cfg) else None
+    hypernet_search = dataclasses.replace(cfg.search, method="hypernet", lrs=[], prefilter="")  # those: halving's
+    search = run_search(variant(cfg, "", cfg.method, search=hypernet_search), truth) if has_budget(cfg) else None
     halving = run_budgeted_search(variant(cfg, "", cfg.method, search=dataclasses.replace(
         cfg.search, method="halving")), truth) if has_budget(cfg) else None
     print("\n== FLOPs ==\n" + render(build_table(run_dirs + ([Path(search["run"])] if search else []))))

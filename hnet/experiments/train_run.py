@@ -53,6 +53,7 @@ def trained_and_evaluated(cfg: Config, datasets: list[str]) -> float:
     (0.0 when reused)."""
     if runs.finished(cfg.run_dir, config_digest(cfg)):
         return 0.0
+    (cfg.run_dir / runs.EVAL).unlink(missing_ok=True)  # another config's: never to be read as this one's
     start = time.perf_counter()
     train_run(cfg)
     seconds = time.perf_counter() - start
