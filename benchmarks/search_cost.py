@@ -344,6 +344,9 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--data", default=real_zoo.SHARED_DATA, help="folder described by ../shared/data/README.md")
     parser.add_argument("--encoders", default=real_zoo.DEFAULT_ENCODERS, help="OUT folder of real_encoders/build.sh")
     parser.add_argument("--out", default=None, help="runs and caches (default runs/real_zoo, runs/search_cost/demo)")
+    parser.add_argument("--no-signal", action="store_true",
+                        help="real zoo: skip halving's decision signal at full training (it embeds the Flickr8k val "
+                             "images and captions: ~10 minutes on a 2-core CPU)")
     parser.add_argument("--render", action="store_true",
                         help="only redraw search_cost_<zoo>.md and .png from search_cost.json's entry (no run)")
     args = parser.parse_args(argv)
@@ -357,7 +360,8 @@ def main(argv=None) -> dict | None:
     start = time.perf_counter()
     cfg = zoo_config(args.zoo, data, encoders, out)
     # the signal's run: real_zoo.py's settings (its retrieval set), zero-shot on this benchmark's images (no 2nd pass)
-    signal = real_zoo.real_config(data, encoders, out, ["eval.max_images=0"]) if args.zoo == "real" else None
+    signal = real_zoo.real_config(data, encoders, out, ["eval.max_images=0"]) \
+        if args.zoo == "real" and not args.no_signal else None
     bench = Bench(args.zoo, cfg, signal_cfg=signal)
     points = bench.run()
     top = max(bench.truth_b.values())
