@@ -55,7 +55,7 @@ from hnet.experiments.train_run import embed_training_data, trained_and_evaluate
 from hnet.files import MANIFEST  # noqa: E402
 from hnet.models.encoders import text_key  # noqa: E402
 from hnet.provenance import stamp  # noqa: E402
-from hnet.report_ranking import halving_rungs_markdown, truth_resolution_markdown  # noqa: E402
+from hnet.report_ranking import cheapest_at_target, halving_rungs_markdown, truth_resolution_markdown  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import real_zoo  # noqa: E402
@@ -259,17 +259,6 @@ class Bench:
         return points + [self.prior(), self.random()]
 
 
-def cheapest_at_target(points: list[dict]) -> dict:
-    """Per method: the smallest share of the grid search's cost at which expected regret <= 1 point with its upper 95%
-    bound <= 2, or None."""
-    out: dict[str, float | None] = {}
-    for p in points:
-        good = p["regret"] <= TARGET["regret"] and p["ci"]["regret"][1] <= TARGET["regret_upper"]
-        best = out.get(p["method"])
-        out[p["method"]] = (p["share"] if best is None else min(best, p["share"])) if good else best
-    return out
-
-
 def markdown(r: dict) -> str:
     lines = [f"### Finding the best pair on the {r['zoo']} zoo ({r['pairs']} pairs; truth: {r['truth_seeds']} grid "
              f"searches from seeds no method uses, on {r['truth_images']} evaluation images{decides(r)})", "",
@@ -286,13 +275,24 @@ def markdown(r: dict) -> str:
                   f"{c['ci']['kendall'][1]:.2f}]; true best pair: {', '.join(r['true_best'])}. Target: expected regret "
                   f"<= {TARGET['regret']:g} point (upper 95% <= {TARGET['regret_upper']:g}) at <= "
                   f"{TARGET['share']:g} of the grid search's FLOPs. Cheapest share meeting it: "
-                  + ", ".join(f"{m} {'never' if s is None else f'{s:.4f}'}" for m, s in r["cheapest"].items()) + "."
+                  + shares(r["cheapest"]) + ". Cheapest share at expected regret <= "
+                  f"{TARGET['regret']:g} point, its upper bound aside: "
+                  + shares(cheapest_at_target(r["points"], r["target"], upper_bound=False)) + "."
                   + truth_resolution_markdown(r)]
     return "\n".join(lines + halving_rungs_markdown(r)) + "\n"
 
 
+def shares(cheapest: dict) -> str:
+    return ", ".join(f"{m} {'never' if s is None else f'{s:.4f}'}" for m, s in cheapest.items())
+
+
 def decides(r: dict) -> str:
     return f"; methods that evaluate decide on {r['decision_images']} others" if "decision_images" in r else ""
+
+
+def series(point: dict) -> str:
+    """A line of the plot: a method, each proxy its own (its budgets are sample counts)."""
+    return f"proxy: {point['budget'].split()[0]}" if point["method"] == "proxy" else point["method"]
 
 
 def plot(r: dict, path: Path) -> Path:
@@ -302,16 +302,18 @@ def plot(r: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    methods = sorted({p["method"] for p in r["points"]}, key=[p["method"] for p in r["points"]].index)
+    methods = list(dict.fromkeys(map(series, r["points"])))
+    colors = plt.cm.tab20(np.linspace(0, 1, 20))
     for ax, metric in zip(axes, ("regret", "kendall")):
-        for method in methods:
-            pts = sorted((p for p in r["points"] if p["method"] == method), key=lambda p: p["share"])
+        for i, method in enumerate(methods):
+            pts = sorted((p for p in r["points"] if series(p) == method), key=lambda p: p["share"])
             x = [max(p["share"], 1e-5) for p in pts]
             y = [p[metric] for p in pts]
             # a point can fall outside its percentile interval (a skewed bootstrap): no negative bar
             err = [[max(0.0, p[metric] - p["ci"][metric][0]) for p in pts],
                    [max(0.0, p["ci"][metric][1] - p[metric]) for p in pts]]
-            ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, label=method)
+            ax.errorbar(x, y, yerr=err, marker="os^vD<>"[i % 7], ms=3, capsize=2, label=method,
+                        color=colors[i % len(colors)])
         if metric == "regret":
             ax.axhline(TARGET["regret"], color="k", ls=":", lw=1)
             ax.axvline(TARGET["share"], color="k", ls=":", lw=1)
@@ -371,7 +373,8 @@ def main(argv=None) -> dict | None:
               "true_best": [n for n, v in bench.truth_b.items() if v == top], "truth_top1": bench.truth_b,
               "ceiling": bench.split(bench.truth.mean(axis=0))["ceiling"],
               "resolution": bench.resolution(),
-              "grid_cost": bench.full, "points": points, "cheapest": cheapest_at_target(points), "target": TARGET,
+              "grid_cost": bench.full, "points": points, "cheapest": cheapest_at_target(points, TARGET),
+              "target": TARGET,
               "retrieval_signal": bench.retrieval_signal(),
               "seconds": round(time.perf_counter() - start, 1)}
     table = markdown(result)

@@ -166,3 +166,14 @@ def halving_rungs_markdown(r: dict) -> list[str]:
 def truth_resolution_markdown(r: dict) -> str:
     """What the truth of a search-cost result can resolve: the regret interval of a pick of its own best pair."""
     return _resolution(r.get("resolution"))
+
+
+def cheapest_at_target(points: list[dict], target: dict, upper_bound: bool = True) -> dict:
+    """Per method: the smallest share of the grid search's cost at which its expected regret <= target["regret"] and
+    its upper 95% bound <= target["regret_upper"] (upper_bound=False: the expected regret alone), or None."""
+    out: dict[str, float | None] = {}
+    for p in points:
+        good = p["regret"] <= target["regret"] and (not upper_bound or p["ci"]["regret"][1] <= target["regret_upper"])
+        best = out.get(p["method"])
+        out[p["method"]] = (p["share"] if best is None else min(best, p["share"])) if good else best
+    return out

@@ -83,13 +83,16 @@ def test_truth_seeds_are_apart_from_every_methods_seed(tiny_cfg):
     assert seeds == [tiny_cfg.train.seed + TRUTH_SEED_OFFSET + i for i in range(tiny_cfg.search.truth_seeds)]
 
 
-def test_cheapest_share_needs_the_interval_too():
-    bench = load_benchmark("search_cost")
+def test_cheapest_share_needs_the_interval_too_unless_told_otherwise():
+    from hnet.report_ranking import cheapest_at_target
+
+    target = load_benchmark("search_cost").TARGET
     point = lambda m, share, regret, upper: {"method": m, "share": share, "regret": regret,
                                              "ci": {"regret": [0.0, upper]}}
-    got = bench.cheapest_at_target([point("a", 0.05, 0.5, 3.0), point("a", 0.2, 0.5, 1.5), point("b", 0.01, 2.0, 2.0),
-                                    point("c", 0.03, 1.0, 2.0), point("c", 0.01, 0.0, 0.0)])
-    assert got == {"a": 0.2, "b": None, "c": 0.01}
+    points = [point("a", 0.05, 0.5, 3.0), point("a", 0.2, 0.5, 1.5), point("b", 0.01, 2.0, 2.0),
+              point("c", 0.03, 1.0, 2.0), point("c", 0.01, 0.0, 0.0)]
+    assert cheapest_at_target(points, target) == {"a": 0.2, "b": None, "c": 0.01}
+    assert cheapest_at_target(points, target, upper_bound=False) == {"a": 0.05, "b": None, "c": 0.01}
 
 
 def test_halving_says_at_which_rung_it_lost_the_true_best_and_how_its_signal_agrees_at_full_training(
