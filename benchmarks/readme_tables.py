@@ -19,6 +19,7 @@ from hnet.report_ranking import (
     cheapest_at_target,
     halving_rungs_markdown,
     pair_grid_markdown,
+    search_series,
     truth_resolution_markdown,
 )
 
@@ -136,15 +137,16 @@ def render_real_zoo(r: dict) -> str:
 
 def _search_cost_zoo(r: dict) -> list[str]:
     """Per method: the cheapest budget meeting the target, else its best point within a tenth of the cost."""
-    target, cheapest = r["target"], r["cheapest"]
+    target = r["target"]
+    cheapest = cheapest_at_target(r["points"], target)
     expected_only = cheapest_at_target(r["points"], target, upper_bound=False)
     iv = lambda p, k, f: f"{p[k]:{f}} [{p['ci'][k][0]:{f}}, {p['ci'][k][1]:{f}}]"
     lines = [f"| method | cheapest budget with regret <= {target['regret']:g} (upper 95% <= "
              f"{target['regret_upper']:g}) | its share of grid search's FLOPs | regret (points) | Kendall | "
              f"best pair found | cheapest share at expected regret <= {target['regret']:g}, upper bound aside |",
              "|---|---|---:|---:|---:|---|---:|"]
-    for method in dict.fromkeys(p["method"] for p in r["points"]):
-        points = [p for p in r["points"] if p["method"] == method]
+    for method in dict.fromkeys(map(search_series, r["points"])):
+        points = [p for p in r["points"] if search_series(p) == method]
         share = cheapest.get(method)
         if share is not None:
             p = min((q for q in points if q["share"] == share), key=lambda q: q["regret"])

@@ -55,7 +55,12 @@ from hnet.experiments.train_run import embed_training_data, trained_and_evaluate
 from hnet.files import MANIFEST  # noqa: E402
 from hnet.models.encoders import text_key  # noqa: E402
 from hnet.provenance import stamp  # noqa: E402
-from hnet.report_ranking import cheapest_at_target, halving_rungs_markdown, truth_resolution_markdown  # noqa: E402
+from hnet.report_ranking import (  # noqa: E402
+    cheapest_at_target,
+    halving_rungs_markdown,
+    search_series,
+    truth_resolution_markdown,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 import real_zoo  # noqa: E402
@@ -275,7 +280,7 @@ def markdown(r: dict) -> str:
                   f"{c['ci']['kendall'][1]:.2f}]; true best pair: {', '.join(r['true_best'])}. Target: expected regret "
                   f"<= {TARGET['regret']:g} point (upper 95% <= {TARGET['regret_upper']:g}) at <= "
                   f"{TARGET['share']:g} of the grid search's FLOPs. Cheapest share meeting it: "
-                  + shares(r["cheapest"]) + ". Cheapest share at expected regret <= "
+                  + shares(cheapest_at_target(r["points"], r["target"])) + ". Cheapest share at expected regret <= "
                   f"{TARGET['regret']:g} point, its upper bound aside: "
                   + shares(cheapest_at_target(r["points"], r["target"], upper_bound=False)) + "."
                   + truth_resolution_markdown(r)]
@@ -290,11 +295,6 @@ def decides(r: dict) -> str:
     return f"; methods that evaluate decide on {r['decision_images']} others" if "decision_images" in r else ""
 
 
-def series(point: dict) -> str:
-    """A line of the plot: a method, each proxy its own (its budgets are sample counts)."""
-    return f"proxy: {point['budget'].split()[0]}" if point["method"] == "proxy" else point["method"]
-
-
 def plot(r: dict, path: Path) -> Path:
     import matplotlib
 
@@ -302,11 +302,11 @@ def plot(r: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    methods = list(dict.fromkeys(map(series, r["points"])))
+    methods = list(dict.fromkeys(map(search_series, r["points"])))
     colors = plt.cm.tab20(np.linspace(0, 1, 20))
     for ax, metric in zip(axes, ("regret", "kendall")):
         for i, method in enumerate(methods):
-            pts = sorted((p for p in r["points"] if series(p) == method), key=lambda p: p["share"])
+            pts = sorted((p for p in r["points"] if search_series(p) == method), key=lambda p: p["share"])
             x = [max(p["share"], 1e-5) for p in pts]
             y = [p[metric] for p in pts]
             # a point can fall outside its percentile interval (a skewed bootstrap): no negative bar

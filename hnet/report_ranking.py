@@ -168,12 +168,18 @@ def truth_resolution_markdown(r: dict) -> str:
     return _resolution(r.get("resolution"))
 
 
+def search_series(point: dict) -> str:
+    """The method a search-cost point belongs to; each proxy is its own (its budgets are sample counts)."""
+    return f"proxy: {point['budget'].split()[0]}" if point["method"] == "proxy" else point["method"]
+
+
 def cheapest_at_target(points: list[dict], target: dict, upper_bound: bool = True) -> dict:
-    """Per method: the smallest share of the grid search's cost at which its expected regret <= target["regret"] and
-    its upper 95% bound <= target["regret_upper"] (upper_bound=False: the expected regret alone), or None."""
+    """Per method (search_series): the smallest share of the grid search's cost at which its expected regret <=
+    target["regret"] and its upper 95% bound <= target["regret_upper"] (upper_bound=False: the expected regret
+    alone), or None."""
     out: dict[str, float | None] = {}
     for p in points:
         good = p["regret"] <= target["regret"] and (not upper_bound or p["ci"]["regret"][1] <= target["regret_upper"])
-        best = out.get(p["method"])
-        out[p["method"]] = (p["share"] if best is None else min(best, p["share"])) if good else best
+        best = out.get(search_series(p))
+        out[search_series(p)] = (p["share"] if best is None else min(best, p["share"])) if good else best
     return out

@@ -93,6 +93,9 @@ def test_cheapest_share_needs_the_interval_too_unless_told_otherwise():
               point("c", 0.03, 1.0, 2.0), point("c", 0.01, 0.0, 0.0)]
     assert cheapest_at_target(points, target) == {"a": 0.2, "b": None, "c": 0.01}
     assert cheapest_at_target(points, target, upper_bound=False) == {"a": 0.05, "b": None, "c": 0.01}
+    proxies = [point("proxy", 0.01, 5.0, 9.0) | {"budget": "cka 250"},
+               point("proxy", 0.02, 0.0, 1.0) | {"budget": "knn 500"}]
+    assert cheapest_at_target(proxies, target) == {"proxy: cka": None, "proxy: knn": 0.02}  # each proxy its own
 
 
 def test_halving_says_at_which_rung_it_lost_the_true_best_and_how_its_signal_agrees_at_full_training(
