@@ -71,6 +71,18 @@ def longtail_table(ape: np.ndarray, hypernets: dict[str, np.ndarray], labels: np
     return {"rows": point, "ci": ci, "bootstrap": boot}
 
 
+def on_the_same_images(ape_dirs: list[Path], hypernets: dict[str, Path], dataset: str) -> tuple[str, dict]:
+    """(why APE's runs cannot be compared, or ""; the hypernetwork runs scored on the images APE's were). A run scored
+    on other images (real_zoo.py: 2,000; search_cost.py: all) is left out, and said so."""
+    key = lambda d: files.read_json(d / runs.EVAL)["datasets"][dataset]["key"]
+    if other := [str(d) for d in ape_dirs if key(d) != key(ape_dirs[0])]:
+        return f"{other} evaluated on other images than {ape_dirs[0]} (re-run search_cost.py)", {}
+    for label, d in hypernets.items():
+        if key(d) != key(ape_dirs[0]):
+            print(f"longtail_real: leaving out {label} ({d}): evaluated on other images than {ape_dirs[0]}")
+    return "", {label: d for label, d in hypernets.items() if key(d) == key(ape_dirs[0])}
+
+
 def main(argv=None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/real_zoo", help="where search_cost.py / real_zoo.py left their runs")
@@ -89,14 +101,11 @@ def main(argv=None) -> dict | None:
         return None
     dataset = dataset_name(cfg.eval.datasets[0])
     result = files.read_json(ape_dirs[0] / runs.EVAL)["datasets"][dataset]
-    if other := [d for d in ape_dirs if files.read_json(d / runs.EVAL)["datasets"][dataset]["key"] != result["key"]]:
-        print(f"SKIP longtail_real: {other} evaluated on other images than {ape_dirs[0]} (re-run search_cost.py)")
+    skip, found = on_the_same_images(ape_dirs, {label: out / name for label, name in HYPERNETS.items()
+                                                if (out / name / runs.EVAL).exists()}, dataset)
+    if skip:
+        print(f"SKIP longtail_real: {skip}")
         return None
-    found = {label: out / name for label, name in HYPERNETS.items() if (out / name / runs.EVAL).exists()}
-    for label, d in list(found.items()):  # a run scored on other images (real_zoo.py: 2,000; search_cost.py: all)
-        if files.read_json(d / runs.EVAL)["datasets"][dataset]["key"] != result["key"]:
-            print(f"longtail_real: leaving out {label} ({d}): evaluated on other images than {ape_dirs[0]}")
-            del found[label]
     names = [n for n in result["encoders"]
              if all(n in files.read_json(d / runs.EVAL)["datasets"][dataset]["encoders"] for d in found.values())]
     view = result["longtail"]

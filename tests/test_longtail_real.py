@@ -27,3 +27,21 @@ def test_segment_means_gap_and_intervals_on_a_hand_made_case():
     assert lo < 75.0 < hi <= 100.0
     lo, hi = ci["h minus APE"]["few"]
     assert lo <= 50.0 <= hi
+
+
+def test_runs_scored_on_other_images_are_refused_or_left_out(tmp_path, capsys):
+    from hnet import files, runs
+
+    bench = load_benchmark("longtail_real")
+
+    def run(name: str, key: str):
+        files.write_json(tmp_path / name / runs.EVAL, {"datasets": {"cifar10": {"key": key}}})
+        return tmp_path / name
+
+    ape = [run("ape0", "all"), run("ape1", "all")]
+    hypernets = {"same": run("h_same", "all"), "other": run("h_other", "first_2000")}
+    skip, kept = bench.on_the_same_images(ape, hypernets, "cifar10")
+    assert skip == "" and kept == {"same": hypernets["same"]}
+    assert "leaving out other" in capsys.readouterr().out
+    skip, kept = bench.on_the_same_images([*ape, run("ape2", "first_2000")], hypernets, "cifar10")
+    assert "ape2" in skip and kept == {}
