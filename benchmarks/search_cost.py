@@ -65,7 +65,8 @@ from hnet.report_ranking import (  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 import real_zoo  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 TARGET = {"regret": 1.0, "regret_upper": 2.0, "share": 0.1}  # the goal: regret <= 1 (upper 95% <= 2) at <= 1/10
 TUNED = ", lr tuned on search data"  # a halving method whose rungs pick their lr among BUDGETS' lrs (search.lrs)
 FILTERED = " prefilter" + TUNED  # "halving, PROXY prefilter, ...": after PROXY on the held-out samples kept 1/eta
@@ -328,6 +329,12 @@ def plot(r: dict, path: Path) -> Path:
     return out
 
 
+def in_repo(path: Path) -> str:
+    """A path as the results file records it: relative to the repository where it lies inside it."""
+    path = path.resolve()
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
+
+
 def render(zoo: str) -> dict:
     """The table and plot of a measured entry, drawn again from search_cost.json (e.g. after a change of layout)."""
     path = RESULTS / "search_cost.json"
@@ -379,7 +386,7 @@ def main(argv=None) -> dict | None:
               "seconds": round(time.perf_counter() - start, 1)}
     table = markdown(result)
     print(table)
-    result["plot"] = str(plot(result, RESULTS / f"search_cost_{args.zoo}.png"))
+    result["plot"] = in_repo(plot(result, RESULTS / f"search_cost_{args.zoo}.png"))
     files.write_text(RESULTS / f"search_cost_{args.zoo}.md", table)
     path = RESULTS / "search_cost.json"
     everything = files.read_json(path) if path.exists() else {}

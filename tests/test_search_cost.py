@@ -163,3 +163,9 @@ def test_render_redraws_the_committed_table_and_plot_from_the_results_file(zoo, 
     with pytest.raises(SystemExit, match="no 'real' entry"):
         (tmp_path / "search_cost.json").write_text("{}")
         bench.main(["--zoo", "real", "--render"])
+
+
+def test_the_plot_is_recorded_relative_to_the_repository(tmp_path):
+    bench = load_benchmark("search_cost")
+    assert bench.in_repo(bench.RESULTS / "search_cost_real.png") == "benchmarks/results/search_cost_real.png"
+    assert bench.in_repo(tmp_path / "x.png") == str(tmp_path.resolve() / "x.png")
