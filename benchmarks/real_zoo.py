@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from hnet import files, runs  # noqa: E402
-from hnet.config import Config, dataset_name, load_config, text_entry_name  # noqa: E402
+from hnet.config import Config, dataset_name, load_config  # noqa: E402
 from hnet.data.cache import CachedFeatures  # noqa: E402
 from hnet.distributed import make_accelerator  # noqa: E402
 from hnet.eval.evaluate import embed_eval_sets  # noqa: E402
@@ -41,6 +41,7 @@ from hnet.experiments.train_run import embed_training_data, train_run, trained_a
 from hnet.models.encoders import read_encoder_list  # noqa: E402
 from hnet.provenance import stamp  # noqa: E402
 from hnet.report_ranking import pair_grid_markdown  # noqa: E402
+from hnet.text_folders import text_entry_name  # noqa: E402
 
 CONFIG = Path(__file__).parents[1] / "configs" / "flickr8k_real.yaml"
 RESULTS = Path(__file__).parent / "results" / "real_zoo.json"

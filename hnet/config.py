@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from hnet.text_folders import register_text_folders, text_entry_name
 from hnet.typed_yaml import ConfigError as ConfigError  # raised by the binding; every module imports it from here
 from hnet.typed_yaml import build, merge, parse_overrides, suggest
 
@@ -293,41 +294,6 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.lr: must be > 0, got {cfg.train.lr}")
     _validate_texts(cfg)
     _validate_eval(cfg.eval)
-
-
-# Local text-encoder folders by name (`text_encoders: [{name, path}]`), for the process: every place that loads a
-# text encoder by name (training, evaluation, FLOPs, identity) finds the folder here, as it finds a hub name's copy.
-TEXT_FOLDERS: dict[str, str] = {}
-
-
-def text_entry_name(entry: Any) -> str:
-    return str(entry["name"]) if isinstance(entry, dict) else str(entry)
-
-
-def register_text_folders(entries: list, where: str = "text_encoders") -> None:
-    """Record the `{name, path}` entries' folders (`~` expanded, made absolute, written back into the entry so that
-    a dumped config reloads from anywhere) under their names."""
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            continue
-        unknown = sorted(set(entry) - {"name", "path"})
-        if "name" not in entry or "path" not in entry or unknown:
-            raise ConfigError(f"{where}[{i}]: expected {{name, path}}, got keys {sorted(entry)}")
-        entry["path"] = register_text_folder(str(entry["name"]), str(entry["path"]), f"{where}[{i}]")
-
-
-def register_text_folder(name: str, path: str, where: str) -> str:
-    """Make text encoder `name` load from folder `path` in this process; returns the folder, absolute."""
-    folder = Path(path).expanduser().resolve()
-    if not folder.is_dir():
-        raise ConfigError(f"{where}.path: folder not found: {folder} (text encoder '{name}')")
-    if "@" in name:  # options apply to a name (NAME@layers=3 finds NAME's folder)
-        raise ConfigError(f"{where}.name: '{name}': name the folder without options, and list '{name}' as a "
-                          f"further text encoder")
-    if TEXT_FOLDERS.get(name, str(folder)) != str(folder):
-        raise ConfigError(f"{where}.path: '{name}' is already the folder {TEXT_FOLDERS[name]}, not {folder}")
-    TEXT_FOLDERS[name] = str(folder)
-    return str(folder)
 
 
 def _validate_texts(cfg: Config) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 import yaml
 
 from hnet import files, runs
-from hnet.config import RECALL_KS, text_entry_name
+from hnet.config import RECALL_KS
 from hnet.report_probes import LONGTAIL_COLUMNS, longtail_markdown, longtail_metrics, probe_markdown
+from hnet.text_folders import text_entry_name
 
 
 def _sci(x: float | None) -> str:

@@ -18,11 +18,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from hnet import files
-from hnet.config import TEXT_FOLDERS, HypernetConfig, register_text_folder
+from hnet.config import HypernetConfig
 from hnet.models.connectors import Connector, ConnectorShape
 from hnet.models.encoders import text_key
 from hnet.models.pairs import Pairs, pair_label
 from hnet.models.stitch import StitchModel
+from hnet.text_folders import TEXT_FOLDERS, register_text_folder
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from hnet import runs
 from hnet.cli import main_guard
-from hnet.config import ConfigError, load_config, register_text_folder
+from hnet.config import ConfigError, load_config
 from hnet.experiments.autodecode import autodecode
+from hnet.text_folders import register_text_folder
 
 
 @main_guard

@@ -37,7 +37,7 @@ def padded_pair_features(pairs, rows: int):
 @pytest.fixture(autouse=True)
 def _fresh_text_folders():
     """Each test starts with no local text folders registered (the registry is per process)."""
-    from hnet.config import TEXT_FOLDERS
+    from hnet.text_folders import TEXT_FOLDERS
 
     saved = dict(TEXT_FOLDERS)
     TEXT_FOLDERS.clear()

@@ -166,9 +166,9 @@ def local_minilm(tmp_path):
 
 
 def test_a_text_folder_is_known_by_its_name(local_minilm, tmp_path):
-    from hnet.config import TEXT_FOLDERS
     from hnet.models.encoders import TextEncoder
     from hnet.models.identity import text_identity
+    from hnet.text_folders import TEXT_FOLDERS
 
     cfg = load_config(None, [f"text_encoders=[{{name: my-minilm, path: {local_minilm}}}, {TEXT}]"])
     assert cfg.texts == ["my-minilm", TEXT] and TEXT_FOLDERS["my-minilm"] == str(local_minilm)
@@ -202,7 +202,7 @@ def test_a_run_remembers_its_text_folders(pairs_cfg, tmp_path):
     import dataclasses
 
     from hnet import files, runs
-    from hnet.config import TEXT_FOLDERS, register_text_folders
+    from hnet.text_folders import TEXT_FOLDERS, register_text_folders
     from hnet.train.loop import train
     from tests.conftest import PAIR_TEXTS, with_train
 

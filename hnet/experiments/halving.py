@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from hnet import files, runs
-from hnet.config import Config, ConfigError, text_entry_name
+from hnet.config import Config, ConfigError
 from hnet.data.cache import CachedFeatures
 from hnet.eval.retrieval import retrieval_metrics
 from hnet.experiments.budget import scaled_warmup, searcher_settings
@@ -39,6 +39,7 @@ from hnet.flops import retrieval_head_flops
 from hnet.models.encoders import read_encoder_list, text_key
 from hnet.models.pairs import PAIR_SEP, split_label
 from hnet.provenance import config_digest
+from hnet.text_folders import text_entry_name
 from hnet.train.loop import train
 
 STATE = "halving.json"

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from hnet.config import TEXT_FOLDERS, ConfigError
+from hnet.config import ConfigError
+from hnet.text_folders import TEXT_FOLDERS
 
 # mean/std: one value for all 3 channels (e.g. TF-slim weights want 0.5); pad: timm's pad_type (e.g. "same")
 VARIANT_OPTIONS = {"img_size": int, "depth": int, "pool": str, "mean": float, "std": float, "pad": str}
