@@ -75,12 +75,13 @@ def on_the_same_images(ape_dirs: list[Path], hypernets: dict[str, Path], dataset
     """(why APE's runs cannot be compared, or ""; the hypernetwork runs scored on the images APE's were). A run scored
     on other images (real_zoo.py: 2,000; search_cost.py: all) is left out, and said so."""
     key = lambda d: files.read_json(d / runs.EVAL)["datasets"][dataset]["key"]
-    if other := [str(d) for d in ape_dirs if key(d) != key(ape_dirs[0])]:
+    images = key(ape_dirs[0])
+    if other := [str(d) for d in ape_dirs[1:] if key(d) != images]:
         return f"{other} evaluated on other images than {ape_dirs[0]} (re-run search_cost.py)", {}
-    for label, d in hypernets.items():
-        if key(d) != key(ape_dirs[0]):
-            print(f"longtail_real: leaving out {label} ({d}): evaluated on other images than {ape_dirs[0]}")
-    return "", {label: d for label, d in hypernets.items() if key(d) == key(ape_dirs[0])}
+    same = {label: d for label, d in hypernets.items() if key(d) == images}
+    for label in hypernets.keys() - same.keys():
+        print(f"longtail_real: leaving out {label} ({hypernets[label]}): evaluated on other images than {ape_dirs[0]}")
+    return "", same
 
 
 def main(argv=None) -> dict | None:

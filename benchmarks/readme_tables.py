@@ -20,6 +20,7 @@ from hnet.report_ranking import (
     halving_rungs_markdown,
     pair_grid_markdown,
     search_series,
+    share_text,
     truth_resolution_markdown,
 )
 
@@ -157,7 +158,7 @@ def _search_cost_zoo(r: dict) -> list[str]:
             budget = f"never; best within {target['share']:g}: {p['budget']}" if p["share"] <= target["share"] \
                 else f"never; best: {p['budget']}"
         lines.append(f"| {method} | {budget} | {p['share']:.4f} | {iv(p, 'regret', '.1f')} | {iv(p, 'kendall', '.2f')} "
-                     f"| {', '.join(p['predicted_best'][:2]) or '-'} | {_share(expected_only[method])} |")
+                     f"| {', '.join(p['predicted_best'][:2]) or '-'} | {share_text(expected_only[method])} |")
     c = r["ceiling"]
     lines += ["", f"{r['pairs']} pairs; truth: {r['truth_seeds']} grid searches from seeds no method uses, scored on "
                   f"{r['truth_images']} evaluation images no method saw"
@@ -167,10 +168,6 @@ def _search_cost_zoo(r: dict) -> list[str]:
                   f"{', '.join(r['true_best'])}. Share 0 = a method that computes nothing (prior, random)."
                   + truth_resolution_markdown(r)]
     return lines + halving_rungs_markdown(r)
-
-
-def _share(share: float | None) -> str:
-    return "never" if share is None else f"{share:.4f}"
 
 
 def render_search_cost(r: dict) -> str:

@@ -59,6 +59,7 @@ from hnet.report_ranking import (  # noqa: E402
     cheapest_at_target,
     halving_rungs_markdown,
     search_series,
+    share_text,
     truth_resolution_markdown,
 )
 
@@ -289,7 +290,7 @@ def markdown(r: dict) -> str:
 
 
 def shares(cheapest: dict) -> str:
-    return ", ".join(f"{m} {'never' if s is None else f'{s:.4f}'}" for m, s in cheapest.items())
+    return ", ".join(f"{m} {share_text(s)}" for m, s in cheapest.items())
 
 
 def decides(r: dict) -> str:

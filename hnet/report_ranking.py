@@ -180,6 +180,12 @@ def cheapest_at_target(points: list[dict], target: dict, upper_bound: bool = Tru
     out: dict[str, float | None] = {}
     for p in points:
         good = p["regret"] <= target["regret"] and (not upper_bound or p["ci"]["regret"][1] <= target["regret_upper"])
-        best = out.get(search_series(p))
-        out[search_series(p)] = (p["share"] if best is None else min(best, p["share"])) if good else best
+        method = search_series(p)
+        best = out.get(method)
+        out[method] = (p["share"] if best is None else min(best, p["share"])) if good else best
     return out
+
+
+def share_text(share: float | None) -> str:
+    """A cheapest share as the tables print it."""
+    return "never" if share is None else f"{share:.4f}"
